@@ -1,0 +1,34 @@
+"""The ``bagel`` command. Each sub-command lives in its own module and registers itself on ``app``."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="bagel",
+    help="Run ByteDance's BAGEL-7B-MoT: text to image, image editing, image understanding and chat.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Importing a command module registers its commands on ``app``.
+    import importlib
+
+    for name in ("inspect_cmd", "jobs", "batch_cmd", "serve_cmd"):
+        try:
+            importlib.import_module(f"bagel_engine.cli.{name}")
+        except ModuleNotFoundError as e:  # a module not written yet, never a missing dependency
+            if e.name != f"bagel_engine.cli.{name}":
+                raise
+
+
+def main() -> None:
+    _register()
+    app()
+
+
+if __name__ == "__main__":
+    main()

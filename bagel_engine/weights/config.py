@@ -1,0 +1,196 @@
+"""Configuration dataclasses and how they are read from an official BAGEL model directory.
+
+The official checkpoint ships only ``llm_config.json`` and ``vit_config.json``; the official app
+hard-codes the rest (VAE parameters, latent sizes, image transforms) and applies a few overrides at
+load time. This module reproduces exactly that, and lets two optional files (``ae_config.json``,
+``bagel_config.json``) override the hard-coded values for other checkpoints such as tiny test models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model directory's configuration is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Qwen2 decoder with two experts per layer (Mixture-of-Transformers)."""
+
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    vocab_size: int = 152064
+    # The official app forces these two regardless of the json.
+    qk_norm: bool = True
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """SigLIP NaViT vision encoder, *after* the official load-time adjustment (one layer fewer)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_attention_heads: int = 16
+    num_hidden_layers: int = 26
+    patch_size: int = 14
+    image_size: int = 980
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """FLUX autoencoder parameters (the official ``load_ae`` hard-codes these values)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class BagelConfig:
+    """The glue between the parts; values the official app passes to ``BagelConfig``."""
+
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+    interpolate_pos: bool = False
+    # ImageTransform(max_size, min_size, stride) for the VAE and the ViT inputs.
+    vae_transform: tuple[int, int, int] = (1024, 512, 16)
+    vit_transform: tuple[int, int, int] = (980, 224, 14)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    bagel: BagelConfig = field(default_factory=BagelConfig)
+
+    @property
+    def latent_downsample(self) -> int:
+        """Pixels per latent token side: VAE downsample x latent patch size (16 for the real model)."""
+        return self.vae.downsample * self.bagel.latent_patch_size
+
+    @property
+    def patch_latent_dim(self) -> int:
+        return self.bagel.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def max_image_side(self) -> int:
+        """Largest generated side in pixels the latent position table allows (1024 for the real model)."""
+        return self.bagel.max_latent_size * self.latent_downsample
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path.name} not found in {path.parent}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def _pick(cls, data: dict[str, Any], **forced: Any):
+    """Build dataclass ``cls`` from the keys of ``data`` it knows, then apply ``forced`` values."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in data.items() if k in names}
+    kwargs.update(forced)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and isinstance(kwargs[f.name], list):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)
+
+
+def llm_config_from_json(data: dict[str, Any]) -> LLMConfig:
+    # The official app forces qk_norm=True and untied embeddings whatever the file says.
+    return _pick(LLMConfig, data, qk_norm=True, tie_word_embeddings=False)
+
+
+def vit_config_from_json(data: dict[str, Any]) -> ViTConfig:
+    if "num_hidden_layers" not in data:
+        raise ConfigError("vit_config.json has no num_hidden_layers")
+    # The official app drops the last SigLIP layer (it uses the penultimate layer's output)
+    # and disables the ViT RoPE; the checkpoint holds num_hidden_layers - 1 layers.
+    return _pick(ViTConfig, data, num_hidden_layers=int(data["num_hidden_layers"]) - 1)
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """Read the configuration of an official-layout model directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"model directory {model_dir} does not exist")
+    llm = llm_config_from_json(_read_json(model_dir / "llm_config.json"))
+    vit = vit_config_from_json(_read_json(model_dir / "vit_config.json"))
+    vae = VAEConfig()
+    if (model_dir / "ae_config.json").exists():
+        ae = _read_json(model_dir / "ae_config.json")
+        vae = _pick(VAEConfig, ae)
+        if "downsample" in ae and int(ae["downsample"]) != vae.downsample:
+            raise ConfigError(
+                f"ae_config.json: downsample {ae['downsample']} does not match ch_mult {list(vae.ch_mult)} "
+                f"(which gives {vae.downsample})"
+            )
+    bagel = BagelConfig()
+    if (model_dir / "bagel_config.json").exists():
+        bagel = _pick(BagelConfig, _read_json(model_dir / "bagel_config.json"))
+    cfg = ModelConfig(llm=llm, vit=vit, vae=vae, bagel=bagel)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ModelConfig) -> None:
+    llm, vit = cfg.llm, cfg.vit
+    if llm.hidden_size % llm.num_attention_heads:
+        raise ConfigError("llm hidden_size must be a multiple of num_attention_heads")
+    if llm.num_attention_heads % llm.num_key_value_heads:
+        raise ConfigError("llm num_attention_heads must be a multiple of num_key_value_heads")
+    if vit.hidden_size % vit.num_attention_heads:
+        raise ConfigError("vit hidden_size must be a multiple of num_attention_heads")
+    if cfg.bagel.vae_transform[2] % cfg.latent_downsample:
+        raise ConfigError(
+            f"vae_transform stride {cfg.bagel.vae_transform[2]} must be a multiple of the latent "
+            f"downsample {cfg.latent_downsample}"
+        )
+    if cfg.bagel.vit_transform[2] % vit.patch_size:
+        raise ConfigError("vit_transform stride must be a multiple of the ViT patch size")
