@@ -1,0 +1,341 @@
+"""The public API: ``load()`` and ``BagelPipeline``. Every front end (CLI, batch jobs, server, UI)
+calls this module and nothing below it.
+
+``BagelPipeline.interleave`` follows the official ``InterleaveInferencer.interleave_inference``
+(same argument names, meanings and defaults); ``generate`` / ``edit`` / ``understand`` / ``chat``
+are task methods with the official app's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from bagel_engine import params as P
+from bagel_engine.model.autoencoder import AutoEncoder
+from bagel_engine.model.bagel import Bagel
+from bagel_engine.params import BagelInputError, ImageParams, TextParams
+from bagel_engine.runtime import image_transforms as T
+from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
+from bagel_engine.runtime.image_generation import GuidanceContexts, denoise
+from bagel_engine.runtime.text_decoding import decode_tokens
+from bagel_engine.runtime.tokenizer import BagelTokenizer
+from bagel_engine.weights.config import ModelConfig, load_model_config
+from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, load_weights, parse_dtype,
+                                         resolve_model_dir)
+
+log = logging.getLogger("bagel_engine")
+
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here"
+)
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here"
+)
+
+ImageInput = Image.Image | str | os.PathLike | bytes
+
+
+@dataclass
+class BagelOutput:
+    text: str | None = None  # the answer; for image output with think, the think text
+    image: Image.Image | None = None
+    latents: torch.Tensor | None = None  # (z_channels, H/d, W/d): what the VAE decoder received
+    seed: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(
+    model: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    official_numerics: bool = False,
+    progress: bool = False,
+) -> "BagelPipeline":
+    """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
+
+    ``device``: default cuda when available, else cpu; ``"meta"`` builds the modules without reading
+    any weight. ``dtype``: default bfloat16 on a GPU, float32 on the CPU. ``official_numerics`` keeps
+    the VAE and the Euler update on the CPU in float32, as the official app does.
+    """
+    model_dir = resolve_model_dir(model)
+    cfg = load_model_config(model_dir)
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    t0 = time.perf_counter()
+    bagel, vae = build_modules(cfg, "meta")
+    vae_device = torch.device("cpu") if official_numerics and device.type != "meta" else device
+    if device.type != "meta":
+        bar = _byte_bar(model_dir, progress)
+        load_weights(bagel, model_dir / MODEL_FILE, device, dtype, cfg, progress=bar.update if bar else None)
+        load_weights(vae, model_dir / AE_FILE, vae_device, torch.float32, cfg, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+    tokenizer = BagelTokenizer.from_dir(model_dir)
+    log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
+    return BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
+                         official_numerics=official_numerics)
+
+
+def _byte_bar(model_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    total = sum((model_dir / f).stat().st_size for f in (MODEL_FILE, AE_FILE) if (model_dir / f).exists())
+    return tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
+
+
+def _new_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+class BagelPipeline:
+    def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, config: ModelConfig, *,
+                 device: torch.device, dtype: torch.dtype, model_name: str = "bagel",
+                 official_numerics: bool = False):
+        self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
+        self.device, self.dtype, self.model_name = device, dtype, model_name
+        self.official_numerics = official_numerics
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def vae_device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def latent_device(self) -> torch.device:
+        """Where the denoised latent lives: the CPU in official-numerics mode, else the model device."""
+        return torch.device("cpu") if self.official_numerics else self.device
+
+    def check_size(self, height: int, width: int) -> None:
+        d, top = self.config.latent_downsample, self.config.max_image_side
+        for name, side in (("height", height), ("width", width)):
+            if not isinstance(side, int) or isinstance(side, bool):
+                raise BagelInputError(f"{name} must be an integer (got {side!r})")
+            if side < d or side > top or side % d:
+                raise BagelInputError(
+                    f"{name} {side} is not supported: use a multiple of {d} between {d} and {top} "
+                    f"(the model's latent position table covers {top} px per side)"
+                )
+
+    def prepare_image(self, image: ImageInput, key: object) -> PreparedImage:
+        img = T.to_rgb(T.check_image(image))
+        vae_max, vae_min, vae_stride = self.config.bagel.vae_transform
+        vit_max, vit_min, vit_stride = self.config.bagel.vit_transform
+        resized = T.resize_image(img, vae_max, vae_min, vae_stride)
+        vit_img = T.resize_image(resized, vit_max, vit_min, vit_stride)
+        return PreparedImage(key=key, vae_image=resized, vae_pixels=T.image_to_tensor(resized),
+                             vit_pixels=T.image_to_tensor(vit_img))
+
+    def _vae_encode(self, pixels: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        dev = self.vae_device
+        moments = self.vae.encode_moments(pixels.to(dev, self.vae.dtype))
+        return self.vae.latent_from_moments(moments, None if eps is None else eps.to(dev, moments.dtype))
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        d = self.config.vae.downsample
+        return self.config.vae.z_channels, height // d, width // d
+
+    # ----------------------------------------------------------------------------- official API
+    @torch.inference_mode()
+    def interleave(
+        self,
+        inputs: Sequence[str | ImageInput],
+        *,
+        understanding_output: bool = False,
+        think: bool = False,
+        max_think_token_n: int = 1000,
+        do_sample: bool = False,
+        text_temperature: float = 0.3,
+        cfg_text_scale: float = 3.0,
+        cfg_img_scale: float = 1.5,
+        cfg_interval: Sequence[float] = (0.4, 1.0),
+        timestep_shift: float = 3.0,
+        num_timesteps: int = 50,
+        cfg_renorm_min: float = 0.0,
+        cfg_renorm_type: str = "global",
+        image_shapes: Sequence[int] = (1024, 1024),
+        seed: int | None = None,
+        noise: torch.Tensor | None = None,
+        sample_posterior: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+        trace: dict | None = None,
+    ) -> BagelOutput:
+        """The official ``interleave_inference``: ``inputs`` is an ordered list of texts and images.
+
+        Returns the answer (``understanding_output=True``) or an image (with the think text in
+        ``text`` when ``think``). ``seed`` reproduces the official random draws; ``noise`` injects
+        the starting latent (shape as ``BagelOutput.latents``). ``sample_posterior=False`` uses the
+        VAE posterior mean for input images instead of a sample (deterministic, not official).
+        ``trace`` (a dict) collects intermediate tensors for debugging.
+        """
+        t_start = time.perf_counter()
+        if not inputs:
+            raise BagelInputError("inputs is empty: give at least one text or image")
+        text_params = TextParams(max_think_token_n, do_sample, text_temperature).validate()
+        image_params = None
+        if not understanding_output:
+            image_params = ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
+                                       cfg_renorm_min, timestep_shift, num_timesteps).validate()
+        seed = _new_seed() if seed is None else int(seed)
+        cpu_gen = torch.Generator("cpu").manual_seed(seed)
+        sample_gen = None
+        if do_sample:
+            sample_gen = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(seed)
+
+        prepared: list[str | PreparedImage] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                prepared.append(item)
+            else:
+                prepared.append(self.prepare_image(item, key=i))
+
+        builder = ContextBuilder(self.model, self.tokenizer, self._vae_encode, self.device, trace=trace)
+        gen = cfg_text = cfg_img = Context()
+        if think:
+            system = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
+            gen = builder.add_text(gen, system)
+            cfg_img = builder.add_text(cfg_img, system)
+        height, width = image_shapes
+        for item in prepared:
+            if isinstance(item, str):
+                cfg_text = gen
+                gen = builder.add_text(gen, item)
+                cfg_img = builder.add_text(cfg_img, item)
+            else:
+                if not understanding_output:
+                    eps = None
+                    if sample_posterior:
+                        eps = torch.randn((1, *self._latent_shape(*item.size_hw)), generator=cpu_gen)
+                    gen = builder.add_vae_image(gen, item, eps)
+                gen = builder.add_vit_image(gen, item)
+                height, width = item.size_hw
+                cfg_text = gen
+        timings = {"prefill_s": time.perf_counter() - t_start}
+        if trace is not None:
+            trace["contexts"] = {"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}
+        resolved = {"seed": seed, "understanding_output": understanding_output, "think": think,
+                    **asdict(text_params)}
+
+        if understanding_output:
+            t0 = time.perf_counter()
+            tokens = decode_tokens(self.model, self.tokenizer.special, gen, text_params, self.device,
+                                   sample_gen, trace)
+            timings["decode_s"] = time.perf_counter() - t0
+            timings["tokens"] = len(tokens) - 1
+            timings["total_s"] = time.perf_counter() - t_start
+            return BagelOutput(text=self.tokenizer.decode_generation(tokens), seed=seed, params=resolved,
+                               timings=timings)
+
+        self.check_size(int(height), int(width))
+        think_text = None
+        if think:
+            t0 = time.perf_counter()
+            tokens = decode_tokens(self.model, self.tokenizer.special, gen, text_params, self.device,
+                                   sample_gen, trace)
+            think_text = self.tokenizer.decode_generation(tokens)
+            gen = builder.add_text(gen, think_text)  # re-tokenized, as the official code does
+            timings["think_s"] = time.perf_counter() - t0
+
+        ps = self.config.bagel.latent_patch_size
+        z_shape = self._latent_shape(height, width)
+        h, w = height // self.config.latent_downsample, width // self.config.latent_downsample
+        if noise is not None:
+            if tuple(noise.shape) != z_shape:
+                raise BagelInputError(f"noise must have shape {z_shape} for a {width}x{height} image, got {tuple(noise.shape)}")
+            start = T.patchify_latent(noise.float().cpu(), ps)
+        else:
+            start = torch.randn((h * w, ps * ps * self.config.vae.z_channels), generator=cpu_gen)
+        t0 = time.perf_counter()
+        latent_tokens = denoise(
+            self.model, self.tokenizer.special, GuidanceContexts(gen, cfg_text, cfg_img), (h, w),
+            start.to(self.latent_device), image_params, self.device, callback, trace,
+        )
+        timings["denoise_s"] = time.perf_counter() - t0
+        latents = T.unpatchify_latent(latent_tokens.float(), h, w, ps, self.config.vae.z_channels)
+        t0 = time.perf_counter()
+        decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
+        if trace is not None:
+            trace["decode_output"] = decoded.detach()
+        image = T.tensor_to_image(decoded[0].float().cpu())
+        timings["vae_decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        resolved.update(asdict(image_params), height=height, width=width)
+        return BagelOutput(text=think_text, image=image, latents=latents.cpu(), seed=seed, params=resolved,
+                           timings=timings)
+
+    # ----------------------------------------------------------------------------- task methods
+    @staticmethod
+    def _need_prompt(prompt: Any, what: str) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BagelInputError(f"{what} must be a non-empty string")
+        return prompt
+
+    @staticmethod
+    def _as_list(images) -> list:
+        if images is None:
+            return []
+        if isinstance(images, (list, tuple)):
+            return list(images)
+        return [images]
+
+    def _image_knobs(self, defaults: ImageParams, knobs: dict) -> dict:
+        P.split_knobs(knobs, P.IMAGE_PARAM_NAMES + P.TEXT_PARAM_NAMES)
+        merged = {**asdict(defaults), **{k: v for k, v in knobs.items() if k in P.IMAGE_PARAM_NAMES}}
+        merged.setdefault("max_think_token_n", P.THINK_TOKENS_DEFAULT)
+        merged.update({k: v for k, v in knobs.items() if k in P.TEXT_PARAM_NAMES})
+        return merged
+
+    def generate(self, prompt: str, *, height: int = 1024, width: int = 1024, think: bool = False,
+                 seed: int | None = None, noise: torch.Tensor | None = None, callback=None, **knobs) -> BagelOutput:
+        """Text to image, with the official app's defaults (cfg 4.0 / 1.5, interval 0.4-1, global renorm)."""
+        self._need_prompt(prompt, "prompt")
+        self.check_size(height, width)
+        return self.interleave([prompt], think=think, image_shapes=(height, width), seed=seed, noise=noise,
+                               callback=callback, **self._image_knobs(P.TEXT_TO_IMAGE_DEFAULTS, knobs))
+
+    def edit(self, images, prompt: str, *, think: bool = False, seed: int | None = None,
+             noise: torch.Tensor | None = None, callback=None, **knobs) -> BagelOutput:
+        """Edit one or several images (the output has the last image's resized size); app defaults
+        (cfg 4.0 / 2.0, interval 0-1, text_channel renorm)."""
+        images = self._as_list(images)
+        if not images:
+            raise BagelInputError("edit needs at least one input image")
+        self._need_prompt(prompt, "prompt")
+        return self.interleave([*images, prompt], think=think, seed=seed, noise=noise, callback=callback,
+                               **self._image_knobs(P.EDIT_DEFAULTS, knobs))
+
+    def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int = P.UNDERSTAND_TOKENS_DEFAULT,
+                   do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None) -> BagelOutput:
+        """Answer a question about one or several images."""
+        images = self._as_list(images)
+        if not images:
+            raise BagelInputError("understand needs at least one input image")
+        self._need_prompt(question, "question")
+        return self.interleave([*images, question], understanding_output=True, think=think,
+                               max_think_token_n=max_new_tokens, do_sample=do_sample,
+                               text_temperature=text_temperature, seed=seed)
+
+    def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int = P.UNDERSTAND_TOKENS_DEFAULT,
+             do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None) -> BagelOutput:
+        """Text in, text out."""
+        self._need_prompt(prompt, "prompt")
+        return self.interleave([prompt], understanding_output=True, think=think, max_think_token_n=max_new_tokens,
+                               do_sample=do_sample, text_temperature=text_temperature, seed=seed)

@@ -1,0 +1,163 @@
+"""From a model directory or hub id to modules with their weights.
+
+Modules are built on the meta device (no memory, no init cost) and the safetensors files are
+streamed in tensor by tensor, cast to the requested dtype and placed on the requested device, so
+peak host memory stays near one tensor. Key names are the official ones, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from bagel_engine.model.autoencoder import AutoEncoder
+from bagel_engine.model.bagel import Bagel
+from bagel_engine.weights.config import ConfigError, ModelConfig
+
+log = logging.getLogger("bagel_engine.weights")
+
+MODEL_FILE, AE_FILE = "ema.safetensors", "ae.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """The weight files do not match what the configs describe."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id (``owner/name``) fetched through huggingface-hub,
+    which honours ``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise ConfigError(f"model {text!r} is neither a model directory nor a hub id like 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    log.info("fetching %s from the hub (or its local cache)", text)
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many kinds; all mean "not available"
+        raise ConfigError(f"could not get {text!r} from the hub or its cache: {e}") from e
+
+
+def build_modules(cfg: ModelConfig, device: str | torch.device = "meta") -> tuple[Bagel, AutoEncoder]:
+    with torch.device(device):
+        return Bagel(cfg), AutoEncoder(cfg.vae)
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Every tensor name and shape the engine expects in each weight file."""
+    bagel, ae = build_modules(cfg, "meta")
+    return {
+        MODEL_FILE: {k: tuple(v.shape) for k, v in bagel.state_dict().items()},
+        AE_FILE: {k: tuple(v.shape) for k, v in ae.state_dict().items()},
+    }
+
+
+@dataclass
+class FileReport:
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (expected, found)
+    dtypes: dict[str, int]  # dtype name -> tensor count
+    hints: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+
+def check_file(path: Path, expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
+    found: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            found[key] = tuple(sl.get_shape())
+            dt = str(sl.get_dtype())
+            dtypes[dt] = dtypes.get(dt, 0) + 1
+    wrong = {k: (expected[k], found[k]) for k in expected.keys() & found.keys() if expected[k] != found[k]}
+    report = FileReport(sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys()), wrong, dtypes, [])
+    report.hints = _hints(report, cfg)
+    return report
+
+
+def _hints(report: FileReport, cfg: ModelConfig) -> list[str]:
+    hints = []
+    for name, (exp, got) in report.wrong_shape.items():
+        side = round(got[0] ** 0.5) if got else 0
+        if name == "latent_pos_embed.pos_embed" and side * side == got[0]:
+            hints.append(
+                f"{name} has {got[0]} = {side}^2 rows but max_latent_size={cfg.bagel.max_latent_size} expects {exp[0]}: "
+                f"the checkpoint was trained with max_latent_size={side} (BAGEL-7B-MoT uses 64); "
+                f"set it in bagel_config.json"
+            )
+        elif name == "vit_pos_embed.pos_embed" and side * side == got[0]:
+            hints.append(f"{name}: set vit_max_num_patch_per_side={side} in bagel_config.json")
+        elif name == "vit_model.vision_model.embeddings.patch_embedding.weight" and len(got) == 4:
+            hints.append(f"{name} is a Conv2d weight {got}; the official checkpoint stores the Linear form (out, p*p*c)")
+    vit_layers = {k.split(".")[4] for k in report.unexpected if k.startswith("vit_model.vision_model.encoder.layers.")}
+    if vit_layers:
+        hints.append(
+            f"the file holds ViT layer(s) {sorted(vit_layers, key=int)} beyond the {cfg.vit.num_hidden_layers} the "
+            "engine builds: vit_config.json's num_hidden_layers should be the checkpoint's layer count + 1 "
+            "(the official app drops one)"
+        )
+    return hints
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = root.get_submodule(module_path) if module_path else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def load_weights(module: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, cfg: ModelConfig,
+                 progress=None) -> None:
+    """Stream ``path`` into ``module`` (built on meta): strict names and shapes, cast, placed."""
+    if not path.exists():
+        raise CheckpointError(f"{path.name} not found in {path.parent}")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    report = check_file(path, expected, cfg)
+    if not report.ok:
+        lines = [f"{path.name} does not match the model built from the configs:"]
+        if report.missing:
+            lines.append(f"  missing ({len(report.missing)}): {', '.join(report.missing[:8])}{' ...' if len(report.missing) > 8 else ''}")
+        if report.unexpected:
+            lines.append(f"  unexpected ({len(report.unexpected)}): {', '.join(report.unexpected[:8])}{' ...' if len(report.unexpected) > 8 else ''}")
+        for k, (e, g) in list(report.wrong_shape.items())[:8]:
+            lines.append(f"  {k}: expected {list(e)}, found {list(g)}")
+        lines += [f"  hint: {h}" for h in report.hints]
+        lines.append("  run `bagel inspect MODEL` for the full report")
+        raise CheckpointError("\n".join(lines))
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point():
+                t = t.to(dtype)
+            _set_tensor(module, key, t.to(device))
+            if progress is not None:
+                progress(t.numel() * t.element_size())
+    module.eval().requires_grad_(False)
