@@ -6,7 +6,8 @@
 """
 
 from bagel_engine.api import BagelOutput, BagelPipeline, load
+from bagel_engine.inspection import inspect_model
 from bagel_engine.params import BagelInputError, ImageParams, TextParams
 
-__all__ = ["load", "BagelPipeline", "BagelOutput", "BagelInputError", "ImageParams", "TextParams"]
+__all__ = ["load", "inspect_model", "BagelPipeline", "BagelOutput", "BagelInputError", "ImageParams", "TextParams"]
 __version__ = "0.1.0"

@@ -13,6 +13,25 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from bagel_engine import __version__
+
+        typer.echo(f"bagel-engine {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (loading, timings)."),
+) -> None:
+    """Run ByteDance's BAGEL-7B-MoT: text to image, image editing, image understanding and chat."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
 def _register() -> None:
     # Importing a command module registers its commands on ``app``.
     import importlib
@@ -31,4 +50,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the package module so that command modules register on the same ``app``.
+    from bagel_engine.cli.main import main as _main
+
+    _main()

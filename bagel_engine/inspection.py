@@ -1,0 +1,106 @@
+"""What a model directory should hold and what it does hold (``bagel inspect``), without loading weights."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bagel_engine.weights.config import load_model_config
+from bagel_engine.weights.loader import AE_FILE, MODEL_FILE, check_file, expected_tensors, resolve_model_dir
+
+BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
+
+
+def inspect_model(model: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-ready report: the configs as the engine reads them, every expected tensor name and
+    shape per file, parameter counts and sizes per dtype, and (where the weight files are present)
+    missing, unexpected and wrongly shaped tensors with hints for known mistakes."""
+    model_dir = resolve_model_dir(model)
+    cfg = load_model_config(model_dir)
+    expected = expected_tensors(cfg)
+    report: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "config": {
+            "llm": asdict(cfg.llm),
+            "vit": asdict(cfg.vit),
+            "vae": asdict(cfg.vae),
+            "bagel": asdict(cfg.bagel),
+            "derived": {
+                "latent_downsample": cfg.latent_downsample,
+                "max_image_side": cfg.max_image_side,
+                "patch_latent_dim": cfg.patch_latent_dim,
+                "llm_head_dim": cfg.llm.head_dim,
+                "kv_bytes_per_token_bf16": 2 * 2 * cfg.llm.num_hidden_layers * cfg.llm.num_key_value_heads * cfg.llm.head_dim,
+            },
+        },
+        "expected": {f: {k: list(v) for k, v in shapes.items()} for f, shapes in expected.items()},
+        "files": {},
+    }
+    for fname, shapes in expected.items():
+        params = sum(math.prod(s) for s in shapes.values())
+        entry: dict[str, Any] = {
+            "tensors": len(shapes),
+            "parameters": params,
+            "bytes": {dt: int(params * b) for dt, b in BYTES_PER_DTYPE.items()},
+        }
+        path = model_dir / fname
+        entry["present"] = path.exists()
+        if path.exists():
+            r = check_file(path, shapes, cfg)
+            entry.update(
+                ok=r.ok,
+                size_bytes=path.stat().st_size,
+                dtypes=r.dtypes,
+                missing=r.missing,
+                unexpected=r.unexpected,
+                wrong_shape={k: {"expected": list(e), "found": list(g)} for k, (e, g) in r.wrong_shape.items()},
+                hints=r.hints,
+            )
+        report["files"][fname] = entry
+    tok = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if (model_dir / n).exists()]
+    report["tokenizer_files"] = tok
+    report["ok"] = all(e.get("ok", False) for e in report["files"].values()) and bool(tok)
+    return report
+
+
+def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
+    lines = [f"model: {report['model_dir']}"]
+    c = report["config"]
+    llm, vit, d = c["llm"], c["vit"], c["derived"]
+    lines.append(
+        f"LLM: {llm['num_hidden_layers']} MoT layers, hidden {llm['hidden_size']}, heads {llm['num_attention_heads']}"
+        f"/{llm['num_key_value_heads']} kv, vocab {llm['vocab_size']}"
+    )
+    lines.append(f"ViT: {vit['num_hidden_layers']} layers used (json says {vit['num_hidden_layers'] + 1}), hidden {vit['hidden_size']}")
+    lines.append(
+        f"images: up to {d['max_image_side']} px per side, multiples of {d['latent_downsample']}; "
+        f"KV cache {d['kv_bytes_per_token_bf16']:,} bytes per token in bf16"
+    )
+    for fname, e in report["files"].items():
+        sizes = ", ".join(f"{dt} {_gb(b)}" for dt, b in e["bytes"].items() if dt in ("float32", "bfloat16"))
+        lines.append(f"{fname}: expects {e['tensors']} tensors, {e['parameters']:,} parameters ({sizes})")
+        if not e["present"]:
+            lines.append("  not present")
+            continue
+        dts = ", ".join(f"{n} x {k}" for k, n in e["dtypes"].items())
+        lines.append(f"  present: {_gb(e['size_bytes'])} ({dts}): {'OK' if e['ok'] else 'MISMATCH'}")
+        for k in e["missing"]:
+            lines.append(f"  missing: {k}")
+        for k in e["unexpected"]:
+            lines.append(f"  unexpected: {k}")
+        for k, v in e["wrong_shape"].items():
+            lines.append(f"  wrong shape: {k}: expected {v['expected']}, found {v['found']}")
+        for h in e["hints"]:
+            lines.append(f"  hint: {h}")
+        if show_tensors:
+            lines += [f"    {k} {v}" for k, v in report["expected"][fname].items()]
+    lines.append(f"tokenizer: {', '.join(report['tokenizer_files']) or 'MISSING'}")
+    lines.append("status: OK" if report["ok"] else "status: PROBLEMS (see above)")
+    return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
