@@ -29,8 +29,8 @@ from bagel_engine.runtime.image_generation import GuidanceContexts, denoise
 from bagel_engine.runtime.text_decoding import decode_tokens
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.weights.config import ModelConfig, load_model_config
-from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, load_weights, parse_dtype,
-                                         resolve_model_dir)
+from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, init_random, load_weights,
+                                         parse_dtype, resolve_model_dir)
 
 log = logging.getLogger("bagel_engine")
 
@@ -60,12 +60,20 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+QUANTIZE_METHODS = ("fp8", "int8", "nf4")
+OFFLOAD_MODES = ("model", "layer")
+
+
 def load(
     model: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     *,
     official_numerics: bool = False,
+    quantize: str | None = None,
+    offload: str | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
     progress: bool = False,
 ) -> "BagelPipeline":
     """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
@@ -73,21 +81,42 @@ def load(
     ``device``: default cuda when available, else cpu; ``"meta"`` builds the modules without reading
     any weight. ``dtype``: default bfloat16 on a GPU, float32 on the CPU. ``official_numerics`` keeps
     the VAE and the Euler update on the CPU in float32, as the official app does.
+    ``quantize`` ("fp8", "int8", "nf4") quantizes the decoder's linear layers at load time;
+    ``offload`` ("model", "layer") keeps the weights in CPU memory and streams them to the GPU.
+    ``random_weights=True`` builds the model from the configs alone with random weights (seeded by
+    ``seed``): for benchmarks of the real architecture without the real checkpoint.
     """
+    if quantize is not None and quantize not in QUANTIZE_METHODS:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
+    if offload is not None and offload not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
     model_dir = resolve_model_dir(model)
     cfg = load_model_config(model_dir)
     device = torch.device(device) if device is not None else _default_device()
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t0 = time.perf_counter()
     bagel, vae = build_modules(cfg, "meta")
+    weights_device = torch.device("cpu") if offload else device
     vae_device = torch.device("cpu") if official_numerics and device.type != "meta" else device
     if device.type != "meta":
-        bar = _byte_bar(model_dir, progress)
-        load_weights(bagel, model_dir / MODEL_FILE, device, dtype, cfg, progress=bar.update if bar else None)
-        load_weights(vae, model_dir / AE_FILE, vae_device, torch.float32, cfg, progress=bar.update if bar else None)
-        if bar:
-            bar.close()
-    tokenizer = BagelTokenizer.from_dir(model_dir)
+        if random_weights:
+            init_random(bagel, weights_device, dtype, seed)
+            init_random(vae, vae_device, torch.float32, seed + 1)
+        else:
+            bar = _byte_bar(model_dir, progress)
+            load_weights(bagel, model_dir / MODEL_FILE, weights_device, dtype, cfg, progress=bar.update if bar else None)
+            load_weights(vae, model_dir / AE_FILE, vae_device, torch.float32, cfg, progress=bar.update if bar else None)
+            if bar:
+                bar.close()
+        if quantize:
+            from bagel_engine.weights.quantize import quantize_model
+
+            quantize_model(bagel, quantize)
+        if offload:
+            from bagel_engine.runtime.offload import apply_offload
+
+            apply_offload(bagel, offload, device)
+    tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")
     log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
     return BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
                          official_numerics=official_numerics)

@@ -17,6 +17,7 @@ from bagel_engine.weights.config import ConfigError
 
 BOS, EOS = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+FALLBACK_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "fallback_tokenizer.json"
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -54,9 +55,13 @@ class BagelTokenizer:
         self.special = SpecialIds(*ids)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "BagelTokenizer":
+    def from_dir(cls, model_dir: str | Path, fallback: bool = False) -> "BagelTokenizer":
+        """The tokenizer of ``model_dir``; with ``fallback``, a small packaged Qwen2-layout tokenizer
+        when the directory has none (for random-weight benchmarks built from configs alone)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
+        if not path.exists() and not (model_dir / "vocab.json").exists() and fallback:
+            path = FALLBACK_TOKENIZER
         tok = Tokenizer.from_file(str(path)) if path.exists() else _from_vocab_merges(model_dir)
         return cls(tok)
 

@@ -161,3 +161,37 @@ def load_weights(module: nn.Module, path: Path, device: torch.device, dtype: tor
             if progress is not None:
                 progress(t.numel() * t.element_size())
     module.eval().requires_grad_(False)
+
+
+def sincos_table_2d(side: int, dim: int) -> torch.Tensor:
+    """The fixed 2-D sin-cos table BAGEL stores in ``*_pos_embed``: row ``r*side+c`` is
+    ``[sin(c w), cos(c w), sin(r w), cos(r w)]`` with ``w_k = 10000^(-k/(dim/4))``."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:
+        a = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    return torch.cat([enc(cols), enc(rows)], dim=1).float()
+
+
+@torch.no_grad()
+def init_random(module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """Materialise a meta-built module with random weights (for benchmarks of the real architecture):
+    normal(0, 0.02) matrices, zero biases, unit norm weights, the real sin-cos position tables."""
+    module.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("pos_embed"):
+            side = round(p.shape[0] ** 0.5)
+            p.copy_(sincos_table_2d(side, p.shape[1]))
+        elif leaf == "bias":
+            p.zero_()
+        elif p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    module.to(dtype=dtype).eval().requires_grad_(False)
