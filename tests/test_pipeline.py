@@ -45,9 +45,11 @@ def test_duplicate_guidance_branch_is_computed_once(pipe):
     noise = trace["steps"][0]["x_t"]
     latent = denoise(pipe.model, pipe.tokenizer.special, forced, (8, 8), noise, params, pipe.device, trace=trace2)
     assert [s["forwards"] for s in trace2["steps"]] == [3, 3, 3]
+    # Same numbers up to float rounding (a batch of 3 blocks may take other kernels than a batch of 2).
     for ours, full in zip(trace["steps"], trace2["steps"]):
-        assert torch.equal(ours["v_img"], full["v_img"]) and torch.equal(ours["v"], full["v"])
-    assert torch.allclose(latent, _tokens(out.latents), atol=0)
+        assert torch.allclose(ours["v_img"], full["v_img"], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(ours["v"], full["v"], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(latent, _tokens(out.latents), atol=1e-4, rtol=1e-4)
 
 
 def _tokens(latents):

@@ -1,39 +1,131 @@
-"""The one attention entry point of the decoder.
+"""The one attention entry point of the decoder, with its backends.
 
-A query block of ``N`` new tokens attends to ``L`` cached tokens followed by the block itself.
-Attention inside the block is either causal (text, decoding) or full (image blocks); the cache is
-always fully visible. This is the bottom-right aligned causal rule of flash-attn's varlen kernel,
-which the official code uses.
+Queries come in ``B`` sequences of ``N`` tokens (B guidance branches, or B = 1). Each sequence
+attends to its own keys: ``S`` slots of which a prefix is valid (``valid`` / ``mask``). Inside a
+new block attention is causal (text, decoding: bottom-right aligned, the rule of flash-attn's
+varlen kernel the official code uses) or full (image blocks); cached keys are always visible.
 
-Backends live behind :func:`block_attention`; today it is PyTorch SDPA (which itself dispatches
-to flash / memory-efficient / math kernels).
+Backends: ``sdpa`` (PyTorch scaled_dot_product_attention, which dispatches to flash /
+memory-efficient / math kernels), ``flex`` (torch flex_attention, compiled) and ``flash``
+(flash-attn's varlen kernel, when installed; bf16/fp16 on CUDA). ``auto`` picks flash-attn when it
+is installed and usable, else SDPA. All backends are tested to agree.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+_backend = "auto"
 
-def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=0)
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "flash" and not flash_available():
+        raise ValueError("the flash backend needs the flash-attn package and a CUDA device")
+    _backend = name
 
 
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Attention of a query block over ``[cache ; block]``.
+def get_backend() -> str:
+    return _backend
 
-    q: (N, Hq, D); k, v: (L + N, Hkv, D) with the new block's keys last. Returns (N, Hq, D).
-    """
-    n, hq, _ = q.shape
-    total, hkv, _ = k.shape
-    past = total - n
-    qh = q.transpose(0, 1)
-    kh = _expand_kv(k.transpose(0, 1), hq // hkv)
-    vh = _expand_kv(v.transpose(0, 1), hq // hkv)
-    mask = None
+
+@functools.cache
+def flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def causal_block_mask(n: int, total: int, device) -> torch.Tensor:
+    """(n, total) bool: query i of a block appended after ``total - n`` cached keys sees keys <= past + i."""
+    rows = torch.arange(n, device=device).unsqueeze(1)
+    cols = torch.arange(total, device=device).unsqueeze(0)
+    return cols <= rows + (total - n)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           kv_lens: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """Batched attention. q: (B, N, Hq, D); k, v: (B, S, Hkv, D).
+
+    Sequence b sees its first ``kv_lens[b]`` keys (all S when None); ``mask`` (B, N, S) bool is the
+    same information as a mask, precomputed by the caller (it must be given with ``kv_lens``).
+    ``causal``: the block is the last N of the S keys and attends causally inside itself.
+    Returns (B, N, Hq, D)."""
+    backend = _backend
+    if backend == "auto":
+        backend = "flash" if (flash_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) else "sdpa"
+    if backend == "flash":
+        return _flash(q, k, v, kv_lens, causal)
+    if backend == "flex":
+        return _flex(q, k, v, mask, causal)
+    return _sdpa(q, k, v, mask, causal)
+
+
+def _sdpa(q, k, v, mask, causal):
+    b, n, hq, _ = q.shape
+    s = k.shape[1]
     if causal and n > 1:
-        rows = torch.arange(n, device=q.device).unsqueeze(1)
-        cols = torch.arange(total, device=q.device).unsqueeze(0)
-        mask = cols <= rows + past
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return out.transpose(0, 1)
+        mask = causal_block_mask(n, s, q.device).expand(b, n, s)
+    attn_mask = None if mask is None else mask[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+        enable_gqa=k.shape[2] != hq,
+    )
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, mask, causal):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, n, hq, _ = q.shape
+    s = k.shape[1]
+    if causal and n > 1:
+        mask = causal_block_mask(n, s, q.device).expand(b, n, s)
+    block_mask = None
+    if mask is not None:
+        m = mask.contiguous()
+
+        def visible(bi, h, qi, ki):
+            return m[bi, qi, ki]
+
+        block_mask = create_block_mask(visible, b, None, n, s, device=q.device)
+    fn = _compiled_flex() if q.is_cuda else __import__(
+        "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+             enable_gqa=k.shape[2] != hq)
+    return out.transpose(1, 2)
+
+
+def _flash(q, k, v, kv_lens, causal):
+    """flash-attn varlen over the valid key prefix of each sequence (bottom-right causal alignment)."""
+    from flash_attn import flash_attn_varlen_func
+
+    b, n, hq, d = q.shape
+    s = k.shape[1]
+    if kv_lens is None:
+        kv_lens = torch.full((b,), s, dtype=torch.int32, device=q.device)
+    kv_lens = kv_lens.to(torch.int32)
+    cu_q = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+    cu_k = F.pad(kv_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    valid = (torch.arange(s, device=q.device)[None] < kv_lens[:, None]).reshape(-1)
+    kf = k.reshape(b * s, *k.shape[2:])[valid]
+    vf = v.reshape(b * s, *v.shape[2:])[valid]
+    out = flash_attn_varlen_func(q.reshape(b * n, hq, d), kf, vf, cu_q, cu_k, n, s, causal=causal)
+    return out.view(b, n, hq, d)

@@ -92,10 +92,10 @@ class Bagel(nn.Module):
         out = self.connector(out.to(self.connector.fc1.weight.dtype))
         return out + self.vit_pos_embed(position_ids)
 
-    def embed_latents(self, tokens: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Latent tokens (n, p*p*C) at flow times ``t`` (n,) or (1,): vae2llm + time + position."""
-        x = self.vae2llm(tokens.to(self.vae2llm.weight.dtype))
-        return x + self.time_embedder(t) + self.latent_pos_embed(position_ids)
+    def embed_latents(self, tokens: torch.Tensor, time_embeds: torch.Tensor, pos_embeds: torch.Tensor) -> torch.Tensor:
+        """Latent tokens (..., n, p*p*C) as they enter the LLM: ``vae2llm(x) + time + position``,
+        given ``time_embedder(t)`` and ``latent_pos_embed(ids)`` (both broadcastable)."""
+        return self.vae2llm(tokens.to(self.vae2llm.weight.dtype)) + time_embeds + pos_embeds
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm2vae(hidden)

@@ -5,9 +5,10 @@ Text, ViT tokens and the image marker tokens use the understanding weights; VAE 
 (clean or noisy) use the ``*_moe_gen`` weights. Module names follow the official state dict
 (``language_model.model.layers.{i}.self_attn.q_proj_moe_gen`` ...).
 
-The decoder runs one *block* of new tokens at a time against a per-context KV cache (see
-``bagel_engine.runtime.context``): the block attends to every cached token and, inside itself,
-either causally (text) or fully (image blocks).
+The decoder runs one *block* of new tokens at a time against KV caches held by a layout
+(``bagel_engine.model.kv_cache``): the block attends to every cached token and, inside itself,
+either causally (text) or fully (image blocks). Several blocks (guidance branches) can run in one
+forward, each over its own cache.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagel_engine.model.attention import block_attention
+from bagel_engine.model.kv_cache import KV, AppendKV  # noqa: F401  (KV re-exported)
 from bagel_engine.weights.config import LLMConfig
-
-KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (L, Hkv, D)
 
 
 class RMSNorm(nn.Module):
@@ -49,22 +48,22 @@ class MLP(nn.Module):
 
 @dataclass(frozen=True)
 class Routing:
-    """Which rows of a block use which expert. ``None`` as routing means all-understanding."""
+    """Which rows of a block use which expert (``None`` as routing means all-understanding).
 
-    und: torch.Tensor  # (Nu,) long
-    gen: torch.Tensor  # (Ng,) long
+    The generation expert runs densely on every row and the understanding expert on its few rows
+    (the image markers), whose results overwrite the others: row-wise layers make that exact.
+    """
+
+    und: torch.Tensor  # (Nu,) long: rows of the understanding expert
 
 
 def route(x: torch.Tensor, und_fn, gen_fn, routing: Routing | None) -> torch.Tensor:
-    """Apply ``und_fn`` to the understanding rows of ``x`` and ``gen_fn`` to the generation rows."""
+    """Apply ``und_fn`` to the understanding rows of ``x`` and ``gen_fn`` to the others."""
     if routing is None:
         return und_fn(x)
-    out_u = und_fn(x[routing.und])
-    out_g = gen_fn(x[routing.gen])
-    out = out_g.new_zeros((x.shape[0],) + out_g.shape[1:], dtype=torch.promote_types(out_u.dtype, out_g.dtype))
-    out[routing.und] = out_u.to(out.dtype)
-    out[routing.gen] = out_g.to(out.dtype)
-    return out
+    out = gen_fn(x)
+    out_u = und_fn(x.index_select(0, routing.und))
+    return out.index_copy(0, routing.und, out_u.to(out.dtype))
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -94,7 +93,7 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
 
-    def forward(self, h, rope, past: KV | None, causal: bool, routing: Routing | None):
+    def forward(self, h, rope, kv, layer: int, causal: bool, routing: Routing | None):
         n = h.shape[0]
         q = route(h, self.q_proj, self.q_proj_moe_gen, routing).view(n, self.num_heads, self.head_dim)
         k = route(h, self.k_proj, self.k_proj_moe_gen, routing).view(n, self.num_kv_heads, self.head_dim)
@@ -105,11 +104,8 @@ class MoTAttention(nn.Module):
         k = route(k, self.k_norm, self.k_norm_moe_gen, routing)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin).to(h.dtype), apply_rope(k, cos, sin).to(h.dtype)
-        if past is not None and past[0].shape[0] > 0:
-            k = torch.cat([past[0], k], dim=0)
-            v = torch.cat([past[1], v], dim=0)
-        out = block_attention(q, k, v, causal).reshape(n, self.num_heads * self.head_dim)
-        return route(out, self.o_proj, self.o_proj_moe_gen, routing), (k, v)
+        out = kv.attend(layer, q, k, v.to(h.dtype), causal).reshape(n, self.num_heads * self.head_dim)
+        return route(out, self.o_proj, self.o_proj_moe_gen, routing)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -123,13 +119,11 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, past: KV | None, causal: bool, routing: Routing | None):
+    def forward(self, x, rope, kv, layer: int, causal: bool, routing: Routing | None):
         h = route(x, self.input_layernorm, self.input_layernorm_moe_gen, routing)
-        a, kv = self.self_attn(h, rope, past, causal, routing)
-        x = x + a
+        x = x + self.self_attn(h, rope, kv, layer, causal, routing)
         h = route(x, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, routing)
-        x = x + route(h, self.mlp, self.mlp_moe_gen, routing)
-        return x, kv
+        return x + route(h, self.mlp, self.mlp_moe_gen, routing)
 
 
 class Qwen2MoTModel(nn.Module):
@@ -141,25 +135,22 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        position_ids: torch.Tensor,
-        past: list[KV] | None,
-        causal: bool,
-        routing: Routing | None = None,
-    ) -> tuple[torch.Tensor, list[KV]]:
-        """Run a block of embeddings ``x`` (N, d) at RoPE ``position_ids`` (N,) over the cache ``past``.
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        return rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
-        Returns the final-normed hidden states (N, d) and, per layer, the merged ``[past ; new]``
-        keys and values (the caller decides whether to keep them).
-        """
-        rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        new_kv: list[KV] = []
+    def forward(self, x: torch.Tensor, rope, kv, causal: bool, routing: Routing | None = None) -> torch.Tensor:
+        """Run a block of embeddings ``x`` (T, d) with RoPE tables ``rope`` (from ``self.rope``)
+        against the KV layout ``kv``; returns the final-normed hidden states (T, d)."""
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, rope, past[i] if past else None, causal, routing)
-            new_kv.append(kv)
-        return route(x, self.norm, self.norm_moe_gen, routing), new_kv
+            x = layer(x, rope, kv, i, causal, routing)
+        return route(x, self.norm, self.norm_moe_gen, routing)
+
+    def extend(self, x: torch.Tensor, position_ids: torch.Tensor, past, causal: bool,
+               routing: Routing | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """One block appended to a single cache ``past``: hidden states and the merged per-layer K/V."""
+        kv = AppendKV(past)
+        hidden = self(x, self.rope(position_ids, x.dtype), kv, causal, routing)
+        return hidden, kv.merged
 
 
 class Qwen2MoTForCausalLM(nn.Module):

@@ -50,12 +50,10 @@ class PreparedImage:
         return self.vae_pixels.shape[1], self.vae_pixels.shape[2]
 
 
-def block_routing(n: int, device) -> Routing:
-    """Routing of an image block ``[start, n tokens, end]``: markers und, latents gen."""
-    return Routing(
-        und=torch.tensor([0, n + 1], device=device),
-        gen=torch.arange(1, n + 1, device=device),
-    )
+def block_routing(n: int, device, blocks: int = 1) -> Routing:
+    """Routing of ``blocks`` image blocks ``[start, n tokens, end]`` back to back: markers und, latents gen."""
+    starts = torch.arange(blocks, device=device) * (n + 2)
+    return Routing(und=torch.stack([starts, starts + n + 1], dim=1).reshape(-1))
 
 
 def wrap_with_markers(model: Bagel, body: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
@@ -84,7 +82,7 @@ class ContextBuilder:
         history = ctx.history + (key,)
         if history in self._memo:
             return self._memo[history]
-        _, kv = self.model.decoder(x, positions, list(ctx.kv) if ctx.kv else None, causal, routing)
+        _, kv = self.model.decoder.extend(x, positions, ctx.kv, causal, routing)
         n = x.shape[0]
         new = Context(kv=tuple(kv), length=ctx.length + n, rope=ctx.rope + (n if causal else 1), history=history)
         self._memo[history] = new
@@ -133,7 +131,7 @@ class ContextBuilder:
         tokens = T.patchify_latent(latent, ps).to(self.device)
         pos_ids = T.grid_position_ids(h, w, cfg.bagel.max_latent_size).to(self.device)
         t0 = torch.zeros(1, device=self.device)
-        body = self.model.embed_latents(tokens, t0, pos_ids)
+        body = self.model.embed_latents(tokens, self.model.time_embedder(t0), self.model.latent_pos_embed(pos_ids))
         s = self.tokenizer.special
         x = wrap_with_markers(self.model, body, s.start_of_image, s.end_of_image)
         positions = torch.full((x.shape[0],), ctx.rope, device=self.device)

@@ -56,13 +56,6 @@ def _row_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
 
 
-def _scale_like_official(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # A 0-dim float32 scale keeps x's dtype (official bf16 result); an (n, 1) one promotes to float32.
-    if scale.dim() == 0:
-        return (x.float() * scale).to(x.dtype)
-    return x * scale
-
-
 def combine(
     v: torch.Tensor,
     u_text: torch.Tensor | None,
@@ -71,7 +64,8 @@ def combine(
     renorm_type: str,
     renorm_min: float,
 ) -> torch.Tensor:
-    """The guided velocity from the conditional ``v`` and the unconditional branches (n, D).
+    """The guided velocity from the conditional ``v`` and the unconditional branches, each
+    (..., n, D): leading dimensions are independent images (a global norm is taken per image).
 
     ``global``: whole-tensor renorm of the combined velocity; ``channel``: per-token renorm of it;
     ``text_channel``: per-token renorm of the text-guided velocity, then plain image guidance.
@@ -93,12 +87,13 @@ def combine(
         return v_t
     v_c = u_img + s_i * (v_t - u_img) if s_i > 1.0 else v_t
     if renorm_type == "global":
-        norm_v = torch.linalg.vector_norm(v.float())
-        norm_c = torch.linalg.vector_norm(v_c.float())
-    else:  # channel
-        norm_v, norm_c = _row_norm(v), _row_norm(v_c)
-    scale = (norm_v / (norm_c + RENORM_EPS)).clamp(min=renorm_min, max=1.0)
-    return _scale_like_official(v_c, scale)
+        norm_v = torch.linalg.vector_norm(v.float(), dim=(-2, -1), keepdim=True)
+        norm_c = torch.linalg.vector_norm(v_c.float(), dim=(-2, -1), keepdim=True)
+        scale = (norm_v / (norm_c + RENORM_EPS)).clamp(min=renorm_min, max=1.0)
+        # Official: a 0-dim float32 scale times a bf16 tensor stays bf16.
+        return (v_c.float() * scale).to(v_c.dtype)
+    norm_v, norm_c = _row_norm(v), _row_norm(v_c)  # channel: per token; the result promotes to float32
+    return v_c * (norm_v / (norm_c + RENORM_EPS)).clamp(min=renorm_min, max=1.0)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from bagel_engine.model.bagel import Bagel
+from bagel_engine.model.kv_cache import DecodeKV
 from bagel_engine.params import TextParams
 from bagel_engine.runtime.context import Context
 from bagel_engine.runtime.tokenizer import SpecialIds
@@ -27,27 +28,34 @@ def decode_tokens(
     trace: dict | None = None,
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Returns ``[<|im_start|>, tok1, tok2, ...]`` (at most ``max_think_token_n`` ids, no end token)."""
+    """Returns ``[<|im_start|>, tok1, tok2, ...]`` (at most ``max_think_token_n`` ids, no end token).
+
+    The context's cache is copied once into a preallocated buffer (``DecodeKV``) that each token
+    writes into; nothing is reallocated per token.
+    """
+    cfg = model.cfg.llm
+    dtype = model.language_model.lm_head.weight.dtype
+    kv = DecodeKV(ctx.kv, ctx.length, params.max_think_token_n, cfg.num_hidden_layers,
+                  cfg.num_key_value_heads, cfg.head_dim, device, dtype)
+    positions = model.decoder.rope(torch.arange(ctx.rope, ctx.rope + params.max_think_token_n, device=device), dtype)
     tokens: list[int] = []
-    kv = list(ctx.kv) if ctx.kv else None
-    rope = ctx.rope
-    cur = special.bos
-    for _ in range(params.max_think_token_n):
-        tokens.append(cur)
-        x = model.embed_text(torch.tensor([cur], device=device))
-        hidden, kv = model.decoder(x, torch.tensor([rope], device=device), kv, True, None)
+    cur = torch.tensor([special.bos], device=device)
+    for step in range(params.max_think_token_n):
+        tokens.append(int(cur))
+        rope = tuple(t[step : step + 1] for t in positions)
+        hidden = model.decoder(model.embed_text(cur), rope, kv, True, None)
         logits = model.logits(hidden)[0]
         if trace is not None:
             trace.setdefault("logits", []).append(logits.detach())
         if params.do_sample:
             probs = torch.softmax(logits.float() / params.text_temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=generator))
+            nxt = torch.multinomial(probs, 1, generator=generator)
         else:
-            nxt = int(torch.argmax(logits))
-        rope += 1
-        if nxt == special.eos:
+            nxt = torch.argmax(logits).reshape(1)
+        kv.advance()
+        if int(nxt) == special.eos:
             break
         cur = nxt
         if on_token is not None:
-            on_token(nxt)
+            on_token(int(nxt))
     return tokens

@@ -1,0 +1,106 @@
+"""KV-cache layouts: where a block's new keys and values go and which keys each query sees.
+
+The decoder calls ``layout.attend(layer, q, k, v, causal)`` in every layer; the layout owns the
+memory. Three layouts cover inference:
+
+- ``AppendKV``: one sequence, ``[cache ; new block]`` concatenated; the merged keys and values are
+  kept so that the block can extend a context (prefill of text and images).
+- ``BranchKV``: B sequences (guidance branches, several prompts) of the same block length, each
+  over its own cache, in static buffers allocated once per image: every denoising step only
+  writes the block's keys into its slots. Shapes never change between steps (compile-friendly).
+- ``DecodeKV``: one sequence decoding one token at a time into a preallocated buffer, with the
+  write position held on the device (compile-friendly, no reallocation per token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bagel_engine.model.attention import attend
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (L, Hkv, D)
+
+
+class AppendKV:
+    def __init__(self, past: tuple[KV, ...] | list[KV] | None):
+        self.past = past
+        self.merged: list[KV] = []
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        if self.past is not None and self.past[layer][0].shape[0] > 0:
+            k = torch.cat([self.past[layer][0], k], dim=0)
+            v = torch.cat([self.past[layer][1], v], dim=0)
+        self.merged.append((k, v))
+        return attend(q[None], k[None], v[None], causal=causal)[0]
+
+
+class BranchKV:
+    """B sequences of ``n`` new tokens each; sequence b sees its cache (``lengths[b]`` tokens) and its block."""
+
+    def __init__(self, caches: list[tuple[KV, ...] | None], lengths: list[int], n: int, num_layers: int,
+                 kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+        b = len(caches)
+        s = max(lengths) + n
+        self.num_branches, self.n, self.slots = b, n, s
+        self.k = [torch.zeros(b, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(b, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
+        for i, (cache, length) in enumerate(zip(caches, lengths)):
+            if cache is not None and length:
+                for layer in range(num_layers):
+                    self.k[layer][i, :length] = cache[layer][0]
+                    self.v[layer][i, :length] = cache[layer][1]
+        lens = torch.tensor(lengths, device=device)
+        self.write_index = (torch.arange(b, device=device)[:, None] * s + lens[:, None]
+                            + torch.arange(n, device=device)[None]).reshape(-1)
+        self.kv_lens = lens + n
+        self.mask = (torch.arange(s, device=device)[None] < self.kv_lens[:, None])[:, None, :].expand(b, n, s)
+
+    def first(self, count: int) -> "BranchKV":
+        """A view on the first ``count`` sequences (same buffers)."""
+        view = object.__new__(BranchKV)
+        view.num_branches, view.n, view.slots = count, self.n, self.slots
+        view.k = [t[:count] for t in self.k]
+        view.v = [t[:count] for t in self.v]
+        view.write_index = self.write_index[: count * self.n]
+        view.kv_lens = self.kv_lens[:count]
+        view.mask = self.mask[:count]
+        return view
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, n, s = self.num_branches, self.n, self.slots
+        kb, vb = self.k[layer], self.v[layer]
+        kb.view(b * s, *kb.shape[2:]).index_copy_(0, self.write_index, k)
+        vb.view(b * s, *vb.shape[2:]).index_copy_(0, self.write_index, v)
+        out = attend(q.view(b, n, *q.shape[1:]), kb, vb, mask=self.mask, kv_lens=self.kv_lens)
+        return out.reshape(b * n, *q.shape[1:])
+
+
+class DecodeKV:
+    """One sequence over its cache plus up to ``max_new`` decoded tokens, one token per forward."""
+
+    def __init__(self, past: tuple[KV, ...] | None, length: int, max_new: int, num_layers: int, kv_heads: int,
+                 head_dim: int, device: torch.device, dtype: torch.dtype):
+        s = length + max_new
+        self.slots = s
+        self.k = [torch.zeros(1, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(1, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
+        if past is not None and length:
+            for layer in range(num_layers):
+                self.k[layer][0, :length] = past[layer][0]
+                self.v[layer][0, :length] = past[layer][1]
+        self.pos = torch.tensor([length], device=device)  # the slot the next token writes
+        self._slots = torch.arange(s, device=device)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.kv_lens = self.pos + 1
+        self.mask = (self._slots <= self.pos)[None, None, :]
+
+    def advance(self) -> None:
+        self.pos += 1
+        self._refresh()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        self.k[layer][0].index_copy_(0, self.pos, k)
+        self.v[layer][0].index_copy_(0, self.pos, v)
+        return attend(q[None], self.k[layer], self.v[layer], mask=self.mask, kv_lens=self.kv_lens)[0]
