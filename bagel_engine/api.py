@@ -135,6 +135,31 @@ def _new_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
+@dataclass
+class _Job:
+    """One request on its way through the pipeline."""
+
+    seed: int
+    t_start: float
+    cpu_gen: torch.Generator
+    sample_gen: torch.Generator | None = None
+    gen: Context = field(default_factory=Context)
+    cfg_text: Context = field(default_factory=Context)
+    cfg_img: Context = field(default_factory=Context)
+    height: int = 0
+    width: int = 0
+    text: str | None = None
+    image: Image.Image | None = None
+    latents: torch.Tensor | None = None
+    params: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def output(self) -> BagelOutput:
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        return BagelOutput(text=self.text, image=self.image, latents=self.latents, seed=self.seed,
+                           params=self.params, timings=self.timings)
+
+
 class BagelPipeline:
     def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, config: ModelConfig, *,
                  device: torch.device, dtype: torch.dtype, model_name: str = "bagel",
@@ -215,28 +240,94 @@ class BagelPipeline:
         VAE posterior mean for input images instead of a sample (deterministic, not official).
         ``trace`` (a dict) collects intermediate tensors for debugging.
         """
-        t_start = time.perf_counter()
         if not inputs:
             raise BagelInputError("inputs is empty: give at least one text or image")
-        text_params = TextParams(max_think_token_n, do_sample, text_temperature).validate()
-        image_params = None
-        if not understanding_output:
-            image_params = ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
-                                       cfg_renorm_min, timestep_shift, num_timesteps).validate()
-        seed = _new_seed() if seed is None else int(seed)
-        cpu_gen = torch.Generator("cpu").manual_seed(seed)
-        sample_gen = None
-        if do_sample:
-            sample_gen = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(seed)
+        return self._run(
+            [list(inputs)], [seed], [noise], understanding_output=understanding_output, think=think,
+            text_params=TextParams(max_think_token_n, do_sample, text_temperature),
+            image_params=ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
+                                     cfg_renorm_min, timestep_shift, num_timesteps),
+            image_shapes=tuple(image_shapes), sample_posterior=sample_posterior, callback=callback, trace=trace,
+        )[0]
 
-        prepared: list[str | PreparedImage] = []
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                prepared.append(item)
-            else:
-                prepared.append(self.prepare_image(item, key=i))
-
+    def _run(self, requests: list[list], seeds: list[int | None], noises: list[torch.Tensor | None], *,
+             understanding_output: bool, think: bool, text_params: TextParams, image_params: ImageParams,
+             image_shapes: tuple[int, int], sample_posterior: bool = True, callback=None,
+             trace: dict | None = None) -> list[BagelOutput]:
+        """Run several requests with the same parameters; their images (all of one size) are denoised
+        together in batched forwards."""
+        text_params = text_params.validate()
+        image_params = None if understanding_output else image_params.validate()
         builder = ContextBuilder(self.model, self.tokenizer, self._vae_encode, self.device, trace=trace)
+        jobs = [self._prepare(inputs, seed, builder, understanding_output, think, text_params, image_shapes,
+                              sample_posterior, trace)
+                for inputs, seed in zip(requests, seeds)]
+        if understanding_output:
+            for job in jobs:
+                t0 = time.perf_counter()
+                tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
+                                       job.sample_gen, trace)
+                job.text = self.tokenizer.decode_generation(tokens)
+                job.timings.update(decode_s=time.perf_counter() - t0, tokens=len(tokens) - 1)
+            return [job.output() for job in jobs]
+        sizes = {(job.height, job.width) for job in jobs}
+        if len(sizes) > 1:
+            raise BagelInputError(f"images generated together must have one size, got {sorted(sizes)}")
+        height, width = sizes.pop()
+        self.check_size(height, width)
+        if think:
+            for job in jobs:
+                t0 = time.perf_counter()
+                tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
+                                       job.sample_gen, trace)
+                job.text = self.tokenizer.decode_generation(tokens)
+                job.gen = builder.add_text(job.gen, job.text)  # re-tokenized, as the official code does
+                job.timings["think_s"] = time.perf_counter() - t0
+        ps, z = self.config.bagel.latent_patch_size, self.config.vae.z_channels
+        z_shape = self._latent_shape(height, width)
+        h, w = height // self.config.latent_downsample, width // self.config.latent_downsample
+        starts = []
+        for job, noise in zip(jobs, noises):
+            if noise is not None:
+                if tuple(noise.shape) != z_shape:
+                    raise BagelInputError(
+                        f"noise must have shape {z_shape} for a {width}x{height} image, got {tuple(noise.shape)}")
+                starts.append(T.patchify_latent(noise.float().cpu(), ps))
+            else:
+                starts.append(torch.randn((h * w, ps * ps * z), generator=job.cpu_gen))
+        if trace is not None:
+            job = jobs[0]
+            trace["contexts"] = {"gen": job.gen, "cfg_text": job.cfg_text, "cfg_img": job.cfg_img}
+        t0 = time.perf_counter()
+        latent_tokens = denoise(
+            self.model, self.tokenizer.special, [GuidanceContexts(j.gen, j.cfg_text, j.cfg_img) for j in jobs],
+            (h, w), torch.stack(starts).to(self.latent_device), image_params, self.device, callback,
+            trace,
+        )
+        denoise_s = time.perf_counter() - t0
+        for job, tokens in zip(jobs, latent_tokens):
+            latents = T.unpatchify_latent(tokens.float(), h, w, ps, z)
+            t0 = time.perf_counter()
+            decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
+            if trace is not None:
+                trace["decode_output"] = decoded.detach()
+            job.image = T.tensor_to_image(decoded[0].float().cpu())
+            job.latents = latents.cpu()
+            job.timings.update(denoise_s=denoise_s, vae_decode_s=time.perf_counter() - t0)
+            job.params.update(asdict(image_params), height=height, width=width)
+        return [job.output() for job in jobs]
+
+    def _prepare(self, inputs: list, seed: int | None, builder: ContextBuilder, understanding_output: bool,
+                 think: bool, text_params: TextParams, image_shapes: tuple[int, int], sample_posterior: bool,
+                 trace: dict | None) -> "_Job":
+        """Build the three contexts of one request the way ``interleave_inference`` does."""
+        t_start = time.perf_counter()
+        seed = _new_seed() if seed is None else int(seed)
+        job = _Job(seed=seed, t_start=t_start, cpu_gen=torch.Generator("cpu").manual_seed(seed))
+        if text_params.do_sample:
+            job.sample_gen = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(seed)
+        prepared = [item if isinstance(item, str) else self.prepare_image(item, key=(id(job), i))
+                    for i, item in enumerate(inputs)]
         gen = cfg_text = cfg_img = Context()
         if think:
             system = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
@@ -252,63 +343,19 @@ class BagelPipeline:
                 if not understanding_output:
                     eps = None
                     if sample_posterior:
-                        eps = torch.randn((1, *self._latent_shape(*item.size_hw)), generator=cpu_gen)
+                        eps = torch.randn((1, *self._latent_shape(*item.size_hw)), generator=job.cpu_gen)
                     gen = builder.add_vae_image(gen, item, eps)
                 gen = builder.add_vit_image(gen, item)
                 height, width = item.size_hw
                 cfg_text = gen
-        timings = {"prefill_s": time.perf_counter() - t_start}
+        job.gen, job.cfg_text, job.cfg_img = gen, cfg_text, cfg_img
+        job.height, job.width = int(height), int(width)
+        job.timings["prefill_s"] = time.perf_counter() - t_start
+        job.params = {"seed": seed, "understanding_output": understanding_output, "think": think,
+                      **asdict(text_params)}
         if trace is not None:
             trace["contexts"] = {"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}
-        resolved = {"seed": seed, "understanding_output": understanding_output, "think": think,
-                    **asdict(text_params)}
-
-        if understanding_output:
-            t0 = time.perf_counter()
-            tokens = decode_tokens(self.model, self.tokenizer.special, gen, text_params, self.device,
-                                   sample_gen, trace)
-            timings["decode_s"] = time.perf_counter() - t0
-            timings["tokens"] = len(tokens) - 1
-            timings["total_s"] = time.perf_counter() - t_start
-            return BagelOutput(text=self.tokenizer.decode_generation(tokens), seed=seed, params=resolved,
-                               timings=timings)
-
-        self.check_size(int(height), int(width))
-        think_text = None
-        if think:
-            t0 = time.perf_counter()
-            tokens = decode_tokens(self.model, self.tokenizer.special, gen, text_params, self.device,
-                                   sample_gen, trace)
-            think_text = self.tokenizer.decode_generation(tokens)
-            gen = builder.add_text(gen, think_text)  # re-tokenized, as the official code does
-            timings["think_s"] = time.perf_counter() - t0
-
-        ps = self.config.bagel.latent_patch_size
-        z_shape = self._latent_shape(height, width)
-        h, w = height // self.config.latent_downsample, width // self.config.latent_downsample
-        if noise is not None:
-            if tuple(noise.shape) != z_shape:
-                raise BagelInputError(f"noise must have shape {z_shape} for a {width}x{height} image, got {tuple(noise.shape)}")
-            start = T.patchify_latent(noise.float().cpu(), ps)
-        else:
-            start = torch.randn((h * w, ps * ps * self.config.vae.z_channels), generator=cpu_gen)
-        t0 = time.perf_counter()
-        latent_tokens = denoise(
-            self.model, self.tokenizer.special, GuidanceContexts(gen, cfg_text, cfg_img), (h, w),
-            start.to(self.latent_device), image_params, self.device, callback, trace,
-        )
-        timings["denoise_s"] = time.perf_counter() - t0
-        latents = T.unpatchify_latent(latent_tokens.float(), h, w, ps, self.config.vae.z_channels)
-        t0 = time.perf_counter()
-        decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
-        if trace is not None:
-            trace["decode_output"] = decoded.detach()
-        image = T.tensor_to_image(decoded[0].float().cpu())
-        timings["vae_decode_s"] = time.perf_counter() - t0
-        timings["total_s"] = time.perf_counter() - t_start
-        resolved.update(asdict(image_params), height=height, width=width)
-        return BagelOutput(text=think_text, image=image, latents=latents.cpu(), seed=seed, params=resolved,
-                           timings=timings)
+        return job
 
     # ----------------------------------------------------------------------------- task methods
     @staticmethod
@@ -328,17 +375,47 @@ class BagelPipeline:
     def _image_knobs(self, defaults: ImageParams, knobs: dict) -> dict:
         P.split_knobs(knobs, P.IMAGE_PARAM_NAMES + P.TEXT_PARAM_NAMES)
         merged = {**asdict(defaults), **{k: v for k, v in knobs.items() if k in P.IMAGE_PARAM_NAMES}}
-        merged.setdefault("max_think_token_n", P.THINK_TOKENS_DEFAULT)
+        merged.update(max_think_token_n=P.THINK_TOKENS_DEFAULT, do_sample=False, text_temperature=0.3)
         merged.update({k: v for k, v in knobs.items() if k in P.TEXT_PARAM_NAMES})
         return merged
 
-    def generate(self, prompt: str, *, height: int = 1024, width: int = 1024, think: bool = False,
-                 seed: int | None = None, noise: torch.Tensor | None = None, callback=None, **knobs) -> BagelOutput:
-        """Text to image, with the official app's defaults (cfg 4.0 / 1.5, interval 0.4-1, global renorm)."""
-        self._need_prompt(prompt, "prompt")
+    def generate(self, prompt: str | Sequence[str], *, height: int = 1024, width: int = 1024, think: bool = False,
+                 seed: int | Sequence[int] | None = None, noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                 callback=None, **knobs) -> BagelOutput | list[BagelOutput]:
+        """Text to image, with the official app's defaults (cfg 4.0 / 1.5, interval 0.4-1, global renorm).
+
+        ``prompt`` may be a list: the images are generated together, every denoising step of all of
+        them in one batched forward, and a list of outputs is returned. Their seeds are ``seed + k``
+        (or a list of seeds), so each image equals the one generated alone with its seed.
+        """
+        if isinstance(prompt, str):
+            self._need_prompt(prompt, "prompt")
+            self.check_size(height, width)
+            return self.interleave([prompt], think=think, image_shapes=(height, width), seed=seed, noise=noise,
+                                   callback=callback, **self._image_knobs(P.TEXT_TO_IMAGE_DEFAULTS, knobs))
+        prompts = list(prompt)
+        if not prompts:
+            raise BagelInputError("prompt list is empty")
+        for p in prompts:
+            self._need_prompt(p, "every prompt")
         self.check_size(height, width)
-        return self.interleave([prompt], think=think, image_shapes=(height, width), seed=seed, noise=noise,
-                               callback=callback, **self._image_knobs(P.TEXT_TO_IMAGE_DEFAULTS, knobs))
+        if seed is None:
+            seeds = [None] * len(prompts)
+        elif isinstance(seed, int):
+            seeds = [seed + k for k in range(len(prompts))]
+        else:
+            seeds = list(seed)
+            if len(seeds) != len(prompts):
+                raise BagelInputError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        noises = [None] * len(prompts) if noise is None else list(noise)
+        if len(noises) != len(prompts):
+            raise BagelInputError(f"{len(noises)} noise tensors for {len(prompts)} prompts")
+        merged = self._image_knobs(P.TEXT_TO_IMAGE_DEFAULTS, knobs)
+        text_params = TextParams(*(merged.pop(k) for k in P.TEXT_PARAM_NAMES))
+        merged["cfg_interval"] = tuple(merged["cfg_interval"])
+        return self._run([[p] for p in prompts], seeds, noises, understanding_output=False, think=think,
+                         text_params=text_params, image_params=ImageParams(**merged),
+                         image_shapes=(height, width), callback=callback)
 
     def edit(self, images, prompt: str, *, think: bool = False, seed: int | None = None,
              noise: torch.Tensor | None = None, callback=None, **knobs) -> BagelOutput:

@@ -169,3 +169,33 @@ def test_images_as_paths_and_bytes(pipe, photo):
     b = pipe.edit(buf.getvalue(), "x", seed=2, **FAST)
     c = pipe.edit(photo, "x", seed=2, **FAST)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.latents, c.latents)
+
+
+def test_prompt_list_equals_one_by_one(pipe):
+    """Several prompts denoised together (one batched forward per step) give each prompt's own image."""
+    prompts = ["a red square", "a blue circle", "a red square"]
+    outs = pipe.generate(prompts, height=32, width=32, seed=40, cfg_interval=(0.5, 1.0), **FAST)
+    assert [o.seed for o in outs] == [40, 41, 42]
+    for p, o in zip(prompts, outs):
+        alone = pipe.generate(p, height=32, width=32, seed=o.seed, cfg_interval=(0.5, 1.0), **FAST)
+        assert torch.allclose(o.latents, alone.latents, atol=1e-4, rtol=1e-4)
+        assert o.image.size == (32, 32)
+    assert not torch.allclose(outs[0].latents, outs[2].latents)  # same prompt, other seed
+
+
+def test_prompt_list_batches_forwards(pipe):
+    trace: dict = {}
+    outs = pipe._run([["a"], ["b"]], [1, 2], [None, None], understanding_output=False, think=False,
+                     text_params=bagel_engine.TextParams(), image_params=ImageParams(4.0, 1.0, (0.5, 1.0), "global", 0.0, 1.0, 5),
+                     image_shapes=(32, 32), trace=trace)
+    # t = 1, 0.75 guided: 2 images x (cond + text-uncond; both text-unconds are the empty context
+    # but belong to different images) = 4 blocks; then 2 conditional blocks.
+    assert [s["forwards"] for s in trace["steps"]] == [4, 4, 2, 2]
+    assert len(outs) == 2
+
+
+def test_prompt_list_errors(pipe):
+    with pytest.raises(BagelInputError, match="2 seeds for 3 prompts"):
+        pipe.generate(["a", "b", "c"], height=32, width=32, seed=[1, 2])
+    with pytest.raises(BagelInputError, match="every prompt must be a non-empty string"):
+        pipe.generate(["a", ""], height=32, width=32)

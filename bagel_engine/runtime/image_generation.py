@@ -143,7 +143,7 @@ def denoise(
                 record["v_text"] = u_text
             if u_img is not None:
                 record["v_img"] = u_img
-            if single:
+            if num_images == 1:  # one image: records without the image dimension
                 record = {k: (val[0] if isinstance(val, torch.Tensor) else val) for k, val in record.items()}
             trace.setdefault("steps", []).append(record)
         x = euler_step(x, v, dts[i])
