@@ -228,6 +228,7 @@ class BagelPipeline:
         image_shapes: Sequence[int] = (1024, 1024),
         seed: int | None = None,
         noise: torch.Tensor | None = None,
+        enable_taylorseer: bool = False,
         sample_posterior: bool = True,
         callback: Callable[[int, int], None] | None = None,
         trace: dict | None = None,
@@ -238,6 +239,7 @@ class BagelPipeline:
         ``text`` when ``think``). ``seed`` reproduces the official random draws; ``noise`` injects
         the starting latent (shape as ``BagelOutput.latents``). ``sample_posterior=False`` uses the
         VAE posterior mean for input images instead of a sample (deterministic, not official).
+        ``enable_taylorseer`` turns on the official TaylorSeer step cache (fewer decoder forwards).
         ``trace`` (a dict) collects intermediate tensors for debugging.
         """
         if not inputs:
@@ -246,7 +248,7 @@ class BagelPipeline:
             [list(inputs)], [seed], [noise], understanding_output=understanding_output, think=think,
             text_params=TextParams(max_think_token_n, do_sample, text_temperature),
             image_params=ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
-                                     cfg_renorm_min, timestep_shift, num_timesteps),
+                                     cfg_renorm_min, timestep_shift, num_timesteps, enable_taylorseer),
             image_shapes=tuple(image_shapes), sample_posterior=sample_posterior, callback=callback, trace=trace,
         )[0]
 

@@ -25,6 +25,7 @@ class ImageParams:
     cfg_renorm_min: float = 0.0
     timestep_shift: float = 3.0
     num_timesteps: int = 50
+    enable_taylorseer: bool = False  # the official TaylorSeer step cache (faster, moves the image slightly)
 
     def validate(self) -> "ImageParams":
         if self.cfg_renorm_type not in RENORM_TYPES:
@@ -47,6 +48,8 @@ class ImageParams:
             raise BagelInputError(f"timestep_shift must be > 0 (got {self.timestep_shift})")
         if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
             raise BagelInputError("cfg scales must be >= 0")
+        if not isinstance(self.enable_taylorseer, bool):
+            raise BagelInputError(f"enable_taylorseer must be true or false (got {self.enable_taylorseer!r})")
         if not 0.0 <= self.cfg_renorm_min <= 1.0:
             raise BagelInputError(f"cfg_renorm_min must be in [0, 1] (got {self.cfg_renorm_min})")
         return dataclasses.replace(self, cfg_interval=(lo, hi))

@@ -141,8 +141,15 @@ class Qwen2MoTModel(nn.Module):
     def forward(self, x: torch.Tensor, rope, kv, causal: bool, routing: Routing | None = None) -> torch.Tensor:
         """Run a block of embeddings ``x`` (T, d) with RoPE tables ``rope`` (from ``self.rope``)
         against the KV layout ``kv``; returns the final-normed hidden states (T, d)."""
+        return self.final_norm(self.run_layers(x, rope, kv, causal, routing), routing)
+
+    def run_layers(self, x: torch.Tensor, rope, kv, causal: bool, routing: Routing | None = None) -> torch.Tensor:
+        """The decoder layers without the final norm (what a step cache stores)."""
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv, i, causal, routing)
+        return x
+
+    def final_norm(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         return route(x, self.norm, self.norm_moe_gen, routing)
 
     def extend(self, x: torch.Tensor, position_ids: torch.Tensor, past, causal: bool,

@@ -28,6 +28,7 @@ from bagel_engine.params import ImageParams
 from bagel_engine.runtime import image_transforms as T
 from bagel_engine.runtime.context import Context, block_routing
 from bagel_engine.runtime.sampler import StepGuidance, combine, euler_step, step_guidance, timesteps
+from bagel_engine.runtime.step_cache import TaylorSeerState
 from bagel_engine.runtime.tokenizer import SpecialIds
 
 StepCallback = Callable[[int, int], None]
@@ -51,22 +52,24 @@ class BranchPlan:
     img: list[int]
 
 
-def plan_branches(images: Sequence[GuidanceContexts], guidance: StepGuidance) -> BranchPlan:
+def plan_branches(images: Sequence[GuidanceContexts], guidance: StepGuidance, separate_roles: bool = False) -> BranchPlan:
+    """``separate_roles``: never merge branches of different roles (needed when their step caches
+    would see different step counts)."""
     contexts: list[Context] = []
     image_of: list[int] = []
     seen: dict[tuple, int] = {}
 
-    def index(i: int, ctx: Context) -> int:
-        key = (i, ctx.history)
+    def index(i: int, ctx: Context, role: str) -> int:
+        key = (i, ctx.history, role if separate_roles else None)
         if key not in seen:
             seen[key] = len(contexts)
             contexts.append(ctx)
             image_of.append(i)
         return seen[key]
 
-    cond = [index(i, g.full) for i, g in enumerate(images)]
-    text = [index(i, g.text_uncond) for i, g in enumerate(images)] if guidance.uses_text_branch else []
-    img = [index(i, g.img_uncond) for i, g in enumerate(images)] if guidance.uses_img_branch else []
+    cond = [index(i, g.full, "cond") for i, g in enumerate(images)]
+    text = [index(i, g.text_uncond, "text") for i, g in enumerate(images)] if guidance.uses_text_branch else []
+    img = [index(i, g.img_uncond, "img") for i, g in enumerate(images)] if guidance.uses_img_branch else []
     return BranchPlan(contexts, image_of, cond, text, img)
 
 
@@ -100,7 +103,11 @@ def denoise(
     total = len(ts) - 1
     schedule = [step_guidance(ts[i], params.cfg_text_scale, params.cfg_img_scale, params.cfg_interval) for i in range(total)]
     active = next((g for g in schedule if g.uses_text_branch), StepGuidance(1.0, 1.0))
-    plan = plan_branches(images, active)
+    guided_steps = [g.uses_text_branch for g in schedule]
+    guided_prefix = guided_steps == sorted(guided_steps, reverse=True)
+    # With a step cache, a branch's schedule follows its own step count: an unconditional branch
+    # equals the conditional one only while both have run on the same steps (guided steps first).
+    plan = plan_branches(images, active, separate_roles=params.enable_taylorseer and not guided_prefix)
     num_branches = len(plan.contexts)
 
     # Computed once for the whole loop.
@@ -120,6 +127,7 @@ def denoise(
     cond_idx = torch.tensor(plan.cond, device=device)
     text_idx = torch.tensor(plan.text, device=device) if plan.text else None
     img_idx = torch.tensor(plan.img, device=device) if plan.img else None
+    caches = [TaylorSeerState() for _ in plan.contexts] if params.enable_taylorseer else None
 
     for i in range(total):
         guidance = schedule[i]
@@ -131,14 +139,18 @@ def denoise(
             q, rope, kv, routing, count = query[branch_image], rope_all, layout, routing_all, num_branches
         else:
             q, rope, kv, routing, count = query, rope_cond, cond_layout, routing_cond, num_images
-        hidden = model.decoder(q.reshape(count * (n + 2), -1), rope, kv, False, routing)
+        if caches is None:
+            hidden = model.decoder(q.reshape(count * (n + 2), -1), rope, kv, False, routing)
+            forwards = count
+        else:
+            hidden, forwards = _cached_step(model, caches[:count], q, rope, kv, routing)
         v_all = model.velocity(hidden.view(count, n + 2, -1)[:, 1 : n + 1])
         v_cond = v_all[cond_idx]
         u_text = v_all[text_idx] if guided and text_idx is not None else None
         u_img = v_all[img_idx] if guided and guidance.uses_img_branch and img_idx is not None else None
         v = combine(v_cond, u_text, u_img, guidance, params.cfg_renorm_type, params.cfg_renorm_min)
         if trace is not None:
-            record = {"t": float(ts[i]), "x_t": x.clone(), "v": v, "forwards": count, "v_cond": v_cond}
+            record = {"t": float(ts[i]), "x_t": x.clone(), "v": v, "forwards": forwards, "v_cond": v_cond}
             if u_text is not None:
                 record["v_text"] = u_text
             if u_img is not None:
@@ -150,3 +162,25 @@ def denoise(
         if callback is not None:
             callback(i + 1, total)
     return x[0] if single else x
+
+
+def _cached_step(model: Bagel, caches: list[TaylorSeerState], q: torch.Tensor, rope, kv, routing):
+    """One step with TaylorSeer: branches on a full step run the decoder (the whole batch runs if
+    any does; the others' results are replaced), branches on a Taylor step are extrapolated."""
+    count, width = q.shape[0], q.shape[1]
+    full = [c.next_is_full() for c in caches]
+    if any(full):
+        layers_out = model.decoder.run_layers(q.reshape(count * width, -1), rope, kv, False, routing).view(count, width, -1)
+        rows = []
+        for j, c in enumerate(caches):
+            if full[j]:
+                c.record(layers_out[j])
+                rows.append(layers_out[j])
+            else:
+                rows.append(c.predict())
+    else:
+        rows = [c.predict() for c in caches]
+    for c in caches:
+        c.advance()
+    hidden = model.decoder.final_norm(torch.stack(rows).reshape(count * width, -1), routing)
+    return hidden, count if any(full) else 0

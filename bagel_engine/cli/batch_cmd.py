@@ -1,0 +1,141 @@
+"""``bagel batch``: one task over every row of a CSV, JSONL or Parquet input, resumable, data parallel
+under torchrun. The work is done by :mod:`bagel_engine.batch`; this module is the command line."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bagel_engine.batch import dist as D
+from bagel_engine.batch.runner import BatchJob, exit_code, run_batch
+from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormMin, CfgRenormType, CfgTextScale, Device,
+                                   DoSample, Dtype, Height, Json, MaxThinkTokens, Model, NumTimesteps, Temperature,
+                                   Think, TimestepShift, Width, app, knob_values)
+from bagel_engine.params import BagelInputError
+
+
+class Task(str, Enum):
+    t2i = "t2i"
+    edit = "edit"
+    understand = "understand"
+    chat = "chat"
+
+
+JOB = "Job"
+TEXT = "Text knobs"
+
+EPILOG = """
+[bold]Input[/bold]: a CSV, JSONL or Parquet file, or a folder of them. Columns: [cyan]prompt[/cyan] (or
+[cyan]instruction[/cyan]); input images as [cyan]image[/cyan] / [cyan]image_url[/cyan], [cyan]image_url_2[/cyan], ... or
+[cyan]input_images[/cyan] (JSON list or comma list; paths relative to the input file, URLs, or bytes in Parquet);
+optional [cyan]id[/cyan] (output {id}.png) or [cyan]index[/cyan] (output {index:06d}.png); any knob by its official
+name (cfg_text_scale, num_timesteps, think, seed, ...) overrides the command line for that row. diffgentor's
+BAGEL edit files and its DG_BAGEL_* variables work unchanged (flags beat variables, columns beat flags).
+
+[bold]Output[/bold]: images in OUTPUT_DIR and manifest.jsonl + manifest.csv with one row per input row: status,
+output, text (answer or think text), error, seed, params, timings. A row's seed is derived from --seed (the
+base, default 0) and the row id, so rerunning a row gives the same image; a seed column sets it exactly.
+
+[bold]Resume[/bold] is the default: run the same command again and finished rows are skipped, unfinished ones
+redone. --retry-failed also redoes failed rows; --overwrite redoes everything. Exit status: 0 all rows ok,
+3 some rows failed (see the summary and the manifest), 2 the job could not start.
+
+[bold]Examples[/bold]
+
+  bagel batch edits.csv --task edit --output-dir out/ --model ByteDance-Seed/BAGEL-7B-MoT
+
+  bagel batch prompts.jsonl --task t2i -o out/ --height 768 --width 768 --seed 1 --think
+
+  bagel batch data/ --task understand -o answers/ --rows 0:100 --json
+
+  torchrun --nproc-per-node 8 --no-python bagel batch bench.parquet --task edit -o out/
+
+  bagel batch bench.parquet --task edit -o out/ --shard 0/4    [dim]# on 4 machines: 0/4 .. 3/4[/dim]
+"""
+
+
+@app.command(epilog=EPILOG)
+def batch(
+    input: Annotated[Path, typer.Argument(
+        help="CSV, JSONL or Parquet file, or a folder of them.", show_default=False)],
+    task: Annotated[Task, typer.Option("--task", "-t", rich_help_panel=JOB, help="What to do with every row.")],
+    output_dir: Annotated[Path, typer.Option(
+        "--output-dir", "-o", rich_help_panel=JOB, help="Folder for the images and the manifest.", show_default=False)],
+    model: Model = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", rich_help_panel=JOB, help="Redo every row, even finished ones.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", rich_help_panel=JOB, help="Redo rows that failed before (finished ok rows are kept).")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", metavar="K/N", rich_help_panel=JOB,
+        help="Do only rows i % N == K (K from 0): split a job across machines.")] = None,
+    rows: Annotated[Optional[str], typer.Option(
+        "--rows", metavar="SPEC", rich_help_panel=JOB, help="Only these rows (0-based): 0:100, 100:, 0,5,10.")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(
+        "--prompt-column", rich_help_panel=JOB, help="Column holding the prompt. \\[default: prompt or instruction]")] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        "--id-column", rich_help_panel=JOB, help="Column naming each row's output. \\[default: id, else index]")] = None,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", rich_help_panel=JOB, help="Show the progress bar.")] = True,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", rich_help_panel=JOB, min=0, max=2**32 - 1,
+        help="Base seed; each row's seed is derived from it and the row id. \\[default: 0]")] = None,
+    height: Height = None,
+    width: Width = None,
+    think: Think = None,
+    cfg_text_scale: CfgTextScale = None,
+    cfg_img_scale: CfgImgScale = None,
+    cfg_interval: CfgInterval = None,
+    cfg_renorm_type: CfgRenormType = None,
+    cfg_renorm_min: CfgRenormMin = None,
+    timestep_shift: TimestepShift = None,
+    num_timesteps: NumTimesteps = None,
+    max_think_token_n: MaxThinkTokens = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", rich_help_panel=TEXT, min=1,
+        help="understand / chat: most tokens of the answer. \\[default: 512, or --max-think-tokens]")] = None,
+    do_sample: DoSample = None,
+    text_temperature: Temperature = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    json_: Json = False,
+) -> None:
+    """Run one task over every row of a table: resumable, atomic, data parallel under torchrun."""
+    try:
+        job = BatchJob(
+            input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
+            device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=D.parse_shard(shard),
+            rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress,
+        )
+        summary = run_batch(job)
+    except (BagelInputError, OSError) as e:
+        if json_:
+            print(json.dumps({"error": str(e)}))
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    code = exit_code(summary)  # every rank exits alike, so torchrun reports the job's outcome
+    if D.current_rank() != 0:
+        raise typer.Exit(code)
+    if json_:
+        print(json.dumps(summary.to_dict(), ensure_ascii=False))
+    else:
+        _print_summary(summary)
+    raise typer.Exit(code)
+
+
+def _print_summary(s) -> None:
+    mark = typer.style("done", fg="green") if s.failed == 0 and s.unfinished == 0 else typer.style("done", fg="yellow")
+    typer.echo(
+        f"{mark}: {s.rows} rows: {s.ok} ok, {s.failed} failed"
+        + (f", {s.unfinished} unfinished" if s.unfinished else "")
+        + f" ({s.processed} this run, {s.skipped} from earlier runs) in {s.elapsed_s:.1f} s"
+        + (f" on {s.processes} processes" if s.processes > 1 else ""), err=True)
+    for f in s.failures:
+        typer.echo(f"  failed {f['id']}: {f['error']}", err=True)
+    if s.failed > len(s.failures):
+        typer.echo(f"  ... and {s.failed - len(s.failures)} more (see the manifest)", err=True)
+    typer.echo(f"manifest: {s.manifest} (+ .csv)", err=True)

@@ -1,0 +1,356 @@
+"""Single jobs from the shell: ``bagel generate``, ``bagel edit``, ``bagel understand``, ``bagel chat``.
+
+This module also holds the options every command shares (the knobs under their official names,
+the model, device and dtype, ``--json``), defined once as ``Annotated`` types; ``bagel batch``
+reuses them. Every command calls the public API (``bagel_engine.load`` and the pipeline's task
+methods) and nothing below it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bagel_engine.batch import knobs as K
+from bagel_engine.params import RENORM_TYPES, BagelInputError
+
+
+from bagel_engine.cli.main import app  # noqa: E402 - commands register on the one ``bagel`` app
+
+# ----------------------------------------------------------------------------- shared options
+RUN = "Model and output"
+IMAGE = "Image knobs (official names)"
+TEXT = "Text knobs"
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar="BAGEL_MODEL", show_envvar=True, rich_help_panel=RUN,
+    help="Model directory in the official layout, or a hub id such as ByteDance-Seed/BAGEL-7B-MoT.")]
+Device = Annotated[Optional[str], typer.Option(
+    "--device", rich_help_panel=RUN, help="cuda, cuda:1 or cpu. \\[default: cuda when available]")]
+Dtype = Annotated[Optional[str], typer.Option(
+    "--dtype", rich_help_panel=RUN, help="bfloat16, float16 or float32. \\[default: bfloat16 on a GPU, float32 on the CPU]")]
+Json = Annotated[bool, typer.Option(
+    "--json", rich_help_panel=RUN, help="Print one JSON object (output, text, seed, params, timings) instead of text.")]
+
+CfgTextScale = Annotated[Optional[float], typer.Option(
+    "--cfg-text-scale", rich_help_panel=IMAGE, min=0.0,
+    help="Text guidance: how strongly the image follows the prompt (official 4-8). \\[default: 4.0]")]
+CfgImgScale = Annotated[Optional[float], typer.Option(
+    "--cfg-img-scale", rich_help_panel=IMAGE, min=0.0,
+    help="Image guidance: how much an edit keeps of the input image (official 1-2). \\[default: 1.5 generate, 2.0 edit]")]
+CfgInterval = Annotated[Optional[tuple[float, float]], typer.Option(
+    "--cfg-interval", metavar="LO HI", rich_help_panel=IMAGE,
+    help="Apply guidance only for timesteps in [LO, HI]. \\[default: 0.4 1.0 generate, 0.0 1.0 edit]")]
+RenormType = Enum("RenormType", {name: name for name in RENORM_TYPES}, type=str)
+CfgRenormType = Annotated[Optional[RenormType], typer.Option(
+    "--cfg-renorm-type", rich_help_panel=IMAGE, case_sensitive=False,
+    help="How the guided velocity is renormalized. \\[default: global generate, text_channel edit]")]
+CfgRenormMin = Annotated[Optional[float], typer.Option(
+    "--cfg-renorm-min", rich_help_panel=IMAGE, min=0.0, max=1.0,
+    help="Lower bound of the renorm factor; 0 (default) cures blur, 1 turns renorm off. \\[default: 0.0]")]
+TimestepShift = Annotated[Optional[float], typer.Option(
+    "--timestep-shift", rich_help_panel=IMAGE,
+    help="Shift of the schedule: higher spends more steps on layout, lower on detail. \\[default: 3.0]")]
+NumTimesteps = Annotated[Optional[int], typer.Option(
+    "--num-timesteps", rich_help_panel=IMAGE, min=2,
+    help="Points of the schedule (N-1 denoising steps). \\[default: 50]")]
+Height = Annotated[Optional[int], typer.Option(
+    "--height", rich_help_panel=IMAGE, help="Output height in pixels, a multiple of 16 up to 1024. \\[default: 1024]")]
+Width = Annotated[Optional[int], typer.Option(
+    "--width", rich_help_panel=IMAGE, help="Output width in pixels, a multiple of 16 up to 1024. \\[default: 1024]")]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", rich_help_panel=RUN, min=0, max=2**32 - 1,
+    help="Random seed; the same seed gives the same result. \\[default: a random one, reported]")]
+Think = Annotated[Optional[bool], typer.Option(
+    "--think/--no-think", rich_help_panel=TEXT, show_default=False,
+    help="Plan in words first (<think> ... </think>); the think text is printed. \\[default: no-think]")]
+MaxThinkTokens = Annotated[Optional[int], typer.Option(
+    "--max-think-tokens", rich_help_panel=TEXT, min=1,
+    help="Most tokens of think text (official max_think_token_n). \\[default: 1024]")]
+MaxNewTokens = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", "--max-think-tokens", rich_help_panel=TEXT, min=1,
+    help="Most tokens of the answer, think text included. \\[default: 512]")]
+DoSample = Annotated[Optional[bool], typer.Option(
+    "--do-sample/--greedy", rich_help_panel=TEXT, show_default=False,
+    help="Sample the text instead of greedy decoding. \\[default: greedy]")]
+Temperature = Annotated[Optional[float], typer.Option(
+    "--temperature", rich_help_panel=TEXT, help="Sampling temperature with --do-sample (official text_temperature). \\[default: 0.3]")]
+
+KNOB_NAMES = tuple(k.name for k in K.KNOBS)
+
+
+def knob_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The knobs the user set, by API name, from a command's parameters (named as the API's)."""
+    out = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()
+           if k in KNOB_NAMES and v is not None}
+    if "cfg_interval" in out:
+        out["cfg_interval"] = tuple(out["cfg_interval"])
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def fail(message: str, as_json: bool, code: int = 2) -> None:
+    if as_json:
+        print(json.dumps({"error": message}))
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def load_pipeline(model: str | None, device: str | None, dtype: str | None, as_json: bool):
+    """``bagel_engine.load`` with a clear message for a missing or bad model."""
+    if not model:
+        fail("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL", as_json)
+    import bagel_engine
+
+    load = bagel_engine.load
+    extra = {}
+    try:
+        if "progress" in inspect.signature(load).parameters and sys.stderr.isatty():
+            extra["progress"] = True
+    except (TypeError, ValueError):
+        pass
+    t0 = time.perf_counter()
+    typer.echo(f"loading {model} ...", err=True)
+    try:
+        pipe = load(model, device=device, dtype=dtype, **extra)
+    except (ValueError, OSError) as e:  # BagelInputError and the loader's ConfigError are ValueErrors
+        fail(f"cannot load model {model!r}: {e}", as_json)
+    typer.echo(f"loaded in {time.perf_counter() - t0:.1f} s", err=True)
+    return pipe
+
+
+class StepBar:
+    """A tqdm bar over denoising steps, fed by the API's ``callback(step, total)``."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+
+    def __call__(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def open_images(images: list[str], as_json: bool) -> list:
+    """Decode the input images (paths, file:// / http(s):// / data: URLs) with a clear error."""
+    from bagel_engine.batch.request import load_image
+
+    out = []
+    for i, value in enumerate(images, start=1):
+        try:
+            out.append(load_image(value, Path.cwd(), f"image {i}")[0])
+        except BagelInputError as e:
+            fail(str(e), as_json)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str | None, device: str | None,
+             dtype: str | None, output: Path | None, as_json: bool) -> None:
+    """Load, call one task method, save or print the result."""
+    knobs = K.cli_knobs(knob_values(values), task)
+    pipe = load_pipeline(model, device, dtype, as_json)
+    bar = None
+    if task in K.IMAGE_TASKS:
+        bar = StepBar("denoising")
+        knobs["callback"] = bar
+    t0 = time.perf_counter()
+    try:
+        out = getattr(pipe, K.TASK_METHODS[task])(*pipe_args, **knobs)
+    except BagelInputError as e:
+        fail(str(e), as_json)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+
+    written = None
+    if task in K.IMAGE_TASKS:
+        from bagel_engine.batch.manifest import save_image
+
+        path = output or Path(f"{'generate' if task == 't2i' else 'edit'}-{out.seed}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(out.image, path)
+        written = str(path)
+    elif output is not None:
+        from bagel_engine.batch.manifest import atomic_write_bytes
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output, ((out.text or "") + "\n").encode("utf-8"))
+        written = str(output)
+
+    if as_json:
+        print(json.dumps({
+            "task": task, "output": written, "text": out.text, "seed": out.seed,
+            "size": list(out.image.size) if out.image is not None else None,
+            "params": _plain(out.params), "timings": _plain(out.timings),
+        }, ensure_ascii=False))
+        return
+    if task in K.IMAGE_TASKS:
+        if out.text:
+            typer.secho("think:", bold=True)
+            typer.echo(out.text.strip())
+        w, h = out.image.size
+        typer.echo(f"wrote {written} ({w}x{h}, seed {out.seed}, {elapsed:.1f} s)")
+    else:
+        typer.echo(out.text or "")
+        if written:
+            typer.echo(f"wrote {written}", err=True)
+
+
+# ----------------------------------------------------------------------------- commands
+Output = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", rich_help_panel=RUN, help="Where to write the PNG. \\[default: generate-SEED.png]")]
+
+
+@app.command(epilog="""
+[bold]Examples[/bold]
+
+  bagel generate "a red fox in the snow, watercolor" --model ByteDance-Seed/BAGEL-7B-MoT -o fox.png
+
+  bagel generate "a poster for a jazz night" --think --seed 42 --height 768 --width 1024
+
+  BAGEL_MODEL=/models/BAGEL-7B-MoT bagel generate "a cat" --num-timesteps 25 --json
+""")
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.", show_default=False)],
+    model: Model = None,
+    output: Output = None,
+    height: Height = None,
+    width: Width = None,
+    seed: Seed = None,
+    think: Think = None,
+    cfg_text_scale: CfgTextScale = None,
+    cfg_img_scale: CfgImgScale = None,
+    cfg_interval: CfgInterval = None,
+    cfg_renorm_type: CfgRenormType = None,
+    cfg_renorm_min: CfgRenormMin = None,
+    timestep_shift: TimestepShift = None,
+    num_timesteps: NumTimesteps = None,
+    max_think_token_n: MaxThinkTokens = None,
+    do_sample: DoSample = None,
+    text_temperature: Temperature = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    json_: Json = False,
+) -> None:
+    """Text to image: draw PROMPT and write a PNG (with --think, print the plan first)."""
+    run_task("t2i", (prompt,), locals(), model=model, device=device, dtype=dtype, output=output, as_json=json_)
+
+
+@app.command(epilog="""
+[bold]Examples[/bold]
+
+  bagel edit photo.jpg --prompt "make it night, with a full moon" -o night.png
+
+  bagel edit person.png jacket.png --prompt "dress the person in this jacket" --seed 7
+
+  bagel edit room.png -p "paint the walls green" --cfg-img-scale 1.5 --think --json
+""")
+def edit(
+    images: Annotated[list[str], typer.Argument(
+        help="Input image(s): paths or http(s)/data URLs; the output has the last one's size.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The edit instruction.", show_default=False)],
+    model: Model = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", rich_help_panel=RUN, help="Where to write the PNG. \\[default: edit-SEED.png]")] = None,
+    seed: Seed = None,
+    think: Think = None,
+    cfg_text_scale: CfgTextScale = None,
+    cfg_img_scale: CfgImgScale = None,
+    cfg_interval: CfgInterval = None,
+    cfg_renorm_type: CfgRenormType = None,
+    cfg_renorm_min: CfgRenormMin = None,
+    timestep_shift: TimestepShift = None,
+    num_timesteps: NumTimesteps = None,
+    max_think_token_n: MaxThinkTokens = None,
+    do_sample: DoSample = None,
+    text_temperature: Temperature = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    json_: Json = False,
+) -> None:
+    """Edit one or several images by an instruction and write a PNG."""
+    pictures = open_images(images, json_)
+    run_task("edit", (pictures, prompt), locals(), model=model, device=device, dtype=dtype, output=output,
+             as_json=json_)
+
+
+@app.command(epilog="""
+[bold]Examples[/bold]
+
+  bagel understand chart.png --prompt "What is the highest bar?"
+
+  bagel understand a.png b.png -p "What changed between the two pictures?" --think
+
+  bagel understand receipt.jpg -p "Total amount?" --json
+""")
+def understand(
+    images: Annotated[list[str], typer.Argument(help="Input image(s): paths or http(s)/data URLs.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.", show_default=False)],
+    model: Model = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", rich_help_panel=RUN, help="Also write the answer to this text file.")] = None,
+    seed: Seed = None,
+    think: Think = None,
+    max_new_tokens: MaxNewTokens = None,
+    do_sample: DoSample = None,
+    text_temperature: Temperature = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    json_: Json = False,
+) -> None:
+    """Answer a question about one or several images (with --think, the reasoning comes first)."""
+    pictures = open_images(images, json_)
+    run_task("understand", (pictures, prompt), locals(), model=model, device=device, dtype=dtype, output=output,
+             as_json=json_)
+
+
+@app.command(epilog="""
+[bold]Examples[/bold]
+
+  bagel chat "Write a haiku about bagels."
+
+  bagel chat "How many r's in strawberry?" --think --max-new-tokens 1024
+
+  bagel chat "Name three colors." --do-sample --temperature 0.8 --seed 1 --json
+""")
+def chat(
+    prompt: Annotated[str, typer.Argument(help="Your message.", show_default=False)],
+    model: Model = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", rich_help_panel=RUN, help="Also write the answer to this text file.")] = None,
+    seed: Seed = None,
+    think: Think = None,
+    max_new_tokens: MaxNewTokens = None,
+    do_sample: DoSample = None,
+    text_temperature: Temperature = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    json_: Json = False,
+) -> None:
+    """Text in, text out."""
+    run_task("chat", (prompt,), locals(), model=model, device=device, dtype=dtype, output=output, as_json=json_)

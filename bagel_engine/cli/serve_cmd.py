@@ -1,0 +1,170 @@
+"""``bagel serve`` (OpenAI-compatible HTTP server, web UI at /ui) and ``bagel ui`` (the web UI alone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bagel_engine.cli.main import app
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory in the official layout, or a hub id.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu... (default: the first GPU, else cpu).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="bfloat16 or float32 (default: the engine's choice).")]
+ApiKeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--api-key", envvar="BAGEL_API_KEY", show_envvar=True,
+                 help="Require 'Authorization: Bearer KEY' on every endpoint but /health (the UI asks for it as "
+                      "the password)."),
+]
+QueueOpt = Annotated[int, typer.Option(min=0, help="Requests that may wait while one runs; one more gets 429.")]
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(model: str, device: str | None, dtype: str | None):
+    from bagel_engine.serve._engine import load_pipeline
+
+    typer.echo(f"loading {model} ...", err=True)
+    try:
+        return load_pipeline(model, device=device, dtype=dtype)
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: could not load {model}: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _quiet_gradio() -> None:
+    # No phoning home from a server: no analytics, no update check.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
+
+
+@app.command(
+    "serve",
+    epilog=(
+        "Examples:\n\n"
+        "  bagel serve --model ByteDance-Seed/BAGEL-7B-MoT\n\n"
+        "  BAGEL_API_KEY=secret bagel serve -m ./BAGEL-7B-MoT --host 0.0.0.0 --queue-size 4\n\n"
+        "Then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret').images.generate(prompt='a cat', "
+        "size='1024x1024', extra_body={'seed': 42, 'num_timesteps': 50})"
+    ),
+)
+def serve_command(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    api_key: ApiKeyOpt = None,
+    served_model_name: Annotated[
+        Optional[list[str]],
+        typer.Option("--served-model-name", help="Name(s) accepted in the 'model' field (default: the model's name)."),
+    ] = None,
+    queue_size: QueueOpt = 8,
+    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 50.0,
+    max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest input image, in pixels (width x height).")] = 4096 * 4096,
+    max_images: Annotated[int, typer.Option(min=1, help="Most input images per request, and the largest n.")] = 8,
+    allow_local_paths: Annotated[
+        Optional[list[Path]],
+        typer.Option("--allow-local-paths", help="Let requests name image files under this directory (repeatable). "
+                     "Off by default: images come as data: URLs or uploads."),
+    ] = None,
+    allow_remote_urls: Annotated[
+        bool, typer.Option("--allow-remote-urls", help="Let requests give http(s) image URLs the server fetches.")
+    ] = False,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Mount the web UI at /ui (needs the 'ui' extra).")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API: /v1/images/generations, /v1/images/edits,
+    /v1/chat/completions, /v1/models, plus /health, /metrics (Prometheus) and the web UI at /ui.
+    One worker runs one request at a time (requests are not batched); up to --queue-size wait."""
+    try:
+        import uvicorn
+
+        from bagel_engine.serve import ServeSettings, create_app
+    except ImportError as e:
+        typer.echo(f"error: {e.name} is missing; install the server with: pip install 'bagel-engine[serve]'", err=True)
+        raise typer.Exit(2) from None
+    _setup_logging(log_level)
+    build_ui = None
+    if ui:
+        _quiet_gradio()
+        try:
+            from bagel_engine.ui import build_ui
+        except ImportError as e:
+            typer.echo(f"warning: no web UI ({e.name} is missing; pip install 'bagel-engine[ui]'); serving the API only",
+                       err=True)
+    settings = ServeSettings(
+        queue_size=queue_size, api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_image_pixels=max_image_pixels, max_images=max_images, allow_local_paths=list(allow_local_paths or []),
+        allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
+        mount_ui=build_ui is not None,
+    )
+    pipe = _load(model, device, dtype)
+    application = create_app(pipe, settings, ui=build_ui)
+    # Bind first, so that --port 0 (any free port) can be reported before serving.
+    sock = _bind(host, port)
+    port = sock.getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+    typer.echo(f"BAGEL server listening on http://{shown}:{port} (OpenAI base_url: http://{shown}:{port}/v1"
+               + (f"; web UI: http://{shown}:{port}/ui/" if build_ui is not None else "")
+               + ("; API key required" if settings.api_key else "") + ")", err=True)
+    config = uvicorn.Config(application, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are
+    # TCP; without it every small response waits for a delayed ACK (~40 ms on loopback).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+@app.command(
+    "ui",
+    epilog="Example:\n\n  bagel ui --model ByteDance-Seed/BAGEL-7B-MoT --port 7860",
+)
+def ui_command(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    api_key: ApiKeyOpt = None,
+    queue_size: QueueOpt = 8,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+) -> None:
+    """The web UI alone (no HTTP API): text to image, editing, understanding and chat, every knob
+    with the official defaults, think text, seed and step progress."""
+    _quiet_gradio()
+    try:
+        from bagel_engine.serve import ModelWorker, ServeSettings
+        from bagel_engine.ui import launch_ui
+    except ImportError as e:
+        typer.echo(f"error: {e.name} is missing; install the UI with: pip install 'bagel-engine[ui]'", err=True)
+        raise typer.Exit(2) from None
+    _setup_logging(log_level)
+    settings = ServeSettings(queue_size=queue_size, api_key=api_key)
+    pipe = _load(model, device, dtype)
+    worker = ModelWorker(pipe, queue_size=settings.queue_size).start()
+    try:
+        launch_ui(worker, pipe, settings, host=host, port=port or None)
+    finally:
+        worker.stop(5.0)

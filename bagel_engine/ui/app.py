@@ -1,0 +1,339 @@
+"""The gradio app: text to image, editing (one or several images), understanding and chat.
+
+Every control starts at the official app's default for its tab. All work goes through the same
+model worker as the HTTP API (one job at a time, bounded queue), and only through the public
+pipeline API.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from bagel_engine.params import (
+    EDIT_DEFAULTS,
+    RENORM_TYPES,
+    TEXT_TO_IMAGE_DEFAULTS,
+    THINK_TOKENS_DEFAULT,
+    UNDERSTAND_TOKENS_DEFAULT,
+    ImageParams,
+    TextParams,
+)
+from bagel_engine.serve import tasks
+from bagel_engine.serve._engine import INPUT_ERRORS
+from bagel_engine.serve.errors import APIError
+from bagel_engine.serve.images import decode_image
+from bagel_engine.serve.settings import ServeSettings
+from bagel_engine.serve.worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
+
+TEXT_DEFAULTS = TextParams()
+CSS = """
+#bagel-header h1 { margin-bottom: 0; }
+"""
+
+
+# -- running a job from a gradio handler ------------------------------------------------------
+def _run(worker: ModelWorker, kind: str, fn: Any, progress: Any, desc: str) -> Any:
+    try:
+        job = worker.submit(kind, fn)
+    except QueueFull as e:
+        raise gr.Error(f"The model is busy ({e}).") from None
+    except WorkerStopped as e:
+        raise gr.Error(str(e)) from None
+    last = None
+    progress(0, desc="waiting for the model" if worker.busy else desc)
+    while True:
+        try:
+            return job.future.result(timeout=0.1)
+        except concurrent.futures.TimeoutError:
+            if job.total and (job.step, job.total) != last:
+                last = (job.step, job.total)
+                progress(last, desc=desc, unit="steps")
+            elif job.started is not None and last is None:
+                last = (0, 0)
+                progress(0, desc=desc)
+        except INPUT_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        except JobCancelled as e:
+            raise gr.Error(f"cancelled ({e})") from None
+        except Exception as e:  # noqa: BLE001 - show the failure, keep the app up
+            raise gr.Error(f"The model failed: {type(e).__name__}: {e}") from None
+
+
+def _seed(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    seed = int(value)
+    return None if seed < 0 else seed
+
+
+def _info(outs: list[Any]) -> str:
+    parts = []
+    for out in outs:
+        total = (getattr(out, "timings", None) or {}).get("total_s")
+        parts.append(f"seed {out.seed}" + (f" · {total:.2f} s" if total else ""))
+    return " | ".join(parts)
+
+
+def _knobs(cfg_text_scale, cfg_img_scale, lo, hi, renorm_type, renorm_min, shift, steps, think_tokens, do_sample,
+           temperature) -> dict[str, Any]:
+    if lo > hi:
+        raise gr.Error(f"CFG interval: start {lo} is above end {hi}")
+    return dict(cfg_text_scale=float(cfg_text_scale), cfg_img_scale=float(cfg_img_scale),
+                cfg_interval=(float(lo), float(hi)), cfg_renorm_type=str(renorm_type),
+                cfg_renorm_min=float(renorm_min), timestep_shift=float(shift), num_timesteps=int(steps),
+                max_think_token_n=int(think_tokens), do_sample=bool(do_sample), text_temperature=float(temperature))
+
+
+def _gallery_paths(value: Any) -> list[str]:
+    paths = []
+    for item in value or []:
+        media = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(media, dict):
+            media = media.get("path")
+        if media:
+            paths.append(str(media))
+    return paths
+
+
+def _open_images(paths: list[str], settings: ServeSettings) -> list[Any]:
+    if len(paths) > settings.max_images:
+        raise gr.Error(f"{len(paths)} images is above the limit of {settings.max_images}")
+    images = []
+    for i, p in enumerate(paths):
+        try:
+            images.append(decode_image(Path(p).read_bytes(), settings, f"image {i + 1}"))
+        except APIError as e:
+            raise gr.Error(e.message) from None
+    return images
+
+
+# -- the controls ------------------------------------------------------------------------------
+def _image_knob_controls(prefix: str, d: ImageParams) -> list[Any]:
+    with gr.Accordion("Image generation settings", open=False):
+        with gr.Row():
+            text_scale = gr.Slider(0.0, 8.0, value=d.cfg_text_scale, step=0.1, label="CFG text scale",
+                                   info="cfg_text_scale: how strongly the prompt guides the image",
+                                   elem_id=f"{prefix}-cfg-text")
+            img_scale = gr.Slider(0.0, 4.0, value=d.cfg_img_scale, step=0.1, label="CFG image scale",
+                                  info="cfg_img_scale: how closely the input image(s) are kept",
+                                  elem_id=f"{prefix}-cfg-img")
+        with gr.Row():
+            lo = gr.Slider(0.0, 1.0, value=d.cfg_interval[0], step=0.05, label="CFG interval start",
+                           info="cfg_interval[0]: guidance applies from this point of the schedule",
+                           elem_id=f"{prefix}-cfg-lo")
+            hi = gr.Slider(0.0, 1.0, value=d.cfg_interval[1], step=0.05, label="CFG interval end",
+                           info="cfg_interval[1]", elem_id=f"{prefix}-cfg-hi")
+        with gr.Row():
+            renorm_type = gr.Dropdown(list(RENORM_TYPES), value=d.cfg_renorm_type, label="CFG renorm type",
+                                      info="cfg_renorm_type (text_channel suits edits)",
+                                      elem_id=f"{prefix}-renorm-type")
+            renorm_min = gr.Slider(0.0, 1.0, value=d.cfg_renorm_min, step=0.05, label="CFG renorm min",
+                                   info="cfg_renorm_min: 1.0 disables renorm", elem_id=f"{prefix}-renorm-min")
+        with gr.Row():
+            shift = gr.Slider(0.5, 6.0, value=d.timestep_shift, step=0.1, label="Timestep shift",
+                              info="timestep_shift: higher spends more steps on layout",
+                              elem_id=f"{prefix}-shift")
+            steps = gr.Slider(2, 200, value=d.num_timesteps, step=1, label="Timesteps",
+                              info="num_timesteps: schedule points (N points, N-1 denoising steps)",
+                              elem_id=f"{prefix}-steps")
+    return [text_scale, img_scale, lo, hi, renorm_type, renorm_min, shift, steps]
+
+
+def _text_controls(prefix: str, tokens_default: int, tokens_label: str) -> list[Any]:
+    with gr.Accordion("Text decoding settings", open=False):
+        with gr.Row():
+            tokens = gr.Slider(1, 4096, value=tokens_default, step=1, label=tokens_label,
+                               elem_id=f"{prefix}-tokens")
+            do_sample = gr.Checkbox(value=TEXT_DEFAULTS.do_sample, label="Sample (do_sample)",
+                                    info="off: greedy decoding", elem_id=f"{prefix}-sample")
+            temperature = gr.Slider(0.05, 2.0, value=TEXT_DEFAULTS.text_temperature, step=0.05,
+                                    label="Temperature (text_temperature)", elem_id=f"{prefix}-temperature")
+    return [tokens, do_sample, temperature]
+
+
+def _seed_box(prefix: str) -> Any:
+    return gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1, elem_id=f"{prefix}-seed")
+
+
+# -- the app -----------------------------------------------------------------------------------
+def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = None) -> gr.Blocks:
+    settings = settings or ServeSettings()
+    cfg = pipe.config
+    step = int(cfg.latent_downsample)
+    max_side = int(cfg.max_image_side)
+    default_side = max(step, min(1024, max_side) // step * step)
+    name = str(getattr(pipe, "model_name", "") or "BAGEL")
+
+    # -- handlers ----------------------------------------------------------------------------
+    def on_generate(prompt, width, height, think, seed, *rest, progress=gr.Progress()):
+        if not (prompt or "").strip():
+            raise gr.Error("Write a prompt first.")
+        knobs = _knobs(*rest)
+        fn = tasks.generate_job(prompt, width=int(width), height=int(height), think=bool(think), seed=_seed(seed),
+                                knobs=knobs)
+        outs = _run(worker, "ui_generate", fn, progress, "denoising")
+        return outs[0].image, (outs[0].text or "") if think else "", _info(outs)
+
+    def on_edit(gallery, prompt, think, seed, *rest, progress=gr.Progress()):
+        paths = _gallery_paths(gallery)
+        if not paths:
+            raise gr.Error("Add one or more input images first.")
+        if not (prompt or "").strip():
+            raise gr.Error("Write an instruction first.")
+        images = _open_images(paths, settings)
+        fn = tasks.edit_job(images, prompt, think=bool(think), seed=_seed(seed), knobs=_knobs(*rest))
+        outs = _run(worker, "ui_edit", fn, progress, "denoising")
+        return outs[0].image, (outs[0].text or "") if think else "", _info(outs)
+
+    def on_understand(gallery, question, think, seed, tokens, do_sample, temperature, progress=gr.Progress()):
+        if not (question or "").strip():
+            raise gr.Error("Ask a question first.")
+        images = _open_images(_gallery_paths(gallery), settings)
+        conv = tasks.conversation_from_turns([(images, question)])
+        fn = tasks.text_job(conv, think=bool(think), seed=_seed(seed),
+                            text_kw=dict(max_new_tokens=int(tokens), do_sample=bool(do_sample),
+                                         text_temperature=float(temperature)))
+        out = _run(worker, "ui_understand", fn, progress, "answering")
+        plan, answer = tasks.split_think(out.text) if think else (None, out.text or "")
+        return answer, plan or "", _info([out])
+
+    def on_chat(message, history, turns, think, seed, tokens, do_sample, temperature, progress=gr.Progress()):
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        if not text:
+            raise gr.Error("Write a message first.")
+        images = _open_images([f for f in files if f], settings)
+        new_turns = list(turns or []) + [(images, text)]
+        conv = tasks.conversation_from_turns(new_turns)
+        fn = tasks.text_job(conv, think=bool(think), seed=_seed(seed),
+                            text_kw=dict(max_new_tokens=int(tokens), do_sample=bool(do_sample),
+                                         text_temperature=float(temperature)))
+        out = _run(worker, "ui_chat", fn, progress, "answering")
+        plan, answer = tasks.split_think(out.text) if think else (None, out.text or "")
+        history = list(history or [])
+        for f in files:
+            history.append({"role": "user", "content": {"path": f}})
+        history.append({"role": "user", "content": text})
+        if plan:
+            history.append({"role": "assistant", "content": plan, "metadata": {"title": "Think"}})
+        history.append({"role": "assistant", "content": answer})
+        new_turns.append(([], answer))
+        return history, new_turns, {"text": "", "files": []}
+
+    # -- layout ------------------------------------------------------------------------------
+    with gr.Blocks(title=f"BAGEL · {name}", analytics_enabled=False) as demo:
+        gr.Markdown(f"# BAGEL\nModel: `{name}` · images up to {max_side}px per side, in steps of {step}px",
+                    elem_id="bagel-header")
+        with gr.Tabs():
+            with gr.Tab("Text to image", id="t2i", elem_id="tab-t2i"):
+                with gr.Row():
+                    with gr.Column():
+                        t2i_prompt = gr.Textbox(label="Prompt", lines=3, elem_id="t2i-prompt",
+                                                placeholder="A red fox in the snow, watercolor")
+                        with gr.Row():
+                            t2i_w = gr.Slider(step, max_side, value=default_side, step=step, label="Width",
+                                              elem_id="t2i-width")
+                            t2i_h = gr.Slider(step, max_side, value=default_side, step=step, label="Height",
+                                              elem_id="t2i-height")
+                        with gr.Row():
+                            t2i_think = gr.Checkbox(False, label="Think first (show the plan)", elem_id="t2i-think")
+                            t2i_seed = _seed_box("t2i")
+                        t2i_knobs = _image_knob_controls("t2i", TEXT_TO_IMAGE_DEFAULTS)
+                        t2i_text = _text_controls("t2i", THINK_TOKENS_DEFAULT, "Think tokens (max_think_token_n)")
+                        t2i_run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
+                    with gr.Column():
+                        t2i_out = gr.Image(label="Result", type="pil", format="png", interactive=False, height=420,
+                                           elem_id="t2i-output")
+                        t2i_plan = gr.Textbox(label="Think text", lines=5, interactive=False, elem_id="t2i-plan")
+                        t2i_info = gr.Textbox(label="Seed and time", interactive=False, elem_id="t2i-info")
+                t2i_inputs = [t2i_prompt, t2i_w, t2i_h, t2i_think, t2i_seed, *t2i_knobs, *t2i_text]
+                t2i_run.click(on_generate, t2i_inputs, [t2i_out, t2i_plan, t2i_info], api_name="generate")
+                t2i_prompt.submit(on_generate, t2i_inputs, [t2i_out, t2i_plan, t2i_info], api_name=False)
+
+            with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+                with gr.Row():
+                    with gr.Column():
+                        edit_images = gr.Gallery(label="Input images (one or several; the result takes the "
+                                                 "last one's size)", type="filepath", interactive=True,
+                                                 file_types=["image"], columns=3, height=260,
+                                                 elem_id="edit-images")
+                        edit_prompt = gr.Textbox(label="Instruction", lines=2, elem_id="edit-prompt",
+                                                 placeholder="Make it night time")
+                        with gr.Row():
+                            edit_think = gr.Checkbox(False, label="Think first (show the plan)", elem_id="edit-think")
+                            edit_seed = _seed_box("edit")
+                        edit_knobs = _image_knob_controls("edit", EDIT_DEFAULTS)
+                        edit_text = _text_controls("edit", THINK_TOKENS_DEFAULT, "Think tokens (max_think_token_n)")
+                        edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                    with gr.Column():
+                        edit_out = gr.Image(label="Result", type="pil", format="png", interactive=False, height=420,
+                                            elem_id="edit-output")
+                        edit_plan = gr.Textbox(label="Think text", lines=5, interactive=False, elem_id="edit-plan")
+                        edit_info = gr.Textbox(label="Seed and time", interactive=False, elem_id="edit-info")
+                edit_run.click(on_edit, [edit_images, edit_prompt, edit_think, edit_seed, *edit_knobs, *edit_text],
+                               [edit_out, edit_plan, edit_info], api_name="edit")
+
+            with gr.Tab("Understand", id="understand", elem_id="tab-understand"):
+                with gr.Row():
+                    with gr.Column():
+                        und_images = gr.Gallery(label="Images (optional)", type="filepath", interactive=True,
+                                                file_types=["image"], columns=3, height=260,
+                                                elem_id="und-images")
+                        und_question = gr.Textbox(label="Question", lines=2, elem_id="und-question",
+                                                  placeholder="What is in this picture?")
+                        with gr.Row():
+                            und_think = gr.Checkbox(False, label="Think first", elem_id="und-think")
+                            und_seed = _seed_box("und")
+                        und_text = _text_controls("und", UNDERSTAND_TOKENS_DEFAULT, "Max new tokens")
+                        und_run = gr.Button("Ask", variant="primary", elem_id="und-run")
+                    with gr.Column():
+                        und_answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="und-answer")
+                        und_plan = gr.Textbox(label="Think text", lines=5, interactive=False, elem_id="und-plan")
+                        und_info = gr.Textbox(label="Seed and time", interactive=False, elem_id="und-info")
+                und_run.click(on_understand, [und_images, und_question, und_think, und_seed, *und_text],
+                              [und_answer, und_plan, und_info], api_name="understand")
+
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat_turns = gr.State([])
+                chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chat-log")
+                chat_box = gr.MultimodalTextbox(placeholder="Message (attach images with the clip)",
+                                                file_types=["image"], file_count="multiple", elem_id="chat-input")
+                with gr.Row():
+                    chat_think = gr.Checkbox(False, label="Think first", elem_id="chat-think")
+                    chat_seed = _seed_box("chat")
+                    chat_clear = gr.Button("New conversation", elem_id="chat-clear")
+                chat_text = _text_controls("chat", UNDERSTAND_TOKENS_DEFAULT, "Max new tokens")
+                chat_box.submit(on_chat, [chat_box, chatbot, chat_turns, chat_think, chat_seed, *chat_text],
+                                [chatbot, chat_turns, chat_box], api_name="chat")
+                chat_clear.click(lambda: ([], [], {"text": "", "files": []}), None, [chatbot, chat_turns, chat_box],
+                                 api_name=False)
+    demo.bagel_css = CSS  # type: ignore[attr-defined]
+    return demo
+
+
+def ui_auth(settings: ServeSettings):
+    """gradio auth: any user name, the API key as the password (None when no key is set)."""
+    if not settings.api_key:
+        return None
+    key = settings.api_key
+
+    def check(username: str, password: str) -> bool:
+        return hmac.compare_digest((password or "").encode(), key.encode())
+
+    return check
+
+
+def launch_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings, *, host: str = "127.0.0.1",
+              port: int = 7860, prevent_thread_lock: bool = False) -> Any:
+    demo = build_ui(worker, pipe, settings)
+    demo.queue()
+    return demo.launch(server_name=host, server_port=port, auth=ui_auth(settings),
+                       auth_message="Log in with any user name and the API key as the password.",
+                       show_error=True, footer_links=[], max_file_size=settings.max_body_bytes, css=CSS,
+                       prevent_thread_lock=prevent_thread_lock, quiet=False)
