@@ -21,6 +21,7 @@ from PIL import Image
 
 from bagel_engine import params as P
 from bagel_engine.model.autoencoder import AutoEncoder
+from bagel_engine.model.attention import set_backend as set_attention_backend
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.params import BagelInputError, ImageParams, TextParams
 from bagel_engine.runtime import image_transforms as T
@@ -74,6 +75,8 @@ def load(
     offload: str | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    compile: bool = False,
+    attention: str = "auto",
     progress: bool = False,
 ) -> "BagelPipeline":
     """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
@@ -85,6 +88,8 @@ def load(
     ``offload`` ("model", "layer") keeps the weights in CPU memory and streams them to the GPU.
     ``random_weights=True`` builds the model from the configs alone with random weights (seeded by
     ``seed``): for benchmarks of the real architecture without the real checkpoint.
+    ``compile=True`` compiles the denoising step and the decoding step with torch.compile (static
+    shapes; CUDA graphs on a GPU). ``attention``: "auto", "sdpa", "flex" or "flash".
     """
     if quantize is not None and quantize not in QUANTIZE_METHODS:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
@@ -118,8 +123,12 @@ def load(
             apply_offload(bagel, offload, device)
     tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")
     log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
-    return BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
+    set_attention_backend(attention)
+    pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
                          official_numerics=official_numerics)
+    if compile:
+        pipe.compile()
+    return pipe
 
 
 def _byte_bar(model_dir: Path, enabled: bool):
@@ -167,6 +176,15 @@ class BagelPipeline:
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
         self.device, self.dtype, self.model_name = device, dtype, model_name
         self.official_numerics = official_numerics
+        self._decoder_fn = None  # a compiled decoder step (see ``compile``)
+
+    def compile(self, mode: str | None = None) -> "BagelPipeline":
+        """Compile the decoder for the denoising and decoding steps (torch.compile, static shapes).
+        Default mode: "reduce-overhead" (CUDA graphs) on a GPU, the default mode elsewhere."""
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._decoder_fn = torch.compile(self.model.decoder, dynamic=False, mode=mode)
+        return self
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -268,7 +286,7 @@ class BagelPipeline:
             for job in jobs:
                 t0 = time.perf_counter()
                 tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
-                                       job.sample_gen, trace)
+                                       job.sample_gen, trace, decoder_fn=self._decoder_fn)
                 job.text = self.tokenizer.decode_generation(tokens)
                 job.timings.update(decode_s=time.perf_counter() - t0, tokens=len(tokens) - 1)
             return [job.output() for job in jobs]
@@ -281,7 +299,7 @@ class BagelPipeline:
             for job in jobs:
                 t0 = time.perf_counter()
                 tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
-                                       job.sample_gen, trace)
+                                       job.sample_gen, trace, decoder_fn=self._decoder_fn)
                 job.text = self.tokenizer.decode_generation(tokens)
                 job.gen = builder.add_text(job.gen, job.text)  # re-tokenized, as the official code does
                 job.timings["think_s"] = time.perf_counter() - t0
@@ -304,7 +322,7 @@ class BagelPipeline:
         latent_tokens = denoise(
             self.model, self.tokenizer.special, [GuidanceContexts(j.gen, j.cfg_text, j.cfg_img) for j in jobs],
             (h, w), torch.stack(starts).to(self.latent_device), image_params, self.device, callback,
-            trace,
+            trace, decoder_fn=self._decoder_fn,
         )
         denoise_s = time.perf_counter() - t0
         for job, tokens in zip(jobs, latent_tokens):

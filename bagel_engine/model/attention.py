@@ -14,6 +14,7 @@ is installed and usable, else SDPA. All backends are tested to agree.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,11 @@ def get_backend() -> str:
     return _backend
 
 
-@functools.cache
+_FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
 def flash_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _FLASH_INSTALLED and torch.cuda.is_available()
 
 
 def causal_block_mask(n: int, total: int, device) -> torch.Tensor:
@@ -63,7 +60,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     Returns (B, N, Hq, D)."""
     backend = _backend
     if backend == "auto":
-        backend = "flash" if (flash_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) else "sdpa"
+        backend = "flash" if (_FLASH_INSTALLED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) else "sdpa"
     if backend == "flash":
         return _flash(q, k, v, kv_lens, causal)
     if backend == "flex":

@@ -83,12 +83,13 @@ def denoise(
     device: torch.device,
     callback: StepCallback | None = None,
     trace: dict | None = None,
+    decoder_fn: Callable | None = None,
 ) -> torch.Tensor:
     """Run the flow from ``noise`` at t = 1 to t = 0 for one or several images of the same size.
 
     ``noise``: (n, p*p*C) for one image or (P, n, p*p*C) for ``P`` images, float32, on the device
     where the latent lives (the CPU in official-numerics mode). Returns the final latent tokens in
-    the same shape.
+    the same shape. ``decoder_fn`` replaces ``model.decoder`` for the step (a compiled one).
     """
     single = isinstance(contexts, GuidanceContexts)
     images = [contexts] if single else list(contexts)
@@ -140,7 +141,7 @@ def denoise(
         else:
             q, rope, kv, routing, count = query, rope_cond, cond_layout, routing_cond, num_images
         if caches is None:
-            hidden = model.decoder(q.reshape(count * (n + 2), -1), rope, kv, False, routing)
+            hidden = (model.decoder if decoder_fn is None else decoder_fn)(q.reshape(count * (n + 2), -1), rope, kv, False, routing)
             forwards = count
         else:
             hidden, forwards = _cached_step(model, caches[:count], q, rope, kv, routing)

@@ -27,6 +27,7 @@ def decode_tokens(
     generator: torch.Generator | None = None,
     trace: dict | None = None,
     on_token: Callable[[int], None] | None = None,
+    decoder_fn: Callable | None = None,
 ) -> list[int]:
     """Returns ``[<|im_start|>, tok1, tok2, ...]`` (at most ``max_think_token_n`` ids, no end token).
 
@@ -43,7 +44,7 @@ def decode_tokens(
     for step in range(params.max_think_token_n):
         tokens.append(int(cur))
         rope = tuple(t[step : step + 1] for t in positions)
-        hidden = model.decoder(model.embed_text(cur), rope, kv, True, None)
+        hidden = (model.decoder if decoder_fn is None else decoder_fn)(model.embed_text(cur), rope, kv, True, None)
         logits = model.logits(hidden)[0]
         if trace is not None:
             trace.setdefault("logits", []).append(logits.detach())
