@@ -82,8 +82,9 @@ def load(
     """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
 
     ``device``: default cuda when available, else cpu; ``"meta"`` builds the modules without reading
-    any weight. ``dtype``: default bfloat16 on a GPU, float32 on the CPU. ``official_numerics`` keeps
-    the VAE and the Euler update on the CPU in float32, as the official app does.
+    any weight. ``dtype``: default bfloat16 on a GPU, float32 on the CPU. The VAE runs on the model's
+    device, in bf16 on a GPU; ``official_numerics=True`` keeps the VAE and the Euler update on the
+    CPU in float32, as the official app does (on a CPU in float32 the two paths are the same).
     ``quantize`` ("fp8", "int8", "nf4") quantizes the decoder's linear layers at load time;
     ``offload`` ("model", "layer") keeps the weights in CPU memory and streams them to the GPU.
     ``random_weights=True`` builds the model from the configs alone with random weights (seeded by
@@ -103,14 +104,16 @@ def load(
     bagel, vae = build_modules(cfg, "meta")
     weights_device = torch.device("cpu") if offload else device
     vae_device = torch.device("cpu") if official_numerics and device.type != "meta" else device
+    # The VAE runs in bf16 on a GPU (fast path) and in float32 on the CPU (official path).
+    vae_dtype = torch.bfloat16 if vae_device.type == "cuda" else torch.float32
     if device.type != "meta":
         if random_weights:
             init_random(bagel, weights_device, dtype, seed)
-            init_random(vae, vae_device, torch.float32, seed + 1)
+            init_random(vae, vae_device, vae_dtype, seed + 1)
         else:
             bar = _byte_bar(model_dir, progress)
             load_weights(bagel, model_dir / MODEL_FILE, weights_device, dtype, cfg, progress=bar.update if bar else None)
-            load_weights(vae, model_dir / AE_FILE, vae_device, torch.float32, cfg, progress=bar.update if bar else None)
+            load_weights(vae, model_dir / AE_FILE, vae_device, vae_dtype, cfg, progress=bar.update if bar else None)
             if bar:
                 bar.close()
         if quantize:

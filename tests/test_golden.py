@@ -120,3 +120,15 @@ def test_noise_injection_equals_seeded_draw(pipe, name):
     noise = unpatchify_latent(noise_tokens, h, w, c.bagel.latent_patch_size, c.vae.z_channels)
     again = pipe.interleave(inputs(name), seed=12345, noise=noise, **case["params"])
     assert torch.equal(again.latents, out.latents)
+
+
+def test_official_numerics_mode_matches_golden():
+    """official_numerics keeps the VAE and the Euler update on the CPU in float32 (the official
+    app's placement); on a CPU in float32 both modes give the golden numbers."""
+    pipe = bagel_engine.load(MODEL_DIR, device="cpu", official_numerics=True)
+    assert pipe.latent_device.type == "cpu" and pipe.vae_device.type == "cpu" and pipe.vae.dtype == torch.float32
+    case = cases()["img2img"]
+    out = pipe.interleave(inputs("img2img"), seed=case["seed"], **case["params"])
+    g = tensors("img2img")
+    assert_close(out.latents, g["gen_image0.decode_input"][0], atol=1e-3, what="latents")
+    assert_uint8_close(torch.from_numpy(np.array(out.image)), g["gen_image0.image_uint8"], what="image")
