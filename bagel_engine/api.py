@@ -288,10 +288,8 @@ class BagelPipeline:
         if understanding_output:
             for job in jobs:
                 t0 = time.perf_counter()
-                tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
-                                       job.sample_gen, trace, decoder_fn=self._decoder_fn)
-                job.text = self.tokenizer.decode_generation(tokens)
-                job.timings.update(decode_s=time.perf_counter() - t0, tokens=len(tokens) - 1)
+                count = self._decode_text(job, text_params, trace)
+                job.timings.update(decode_s=time.perf_counter() - t0, tokens=count)
             return [job.output() for job in jobs]
         sizes = {(job.height, job.width) for job in jobs}
         if len(sizes) > 1:
@@ -301,9 +299,7 @@ class BagelPipeline:
         if think:
             for job in jobs:
                 t0 = time.perf_counter()
-                tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
-                                       job.sample_gen, trace, decoder_fn=self._decoder_fn)
-                job.text = self.tokenizer.decode_generation(tokens)
+                self._decode_text(job, text_params, trace)
                 job.gen = builder.add_text(job.gen, job.text)  # re-tokenized, as the official code does
                 job.timings["think_s"] = time.perf_counter() - t0
         ps, z = self.config.bagel.latent_patch_size, self.config.vae.z_channels
@@ -339,6 +335,13 @@ class BagelPipeline:
             job.timings.update(denoise_s=denoise_s, vae_decode_s=time.perf_counter() - t0)
             job.params.update(asdict(image_params), height=height, width=width)
         return [job.output() for job in jobs]
+
+    def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None) -> int:
+        """Decode from the job's full context into ``job.text``; returns the number of new tokens."""
+        tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
+                               job.sample_gen, trace, decoder_fn=self._decoder_fn)
+        job.text = self.tokenizer.decode_generation(tokens)
+        return len(tokens) - 1
 
     def _prepare(self, inputs: list, seed: int | None, builder: ContextBuilder, understanding_output: bool,
                  think: bool, text_params: TextParams, image_shapes: tuple[int, int], sample_posterior: bool,
