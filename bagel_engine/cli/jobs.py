@@ -19,10 +19,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from bagel_engine.batch import knobs as K
+from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
 from bagel_engine.params import RENORM_TYPES, BagelInputError
-
-
-from bagel_engine.cli.main import app  # noqa: E402 - commands register on the one ``bagel`` app
 
 # ----------------------------------------------------------------------------- shared options
 RUN = "Model and output"

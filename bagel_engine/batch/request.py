@@ -1,0 +1,269 @@
+"""From a batch row to one call of the public API.
+
+Two stages. :func:`plan_rows` gives every row its id (the manifest key), its output file name and
+any error that makes it fail before the model sees it (a line that did not parse, a duplicated
+id); it is cheap and runs for all rows before anything else, so resume can decide what is done.
+:func:`build_call` then reads the row's prompt, input images and knobs when the row's turn comes;
+whatever is wrong with them raises :class:`BagelInputError` and the row fails with that message.
+
+Column names (case and ``-``/``_`` do not matter):
+
+- prompt: ``prompt`` or ``instruction`` (or ``question``), or the column named by ``--prompt-column``
+- input images: ``image`` / ``image_url`` / ``image_path`` with optional ``_2``, ``_3``... suffixes, and
+  ``input_images`` / ``images`` (a JSON list, a comma list or one value; in Parquet a list or bytes).
+  A value is a path (relative to the input file's folder), a ``file://``, ``http(s)://`` or
+  ``data:`` URL, raw bytes, or ``{"bytes": ..., "path": ...}`` (the Hugging Face datasets layout).
+- ``id`` (output ``{id}.png``) or ``index`` (output ``{index:06d}.png``); neither: the row's position.
+- any knob (see :mod:`bagel_engine.batch.knobs`) overriding the command line for that row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bagel_engine.batch import knobs as K
+from bagel_engine.batch.reader import Row
+from bagel_engine.params import BagelInputError
+
+PROMPT_COLUMNS = ("prompt", "instruction", "question")
+LIST_IMAGE_COLUMNS = ("input_images", "images")
+_IMAGE_COLUMN = re.compile(r"^(image|image_url|image_path|input_image)(?:_(\d+))?$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+URL_TIMEOUT_S = 60
+
+
+@dataclass
+class Plan:
+    row: Row
+    key: str  # the row id: manifest key, seed input, output name
+    output: str | None  # output file name (image tasks)
+    error: str | None = None  # the row fails with this before reaching the model
+
+
+@dataclass
+class Call:
+    method: str  # a BagelPipeline method
+    args: tuple
+    kwargs: dict[str, Any]
+    seed: int
+    prompt: str
+    inputs: list[str] = field(default_factory=list)  # what the input images were, for the manifest
+
+
+def _id_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _file_stem(key: str) -> str:
+    stem = _UNSAFE.sub("_", key).strip("._") or "row"
+    return stem[:150]
+
+
+def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[Plan]:
+    """Ids, output names and row-level errors for all rows, in input order."""
+    K.check_task(task)
+    id_col = K.normalize_column(id_column) if id_column else "id"
+    image_task = task in K.IMAGE_TASKS
+    plans: list[Plan] = []
+    seen_keys: dict[str, int] = {}
+    seen_outputs: dict[str, int] = {}
+    for row in rows:
+        error = row.error
+        raw_id = None if row.error else row.get(id_col)
+        raw_index = None if row.error or raw_id is not None else row.get("index")
+        if raw_id is not None:
+            key = _id_text(raw_id)
+            output = f"{_file_stem(key)}.png"
+        elif raw_index is not None:
+            try:
+                index = K.parse_int(raw_index)
+                key, output = str(index), f"{index:06d}.png"
+            except ValueError:
+                key, output = f"row{row.position}", f"row{row.position:06d}.png"
+                error = f"column 'index': expected an integer, got {raw_index!r}"
+        else:
+            key, output = str(row.position), f"{row.position:06d}.png"
+        if key in seen_keys:
+            error = error or f"duplicate id {key!r} (first used by input row {seen_keys[key]})"
+            key = f"{key}@row{row.position}"
+            output = f"{_file_stem(key)}.png"
+        elif image_task and output in seen_outputs:
+            error = error or (f"output name {output} is already used by input row {seen_outputs[output]} "
+                              "(ids that differ only in characters unsafe in file names)")
+            key = f"{key}@row{row.position}"
+            output = f"{_file_stem(key)}.png"
+        seen_keys[key] = row.position
+        seen_outputs[output] = row.position
+        plans.append(Plan(row, key, output if image_task else None, error))
+    return plans
+
+
+# ----------------------------------------------------------------------------- prompt and images
+def row_prompt(row: Row, prompt_column: str | None = None) -> str:
+    columns = (K.normalize_column(prompt_column),) if prompt_column else PROMPT_COLUMNS
+    for column in columns:
+        value = row.get(column)
+        if value is not None:
+            text = value if isinstance(value, str) else str(value)
+            if text.strip():
+                return text
+    present = [c for c in columns if c in row.data]
+    if present:
+        raise BagelInputError(f"empty prompt (column {present[0]!r})")
+    raise BagelInputError(
+        f"no prompt: the row has no column {' / '.join(columns)} (columns: {', '.join(sorted(row.data)) or 'none'}); "
+        "name one of those or pass --prompt-column")
+
+
+def image_values(row: Row) -> list[tuple[str, Any]]:
+    """``(column, value)`` for every input image of the row, in order: ``image``, ``image_2``, ...,
+    then ``input_images`` entries."""
+    numbered = []
+    for column in row.data:
+        m = _IMAGE_COLUMN.match(column)
+        if m:
+            numbered.append((int(m.group(2) or 1), column))
+    out: list[tuple[str, Any]] = []
+    for _, column in sorted(numbered):
+        out += [(column, v) for v in _split(row.get(column), comma=False)]
+    for column in LIST_IMAGE_COLUMNS:
+        out += [(column, v) for v in _split(row.get(column), comma=True)]
+    return out
+
+
+def _split(value: Any, comma: bool) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if v is not None and not (isinstance(v, str) and not v.strip())]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                raise BagelInputError(f"image list {text[:80]!r} is not a valid JSON list") from None
+            return _split(items if isinstance(items, list) else [items], comma)
+        if comma and "," in text and not text.startswith("data:"):
+            return [p.strip() for p in text.split(",") if p.strip()]
+        return [text]
+    return [value]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return str(value.get("path") or f"<{len(value.get('bytes') or b'')} bytes>")
+    text = str(value)
+    return text if not text.startswith("data:") else text[:40] + "..."
+
+
+def _fetch(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - user's own input file
+            return response.read()
+    except Exception as e:  # noqa: BLE001 - any network failure fails the row
+        raise BagelInputError(f"cannot download {url}: {e}") from None
+
+
+def image_bytes(value: Any, base_dir: Path) -> tuple[bytes | Path, str]:
+    """The encoded image (bytes, or a path to read) that one image value points at."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"]), _describe(value)
+        if value.get("path"):
+            value = value["path"]
+        else:
+            raise BagelInputError("image record has neither 'bytes' nor 'path'")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), _describe(value)
+    if not isinstance(value, str):
+        raise BagelInputError(f"expected an image path, URL or bytes, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:"):
+        try:
+            return base64.b64decode(text.split(",", 1)[1], validate=False), _describe(text)
+        except (IndexError, binascii.Error):
+            raise BagelInputError(f"bad data URL {text[:40]!r}...") from None
+    if text.startswith(("http://", "https://")):
+        return _fetch(text), text
+    if text.startswith("file://"):
+        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    return path, text
+
+
+def load_image(value: Any, base_dir: Path, label: str) -> tuple[Image.Image, str]:
+    """A fully decoded image, or :class:`BagelInputError` saying which image and why."""
+    data, description = image_bytes(value, base_dir)
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except FileNotFoundError:
+            raise BagelInputError(f"{label} {description!r} not found (looked at {data.absolute()})") from None
+        except IsADirectoryError:
+            raise BagelInputError(f"{label} {description!r} is a directory, not an image file") from None
+        except OSError as e:
+            raise BagelInputError(f"{label} {description!r} cannot be read: {e.strerror or e}") from None
+    if not data:
+        raise BagelInputError(f"{label} {description!r} is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.UnidentifiedImageError:
+        raise BagelInputError(f"{label} {description!r} is not an image (unknown format)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad data
+        raise BagelInputError(f"{label} {description!r} is not a readable image ({e})") from None
+    return image, description
+
+
+# ----------------------------------------------------------------------------- the call
+def build_call(plan: Plan, task: str, base_knobs: dict[str, Any], base_seed: int,
+               prompt_column: str | None = None) -> Call:
+    """The API call for one row. ``base_knobs``: the variables and flags already merged (no seed)."""
+    if plan.error:
+        raise BagelInputError(plan.error)
+    row = plan.row
+    prompt = row_prompt(row, prompt_column)
+    knobs = {**base_knobs, **K.row_knobs(row.data, task)}
+    seed = knobs.pop("seed", None)
+    if seed is None:
+        seed = K.derive_seed(base_seed, plan.key)
+
+    images, inputs = [], []
+    if task in ("edit", "understand"):
+        values = image_values(row)
+        if not values:
+            raise BagelInputError(
+                "no input image: give a column image / image_url (image_url_2, ...) or input_images")
+        for i, (column, value) in enumerate(values, start=1):
+            image, description = load_image(value, row.source.parent, f"image {i} (column {column})")
+            images.append(image)
+            inputs.append(description)
+
+    method = K.TASK_METHODS[task]
+    if task == "t2i":
+        args: tuple = (prompt,)
+    elif task == "edit":
+        args = (images, prompt)
+    elif task == "understand":
+        args = (images, prompt)
+    else:
+        args = (prompt,)
+    return Call(method, args, {**knobs, "seed": seed}, seed, prompt, inputs)

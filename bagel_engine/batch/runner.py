@@ -1,0 +1,298 @@
+"""Running a batch job: the loop every process runs, resume, and the summary.
+
+For each row of its share a process builds the call (:mod:`bagel_engine.batch.request`), calls
+the public API, writes the image atomically and then appends the row's record to its part file.
+A kill between the two leaves an image without a record: the row is redone (same seed, same
+image) and the file replaced atomically. At the end rank 0 merges the manifest.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from bagel_engine.batch import dist as D
+from bagel_engine.batch import knobs as K
+from bagel_engine.batch import manifest as M
+from bagel_engine.batch.reader import read_rows
+from bagel_engine.batch.request import Plan, build_call, plan_rows
+from bagel_engine.params import BagelInputError
+
+DEFAULT_BASE_SEED = 0
+POLL_S = 0.5
+
+
+@dataclass
+class BatchJob:
+    input: Path
+    task: str
+    output_dir: Path
+    model: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)  # command-line knobs by API name; "seed" is the base seed
+    device: str | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    shard: tuple[int, int] | None = None
+    rows: str | None = None
+    prompt_column: str | None = None
+    id_column: str | None = None
+    progress: bool = True
+    environ: Mapping[str, str] | None = None  # for DG_BAGEL_*; default os.environ
+
+
+@dataclass
+class Summary:
+    task: str
+    rows: int  # rows in this job (after --rows and --shard)
+    ok: int
+    failed: int
+    unfinished: int
+    processed: int  # rows this run did
+    skipped: int  # rows finished by an earlier run
+    processes: int
+    elapsed_s: float
+    output_dir: str
+    manifest: str | None
+    manifest_csv: str | None
+    failures: list[dict[str, str]] = field(default_factory=list)  # the first few: id, error
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stderr(message: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        print(message, file=sys.stderr, flush=True)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, (BagelInputError, ValueError, TypeError)):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy of API params (tuples to lists, tensors and dtypes to text)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class _Progress:
+    """Rank 0's bar over the whole job: its own rows, plus the other ranks' records counted by
+    tailing their part files (new bytes only)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str, others: list[Path]):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, disable=not enabled or total == 0, unit="row", desc=desc, dynamic_ncols=True,
+                        file=sys.stderr, smoothing=0.1)
+        self.others = {p: (p.stat().st_size if p.exists() else 0) for p in others}
+        self.done = 0
+        self.ok = 0
+        self.failed = 0
+        self.total = total
+
+    def _tail(self) -> None:
+        for path, offset in list(self.others.items()):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1
+            if end:
+                chunk = data[:end]
+                lines = chunk.count(b"\n")
+                self.failed += chunk.count(b'"status": "failed"')
+                self.ok += lines - chunk.count(b'"status": "failed"')
+                self.done += lines
+                self.others[path] = offset + end
+
+    def row_done(self, ok: bool) -> None:
+        self.done += 1
+        self.ok += ok
+        self.failed += not ok
+        self._tail()
+        self._refresh()
+
+    def step(self, step: int, total: int) -> None:
+        self.bar.set_postfix_str(f"ok={self.ok} failed={self.failed} step {step}/{total}", refresh=False)
+
+    def _refresh(self) -> None:
+        self.bar.n = min(self.done, self.total)
+        self.bar.set_postfix_str(f"ok={self.ok} failed={self.failed}", refresh=False)
+        self.bar.refresh()
+
+    def wait_for_others(self) -> None:
+        """Keep the bar moving while the other ranks finish (they write one record per row)."""
+        while self.others and self.done < self.total:
+            time.sleep(POLL_S)
+            before = self.done
+            self._tail()
+            if self.done != before:
+                self._refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _needs_run(plan: Plan, record: dict | None, job: BatchJob) -> bool:
+    if job.overwrite or record is None:
+        return True
+    status = record.get("status")
+    if status == "ok":
+        if job.task in K.IMAGE_TASKS:
+            return not (Path(job.output_dir) / (record.get("output") or plan.output or "")).is_file()
+        return False
+    if status == "failed":
+        return job.retry_failed
+    return True
+
+
+def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
+    """Run ``job`` in this process (one rank of a torchrun job, or alone). ``load`` defaults to
+    :func:`bagel_engine.load`. Raises :class:`BagelInputError` for a job that cannot start (no input,
+    bad flag, bad ``DG_BAGEL_*`` value); a bad row never raises, it becomes a failed record."""
+    t_start = time.perf_counter()
+    K.check_task(job.task)
+    out_dir = Path(job.output_dir)
+    dist = D.setup(job.device)
+    try:
+        return _run(job, load, dist, out_dir, t_start)
+    finally:
+        dist.close()
+
+
+def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Summary:
+    task = job.task
+    base = {**K.env_knobs(task, job.environ), **K.cli_knobs(job.knobs, task)}
+    base_seed = base.pop("seed", None)
+    base_seed = DEFAULT_BASE_SEED if base_seed is None else int(base_seed)
+
+    rows = read_rows(Path(job.input), exclude=out_dir)
+    plans = plan_rows(rows, task, job.id_column)
+    chosen = [plans[i] for i in D.parse_rows(job.rows, len(plans))]
+    selected, mine = D.take_share(chosen, job.shard, dist)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    state = M.latest_records(out_dir)
+    todo_all = [p for p in selected if _needs_run(p, state.get(p.key), job)]
+    todo_keys = {p.key for p in todo_all}
+    todo = [p for p in mine if p.key in todo_keys]
+    part = M.part_path(out_dir, job.shard, dist.rank, dist.world)
+    others = [M.part_path(out_dir, job.shard, r, dist.world) for r in range(dist.world) if r != dist.rank]
+    run_id = dist.broadcast(f"{int(time.time())}-{secrets.token_hex(4)}" if dist.is_main else None)
+    if dist.is_main:
+        if job.shard is None:
+            M.remove_temp_files(out_dir)
+        for path in [part, *others]:
+            if path.exists():
+                M.PartWriter(path).close()  # cut a line a killed writer left unfinished
+        where = f" on {dist.world} processes" if dist.world > 1 else ""
+        shard = f" (shard {job.shard[0]}/{job.shard[1]})" if job.shard else ""
+        _stderr(f"bagel batch {task}: {len(selected)} rows{shard} -> {out_dir}; "
+                f"{len(selected) - len(todo_all)} already done, {len(todo_all)} to do{where}")
+    progress = _Progress(len(todo_all), job.progress and dist.is_main, f"{task}", others if dist.is_main else [])
+    dist.barrier()  # nobody writes before rank 0 has cleaned up and measured the part files
+
+    try:
+        if todo:
+            device = D.rank_device(job.device, dist)
+            if job.model is None and load is None:
+                raise BagelInputError("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL")
+            if load is None:
+                import bagel_engine
+
+                load = bagel_engine.load
+            pipe = load(job.model, device=device, dtype=job.dtype)
+            with M.PartWriter(part) as writer:
+                for plan in todo:
+                    record = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress)
+                    writer.append(record)
+                    progress.row_done(record["status"] == "ok")
+                    if record["status"] != "ok":
+                        prefix = f"[rank {dist.rank}] " if dist.world > 1 else ""
+                        _stderr(f"{prefix}row {plan.key} ({plan.row.where()}) failed: {record['error']}")
+        if dist.is_main:
+            progress.wait_for_others()
+    finally:
+        progress.close()
+    dist.barrier()
+
+    summary = None
+    if dist.is_main:
+        # The manifest covers every row of the input (of the shard), not only the --rows chosen now.
+        scope = D.take_share(plans, job.shard, D.Dist())[0]
+        merged = M.merge(out_dir, [p.key for p in scope], job.shard)
+        chosen_keys = {p.key for p in selected}
+        records = [r for r in merged if r["id"] in chosen_keys]
+        stem = M.manifest_stem(job.shard)
+        ok = sum(r.get("status") == "ok" for r in records)
+        failed = [r for r in records if r.get("status") != "ok"]
+        processed = sum(r.get("run") == run_id for r in records)
+        summary = Summary(
+            task=task, rows=len(selected), ok=ok, failed=len(failed), unfinished=len(selected) - len(records),
+            processed=processed, skipped=len(records) - processed, processes=dist.world,
+            elapsed_s=round(time.perf_counter() - t_start, 3), output_dir=str(out_dir),
+            manifest=str(out_dir / f"{stem}.jsonl"), manifest_csv=str(out_dir / f"{stem}.csv"),
+            failures=[{"id": str(r["id"]), "error": str(r.get("error"))} for r in failed[:10]],
+        )
+    return dist.broadcast(summary)
+
+
+def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: D.Dist,
+             run_id: str, progress: _Progress) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {
+        "id": plan.key, "index": plan.row.position, "task": job.task, "status": "failed", "output": None,
+        "text": None, "error": None, "seed": None, "prompt": None, "inputs": None, "params": None,
+        "timings": None, "source": plan.row.where(), "rank": dist.rank, "run": run_id,
+    }
+    try:
+        call = build_call(plan, job.task, base, base_seed, job.prompt_column)
+        requested = {k: v for k, v in call.kwargs.items()}
+        record.update(seed=call.seed, prompt=call.prompt, inputs=call.inputs or None, params=_plain(requested))
+        kwargs = dict(call.kwargs)
+        if job.task in K.IMAGE_TASKS:
+            kwargs["callback"] = progress.step
+        out = getattr(pipe, call.method)(*call.args, **kwargs)
+        if job.task in K.IMAGE_TASKS:
+            if getattr(out, "image", None) is None:
+                raise RuntimeError("the model returned no image")
+            M.save_image(out.image, out_dir / plan.output)
+            record["output"] = plan.output
+        params = getattr(out, "params", None)
+        record.update(
+            status="ok", text=getattr(out, "text", None),
+            seed=out.seed if getattr(out, "seed", None) is not None else call.seed,
+            params=_plain(params) if params else record["params"],
+            timings=_plain(dict(getattr(out, "timings", None) or {})),
+        )
+    except Exception as e:  # noqa: BLE001 - a bad row fails alone; the job goes on
+        record.update(status="failed", error=_error_text(e))
+    timings = record["timings"] or {}
+    timings["row_s"] = round(time.perf_counter() - t0, 6)
+    record["timings"] = timings
+    record["finished_at"] = M.now()
+    return record
+
+
+def exit_code(summary: Summary) -> int:
+    """0 when every row of the job is done and ok, 3 when some failed or were left unfinished."""
+    return 0 if summary.failed == 0 and summary.unfinished == 0 else 3
+

@@ -1,0 +1,313 @@
+"""`bagel batch` end to end with the tiny golden checkpoint: good and bad rows, resume, retry,
+overwrite, knob precedence, every task and input format, shards, kill -9, and two processes
+under torchrun (gloo on the CPU) against one."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import bagel_engine
+import bagel_engine.cli.batch_cmd  # noqa: F401 - registers `batch`
+from bagel_engine.batch import manifest as M
+from bagel_engine.batch.knobs import derive_seed
+from bagel_engine.cli.main import app
+
+DATA = Path(__file__).parent / "data" / "tiny-v1"
+MODEL = DATA / "model"
+IMAGE = DATA / "inputs" / "image_a.png"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return bagel_engine.load(MODEL)
+
+
+def batch(*args, env=None):
+    env = {"BAGEL_MODEL": str(MODEL), **(env or {})}
+    return CliRunner().invoke(app, ["batch", *[str(a) for a in args]], env=env)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def manifest(out: Path, stem: str = "manifest") -> list[dict]:
+    return [json.loads(line) for line in (out / f"{stem}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def by_id(records: list[dict]) -> dict[str, dict]:
+    return {r["id"]: r for r in records}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.name.startswith("manifest.part-"))
+
+
+# ----------------------------------------------------------------------------- edit: good and bad rows
+def diffgentor_edit_file(folder: Path) -> Path:
+    """A diffgentor-style BAGEL edit file: instruction + input_images (+ one of our knob columns)."""
+    Image.open(IMAGE).save(folder / "a.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    csv = folder / "edits.csv"
+    csv.write_text(
+        "id,instruction,input_images,cfg_text_scale\n"
+        "e1,make it blue,a.png,\n"
+        'e2,make it red,"[""a.png"", ""a.png""]",5\n'
+        "e3,missing image,later.png,\n"
+        "e4,corrupt image,corrupt.png,\n"
+        "e5,,a.png,\n"
+        "e6,bad knob,a.png,lots\n"
+        "e1,duplicate id,a.png,\n", encoding="utf-8")
+    return csv
+
+
+def test_edit_batch_good_and_bad_rows_resume_retry_overwrite(tmp_path, pipe):
+    csv = diffgentor_edit_file(tmp_path)
+    out = tmp_path / "out"
+    r = batch(csv, "--task", "edit", "--output-dir", out, "--num-timesteps", 3)
+    assert r.exit_code == 3, r.output
+    assert "7 rows: 2 ok, 5 failed" in r.stderr
+    records = manifest(out)
+    assert [x["id"] for x in records] == ["e1", "e2", "e3", "e4", "e5", "e6", "e1@row6"]
+    assert [x["status"] for x in records] == ["ok", "ok"] + ["failed"] * 5
+    errors = {x["id"]: x["error"] for x in records}
+    assert "'later.png' not found" in errors["e3"]
+    assert "corrupt.png" in errors["e4"] and "image" in errors["e4"]
+    assert "empty prompt" in errors["e5"]
+    assert "column 'cfg_text_scale': expected a number" in errors["e6"]
+    assert "duplicate id 'e1'" in errors["e1@row6"]
+    rows = by_id(records)
+    # the row's seed comes from the base seed (0) and its id; the image is what the API draws
+    assert rows["e1"]["seed"] == derive_seed(0, "e1") and rows["e1"]["output"] == "e1.png"
+    expected = pipe.edit(Image.open(IMAGE), "make it blue", seed=derive_seed(0, "e1"), num_timesteps=3)
+    assert (out / "e1.png").read_bytes() == png(expected.image)
+    assert rows["e2"]["params"]["cfg_text_scale"] == 5.0 and rows["e2"]["params"]["num_timesteps"] == 3
+    assert rows["e2"]["inputs"] == ["a.png", "a.png"] and rows["e2"]["timings"]["denoise_s"] > 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["e1.png", "e2.png"]
+    csv_lines = (out / "manifest.csv").read_text(encoding="utf-8").splitlines()
+    assert csv_lines[0].startswith("id,index,status,output,text,error,seed") and len(csv_lines) == 8
+    assert leftovers(out) == []
+
+    # resume: nothing to do, nothing changes
+    r = batch(csv, "--task", "edit", "--output-dir", out, "--num-timesteps", 3)
+    assert r.exit_code == 3 and "0 this run, 7 from earlier runs" in r.stderr
+    assert manifest(out) == records
+
+    # the missing image appears: --retry-failed redoes the failed rows only
+    Image.open(IMAGE).save(tmp_path / "later.png")
+    r = batch(csv, "--task", "edit", "--output-dir", out, "--num-timesteps", 3, "--retry-failed", "--json")
+    assert r.exit_code == 3
+    summary = json.loads(r.stdout)
+    assert (summary["ok"], summary["failed"], summary["processed"], summary["skipped"]) == (3, 4, 5, 2)
+    after = by_id(manifest(out))
+    assert after["e3"]["status"] == "ok" and (out / "e3.png").exists()
+    assert after["e1"] == rows["e1"]  # finished rows untouched
+
+    # --overwrite redoes everything; the same seeds give the same images
+    before = (out / "e1.png").read_bytes()
+    r = batch(csv, "--task", "edit", "--output-dir", out, "--num-timesteps", 3, "--overwrite")
+    assert r.exit_code == 3 and "7 this run" in r.stderr
+    assert by_id(manifest(out))["e1"]["finished_at"] > rows["e1"]["finished_at"]
+    assert (out / "e1.png").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- t2i: knobs and seeds
+def test_t2i_knob_precedence_row_flag_variable_default(tmp_path, pipe):
+    src = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "a", "prompt": "a red fox", "height": 32, "width": 32},
+        {"id": "b", "prompt": "a blue car", "height": 32, "width": 48, "cfg_text_scale": 6, "seed": 11,
+         "num_timesteps": 4, "cfg_interval": "0.2,0.8"},
+        {"id": "c", "prompt": "a poster", "think": True, "max_think_tokens": 5, "height": 32, "width": 32},
+        {"id": "d", "prompt": "too big", "height": 1024, "width": 32},
+    ])
+    env = {"DG_BAGEL_CFG_TEXT_SCALE": "3.0", "DG_BAGEL_TIMESTEP_SHIFT": "2.0", "DG_BAGEL_NUM_TIMESTEPS": "5",
+           "DG_BAGEL_THINK": "false"}
+    out = tmp_path / "out"
+    r = batch(src, "--task", "t2i", "-o", out, "--num-timesteps", 3, "--seed", 5, "--cfg-renorm-type", "channel",
+              env=env)
+    assert r.exit_code == 3, r.output
+    rows = by_id(manifest(out))
+    a, b, c, d = (rows[k] for k in "abcd")
+    assert a["params"]["cfg_text_scale"] == 3.0  # variable
+    assert a["params"]["timestep_shift"] == 2.0  # variable
+    assert a["params"]["num_timesteps"] == 3  # flag beats variable
+    assert a["params"]["cfg_renorm_type"] == "channel"  # flag
+    assert a["params"]["cfg_img_scale"] == 1.5  # the API's text-to-image default
+    assert a["seed"] == derive_seed(5, "a")
+    assert (b["params"]["cfg_text_scale"], b["params"]["num_timesteps"], b["seed"]) == (6.0, 4, 11)  # row
+    assert b["params"]["cfg_interval"] == [0.2, 0.8]
+    expected = pipe.generate("a blue car", height=32, width=48, cfg_text_scale=6.0, timestep_shift=2.0,
+                             num_timesteps=4, cfg_interval=(0.2, 0.8), cfg_renorm_type="channel", seed=11)
+    assert (out / "b.png").read_bytes() == png(expected.image)
+    expected = pipe.generate("a poster", height=32, width=32, think=True, max_think_token_n=5, cfg_text_scale=3.0,
+                             timestep_shift=2.0, num_timesteps=3, cfg_renorm_type="channel",
+                             seed=derive_seed(5, "c"))
+    assert c["text"] == expected.text and c["text"]  # the think text is kept
+    assert (out / "c.png").read_bytes() == png(expected.image)
+    assert d["status"] == "failed" and "height 1024 is not supported" in d["error"]
+    Image.open(out / "a.png").load()
+
+
+# ----------------------------------------------------------------------------- text tasks and Parquet
+def test_understand_from_parquet_bytes_and_chat_from_jsonl(tmp_path, pipe):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    data = IMAGE.read_bytes()
+    pq.write_table(pa.table({
+        "index": [0, 1, 2],
+        "question": ["What is it?", "Which color?", "Broken?"],
+        "image": [{"bytes": data, "path": "a.png"}, {"bytes": data, "path": None}, {"bytes": b"junk", "path": None}],
+        "max_new_tokens": [6, 4, 6],
+    }), tmp_path / "qa.parquet")
+    out = tmp_path / "qa"
+    r = batch(tmp_path / "qa.parquet", "--task", "understand", "-o", out, "--json")
+    assert r.exit_code == 3, r.output
+    rows = by_id(manifest(out))
+    expected = pipe.understand(Image.open(IMAGE), "Which color?", max_new_tokens=4, seed=derive_seed(0, "1"))
+    assert rows["1"]["status"] == "ok" and rows["1"]["text"] == expected.text and rows["1"]["output"] is None
+    assert rows["0"]["inputs"] == ["a.png"]
+    assert rows["2"]["status"] == "failed" and "not an image" in rows["2"]["error"]
+    assert list(out.glob("*.png")) == []
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Hi"}, {"prompt": "Name a color.", "temperature": 0.9,
+                                                                       "do_sample": "true"}])
+    out = tmp_path / "chat"
+    r = batch(chats, "--task", "chat", "-o", out, "--max-think-tokens", 7)  # the answer length for text tasks
+    assert r.exit_code == 0, r.output
+    rows = by_id(manifest(out))
+    expected = pipe.chat("Name a color.", max_new_tokens=7, do_sample=True, text_temperature=0.9,
+                         seed=derive_seed(0, "1"))
+    assert rows["1"]["text"] == expected.text and rows["1"]["params"]["max_think_token_n"] == 7
+
+
+def test_bad_job_input_exits_2(tmp_path):
+    r = batch(tmp_path / "none.csv", "--task", "edit", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "input not found" in r.stderr
+    src = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "x"}])
+    r = batch(src, "--task", "t2i", "-o", tmp_path / "o", "--shard", "2/2")
+    assert r.exit_code == 2 and "--shard" in r.stderr
+    r = batch(src, "--task", "t2i", "-o", tmp_path / "o", env={"DG_BAGEL_CFG_INTERVAL": "wide"})
+    assert r.exit_code == 2 and "DG_BAGEL_CFG_INTERVAL" in r.stderr
+    r = batch(src, "--task", "paint", "-o", tmp_path / "o")
+    assert r.exit_code == 2
+    r = batch(src, "--task", "t2i", "-o", tmp_path / "o", env={"BAGEL_MODEL": None})
+    assert r.exit_code == 2 and "no model" in r.stderr
+
+
+# ----------------------------------------------------------------------------- shards
+def test_shards_then_one_merged_manifest(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"thing {i}"} for i in range(5)])
+    out = tmp_path / "out"
+    common = ["--task", "t2i", "-o", out, "--height", 32, "--width", 32, "--num-timesteps", 3]
+    for k in range(2):
+        r = batch(src, *common, "--shard", f"{k}/2")
+        assert r.exit_code == 0, r.output
+    assert [x["id"] for x in manifest(out, "manifest.shard0of2")] == ["0", "2", "4"]
+    assert [x["id"] for x in manifest(out, "manifest.shard1of2")] == ["1", "3"]
+    r = batch(src, *common)  # everything is done: only merges
+    assert r.exit_code == 0 and "0 this run, 5 from earlier runs" in r.stderr
+    assert [x["id"] for x in manifest(out)] == ["0", "1", "2", "3", "4"]
+    before = by_id(manifest(out))
+    r = batch(src, *common, "--rows", "1:3", "--overwrite", "--json")
+    summary = json.loads(r.stdout)
+    assert (summary["rows"], summary["processed"], summary["skipped"]) == (2, 2, 0)
+    after = by_id(manifest(out))  # rows outside --rows keep their records
+    assert list(after) == ["0", "1", "2", "3", "4"]
+    assert [k for k in after if after[k] != before[k]] == ["1", "2"]
+
+
+# ----------------------------------------------------------------------------- processes
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "bagel_engine.cli.main", "batch", *[str(a) for a in args]]
+
+
+def test_two_processes_give_the_one_process_images(tmp_path):
+    rows = [{"prompt": f"scene {i}", "width": 32 if i % 2 else 48} for i in range(7)]
+    rows[3] = {"prompt": "", "width": 32}  # a failed row on rank 1
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    common = ["--task", "t2i", "--height", 32, "--num-timesteps", 3, "--model", MODEL, "--no-progress"]
+    # torchrun gives each process one thread; the single process gets one too, so the float math is the same
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(cli(src, "-o", tmp_path / "one", *common), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 3, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "bagel_engine.cli.main", "batch", str(src), "-o", str(tmp_path / "two"), *map(str, common)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode != 0  # a row failed: every rank exits 3, torchrun reports it
+    assert "7 rows: 6 ok, 1 failed" in two.stderr and "on 2 processes" in two.stderr
+    a, b = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    assert [(x["id"], x["status"], x["seed"], x["error"]) for x in a] == [
+        (x["id"], x["status"], x["seed"], x["error"]) for x in b]
+    assert {x["rank"] for x in b} == {0, 1} and {x["rank"] for x in a} == {0}
+    images = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert len(images) == 6 and images == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    for name in images:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert leftovers(tmp_path / "two") == []
+
+
+def test_kill_9_mid_batch_then_resume(tmp_path, pipe):
+    n = 40
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i:02d}", "prompt": f"picture {i}"} for i in range(n)])
+    out = tmp_path / "out"
+    args = [src, "--task", "t2i", "-o", out, "--height", 64, "--width", 64, "--num-timesteps", 10, "--model", MODEL]
+    proc = subprocess.Popen(cli(*args, "--no-progress"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    part = M.part_path(out, None, 0, 1)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if part.exists() and part.read_bytes().count(b"\n") >= 5:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "manifest.jsonl").exists()  # killed before the end
+    done_before = {r["id"] for r in M.read_records(part)}
+    assert 5 <= len(done_before) < n
+
+    r = batch(*args, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["ok"] == n and summary["skipped"] == len(done_before)
+    assert summary["processed"] == n - len(done_before)
+    records = manifest(out)
+    assert [x["id"] for x in records] == [f"r{i:02d}" for i in range(n)]  # every row exactly once
+    assert all(x["status"] == "ok" for x in records)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"r{i:02d}.png" for i in range(n)] + ["manifest.csv", "manifest.jsonl"])  # no temp or part files
+    for i in range(n):
+        with Image.open(out / f"r{i:02d}.png") as im:
+            im.load()
+            assert im.size == (64, 64)
+    # a row done before the kill and one done after are both what the API draws for their seeds
+    first_after = next(f"r{i:02d}" for i in range(n) if f"r{i:02d}" not in done_before)
+    for key in ("r00", first_after):
+        i = int(key[1:])
+        expected = pipe.generate(f"picture {i}", height=64, width=64, num_timesteps=10, seed=derive_seed(0, key))
+        assert (out / f"{key}.png").read_bytes() == png(expected.image), key
