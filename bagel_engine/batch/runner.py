@@ -43,6 +43,7 @@ class BatchJob:
     id_column: str | None = None
     progress: bool = True
     environ: Mapping[str, str] | None = None  # for DG_BAGEL_*; default os.environ
+    batch_size: int = 1  # t2i: rows with the same size and knobs denoised together (pipe.generate(list))
 
 
 @dataclass
@@ -220,14 +221,20 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
 
                 load = bagel_engine.load
             pipe = load(job.model, device=device, dtype=job.dtype)
+            group = max(1, job.batch_size) if task == "t2i" else 1
             with M.PartWriter(part) as writer:
-                for plan in todo:
-                    record = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress)
-                    writer.append(record)
-                    progress.row_done(record["status"] == "ok")
-                    if record["status"] != "ok":
-                        prefix = f"[rank {dist.rank}] " if dist.world > 1 else ""
-                        _stderr(f"{prefix}row {plan.key} ({plan.row.where()}) failed: {record['error']}")
+                for start in range(0, len(todo), group):
+                    chunk = todo[start : start + group]
+                    if len(chunk) == 1:
+                        done = [(chunk[0], _process(pipe, chunk[0], job, base, base_seed, out_dir, dist, run_id, progress))]
+                    else:
+                        done = _process_together(pipe, chunk, job, base, base_seed, out_dir, dist, run_id, progress)
+                    for plan, record in done:
+                        writer.append(record)
+                        progress.row_done(record["status"] == "ok")
+                        if record["status"] != "ok":
+                            prefix = f"[rank {dist.rank}] " if dist.world > 1 else ""
+                            _stderr(f"{prefix}row {plan.key} ({plan.row.where()}) failed: {record['error']}")
         if dist.is_main:
             progress.wait_for_others()
     finally:
@@ -255,41 +262,99 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
     return dist.broadcast(summary)
 
 
-def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: D.Dist,
-             run_id: str, progress: _Progress) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    record: dict[str, Any] = {
+def _new_record(plan: Plan, job: BatchJob, dist: D.Dist, run_id: str) -> dict[str, Any]:
+    return {
         "id": plan.key, "index": plan.row.position, "task": job.task, "status": "failed", "output": None,
         "text": None, "error": None, "seed": None, "prompt": None, "inputs": None, "params": None,
         "timings": None, "source": plan.row.where(), "rank": dist.rank, "run": run_id,
     }
-    try:
-        call = build_call(plan, job.task, base, base_seed, job.prompt_column)
-        requested = {k: v for k, v in call.kwargs.items()}
-        record.update(seed=call.seed, prompt=call.prompt, inputs=call.inputs or None, params=_plain(requested))
-        kwargs = dict(call.kwargs)
-        if job.task in K.IMAGE_TASKS:
-            kwargs["callback"] = progress.step
-        out = getattr(pipe, call.method)(*call.args, **kwargs)
-        if job.task in K.IMAGE_TASKS:
-            if getattr(out, "image", None) is None:
-                raise RuntimeError("the model returned no image")
-            M.save_image(out.image, out_dir / plan.output)
-            record["output"] = plan.output
-        params = getattr(out, "params", None)
-        record.update(
-            status="ok", text=getattr(out, "text", None),
-            seed=out.seed if getattr(out, "seed", None) is not None else call.seed,
-            params=_plain(params) if params else record["params"],
-            timings=_plain(dict(getattr(out, "timings", None) or {})),
-        )
-    except Exception as e:  # noqa: BLE001 - a bad row fails alone; the job goes on
-        record.update(status="failed", error=_error_text(e))
+
+
+def _start(record: dict[str, Any], plan: Plan, job: BatchJob, base: dict, base_seed: int):
+    call = build_call(plan, job.task, base, base_seed, job.prompt_column)
+    record.update(seed=call.seed, prompt=call.prompt, inputs=call.inputs or None, params=_plain(dict(call.kwargs)))
+    return call
+
+
+def _finish(record: dict[str, Any], out, call, plan: Plan, job: BatchJob, out_dir: Path) -> None:
+    if job.task in K.IMAGE_TASKS:
+        if getattr(out, "image", None) is None:
+            raise RuntimeError("the model returned no image")
+        M.save_image(out.image, out_dir / plan.output)
+        record["output"] = plan.output
+    params = getattr(out, "params", None)
+    record.update(
+        status="ok", text=getattr(out, "text", None),
+        seed=out.seed if getattr(out, "seed", None) is not None else call.seed,
+        params=_plain(params) if params else record["params"],
+        timings=_plain(dict(getattr(out, "timings", None) or {})),
+    )
+
+
+def _close(record: dict[str, Any], t0: float) -> dict[str, Any]:
     timings = record["timings"] or {}
     timings["row_s"] = round(time.perf_counter() - t0, 6)
     record["timings"] = timings
     record["finished_at"] = M.now()
     return record
+
+
+def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: D.Dist,
+             run_id: str, progress: _Progress) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    record = _new_record(plan, job, dist, run_id)
+    try:
+        call = _start(record, plan, job, base, base_seed)
+        kwargs = dict(call.kwargs)
+        if job.task in K.IMAGE_TASKS:
+            kwargs["callback"] = progress.step
+        out = getattr(pipe, call.method)(*call.args, **kwargs)
+        _finish(record, out, call, plan, job, out_dir)
+    except Exception as e:  # noqa: BLE001 - a bad row fails alone; the job goes on
+        record.update(status="failed", error=_error_text(e))
+    return _close(record, t0)
+
+
+def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_seed: int, out_dir: Path,
+                      dist: D.Dist, run_id: str, progress: _Progress) -> list[tuple[Plan, dict[str, Any]]]:
+    """t2i rows whose knobs agree (size, steps, guidance...) in one ``pipe.generate(list)`` call:
+    every denoising step of all of them is one batched forward. Each row keeps its own seed, so its
+    image equals the one made alone. A group whose call fails is retried row by row."""
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[tuple[Plan, Any]]] = {}
+    for plan in plans:
+        record = _new_record(plan, job, dist, run_id)
+        try:
+            call = _start(record, plan, job, base, base_seed)
+        except Exception as e:  # noqa: BLE001
+            record.update(status="failed", error=_error_text(e))
+            results[plan.key] = _close(record, t0)
+            continue
+        results[plan.key] = record
+        knobs = {k: v for k, v in call.kwargs.items() if k != "seed"}
+        groups.setdefault(repr(sorted(knobs.items())), []).append((plan, call))
+    for members in groups.values():
+        if len(members) == 1:
+            plan, _ = members[0]
+            results[plan.key] = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress)
+            continue
+        knobs = {k: v for k, v in members[0][1].kwargs.items() if k != "seed"}
+        try:
+            outs = pipe.generate([c.prompt for _, c in members], seed=[c.seed for _, c in members],
+                                 callback=progress.step, **knobs)
+        except Exception:  # noqa: BLE001 - find the bad row(s) one by one
+            for plan, _ in members:
+                results[plan.key] = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress)
+            continue
+        for (plan, call), out in zip(members, outs):
+            record = results[plan.key]
+            try:
+                _finish(record, out, call, plan, job, out_dir)
+            except Exception as e:  # noqa: BLE001
+                record.update(status="failed", error=_error_text(e))
+            results[plan.key] = _close(record, t0)
+    return [(plan, results[plan.key]) for plan in plans]
 
 
 def exit_code(summary: Summary) -> int:

@@ -81,6 +81,10 @@ def batch(
         "--id-column", rich_help_panel=JOB, help="Column naming each row's output. \\[default: id, else index]")] = None,
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", rich_help_panel=JOB, help="Show the progress bar.")] = True,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", rich_help_panel=JOB, min=1,
+        help="t2i: denoise up to this many rows together when their size and knobs agree (faster on a GPU; "
+             "each row keeps its own seed and image).")] = 1,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", rich_help_panel=JOB, min=0, max=2**32 - 1,
         help="Base seed; each row's seed is derived from it and the row id. \\[default: 0]")] = None,
@@ -109,7 +113,7 @@ def batch(
         job = BatchJob(
             input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
             device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=D.parse_shard(shard),
-            rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress,
+            rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress, batch_size=batch_size,
         )
         summary = run_batch(job)
     except (BagelInputError, OSError) as e:
