@@ -72,7 +72,8 @@ def serve_command(
     max_images: Annotated[int, typer.Option(min=1, help="Most input images per request, and the largest n.")] = 8,
     allow_local_paths: Annotated[
         Optional[list[Path]],
-        typer.Option("--allow-local-paths", help="Let requests name image files under this directory (repeatable). "
+        typer.Option("--allow-local-paths", exists=True, file_okay=False, dir_okay=True, resolve_path=True,
+                     help="Let requests name image files under this directory (repeatable). "
                      "Off by default: images come as data: URLs or uploads."),
     ] = None,
     allow_remote_urls: Annotated[
@@ -115,6 +116,9 @@ def serve_command(
     typer.echo(f"BAGEL server listening on http://{shown}:{port} (OpenAI base_url: http://{shown}:{port}/v1"
                + (f"; web UI: http://{shown}:{port}/ui/" if build_ui is not None else "")
                + ("; API key required" if settings.api_key else "") + ")", err=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        typer.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
+                   "the model (set --api-key or BAGEL_API_KEY)", err=True)
     config = uvicorn.Config(application, log_level=log_level.lower(), timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -227,7 +227,8 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
         return history, new_turns, {"text": "", "files": []}
 
     # -- layout ------------------------------------------------------------------------------
-    with gr.Blocks(title=f"BAGEL · {name}", analytics_enabled=False) as demo:
+    # delete_cache: uploads and results gradio keeps on disk go after an hour (checked every 30 min)
+    with gr.Blocks(title=f"BAGEL · {name}", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"# BAGEL\nModel: `{name}` · images up to {max_side}px per side, in steps of {step}px",
                     elem_id="bagel-header")
         with gr.Tabs():

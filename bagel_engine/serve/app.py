@@ -1,0 +1,538 @@
+"""The OpenAI-compatible HTTP server: ``create_app(pipe, settings)`` returns a FastAPI app.
+
+Endpoints: POST /v1/images/generations, POST /v1/images/edits, POST /v1/chat/completions,
+GET /v1/models, GET /health, GET /metrics, and the web UI at /ui when mounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import tasks
+from ._engine import INPUT_ERRORS
+from .errors import APIError, bad_request, describe_validation_errors, error_body
+from .images import data_url, decode_image, encode_image, read_image_ref
+from .metrics import Metrics
+from .schemas import (
+    IMAGE_KNOBS,
+    THINK_KNOBS,
+    ChatCompletionRequest,
+    ImageEditJSONRequest,
+    ImageEditRequest,
+    ImageGenerationRequest,
+)
+from .settings import ServeSettings
+from .worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
+
+log = logging.getLogger("bagel_engine.serve")
+
+OPEN_PATHS = frozenset({"/health"})
+ENDPOINTS = frozenset({
+    "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+})
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX*]\s*(\d{1,6})\s*$")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate: metrics, bearer auth and the body size limit, in front of every route.
+# ---------------------------------------------------------------------------------------------
+class _Gate:
+    def __init__(self, app: Any, settings: ServeSettings, metrics: Metrics, ui_path: str | None) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.ui_path = ui_path
+
+    def _is_ui(self, path: str) -> bool:
+        return self.ui_path is not None and (path == self.ui_path or path.startswith(self.ui_path + "/"))
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self._is_ui(path) or (path == "/" and self.ui_path is not None):
+            await self.app(scope, receive, send)  # the UI has its own login and upload limits
+            return
+        endpoint = path if path in ENDPOINTS else "other"
+        status = [500]
+        started = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.settings.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+                await _send_json(send_wrapper, 401, error_body(401, "missing or wrong API key: send the header "
+                                 "'Authorization: Bearer <key>'", code="invalid_api_key"),
+                                 {"www-authenticate": "Bearer"})
+                return
+            limit = self.settings.max_body_bytes
+            length = _header(scope, b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                await _send_json(send_wrapper, 413, _too_large_body(limit))
+                return
+            received = 0
+
+            async def limited_receive() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise BodyTooLarge()
+                return message
+
+            await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            self.metrics.inc("bagel_requests_total", endpoint=endpoint, status=str(status[0]))
+            self.metrics.observe("bagel_request_duration_seconds", time.perf_counter() - started, endpoint=endpoint)
+
+    def _authorized(self, scope: dict) -> bool:
+        value = _header(scope, b"authorization") or ""
+        scheme, _, token = value.partition(" ")
+        key = self.settings.api_key or ""
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _too_large_body(limit: int) -> dict:
+    return error_body(413, f"the request body is larger than the limit of {limit} bytes (server flag --max-body-mb)",
+                      code="body_too_large")
+
+
+async def _send_json(send: Any, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})
+
+
+# ---------------------------------------------------------------------------------------------
+# The app.
+# ---------------------------------------------------------------------------------------------
+def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = None, ui_path: str = "/ui") -> FastAPI:
+    """Build the server around a loaded pipeline.
+
+    ``ui``: a callable ``(worker, pipe, settings) -> gradio.Blocks`` to mount at ``ui_path``
+    (``bagel serve`` passes :func:`bagel_engine.ui.build_ui` unless ``--no-ui``)."""
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+    worker = ModelWorker(pipe, queue_size=settings.queue_size, metrics=metrics)
+    names = list(settings.served_model_names) or [str(getattr(pipe, "model_name", None) or "bagel")]
+    # Also accepted in `model` fields (not listed): the last path component of the name, and "bagel".
+    accepted = set(names) | {n.rstrip("/").rsplit("/", 1)[-1] for n in names} | {"bagel"}
+    cfg = pipe.config
+    step = int(cfg.latent_downsample)
+    max_side = int(cfg.max_image_side)
+    default_side = max(step, min(1024, max_side) // step * step)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop, 5.0)
+
+    app = FastAPI(title="bagel-engine", summary="OpenAI-compatible server for BAGEL-7B-MoT", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.worker = worker
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.pipe = pipe
+
+    # -- errors --------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+        return JSONResponse(_too_large_body(settings.max_body_bytes), status_code=413)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(e.errors()))
+        return JSONResponse(error_body(400, message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        text = {404: f"no such endpoint: {request.method} {request.url.path}",
+                405: f"method {request.method} not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return JSONResponse(error_body(e.status_code, text), status_code=e.status_code, headers=e.headers)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _parse(model: type[BaseModel], raw: bytes) -> Any:
+        try:
+            return model.model_validate_json(raw or b"")
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    async def parse_json(model: type[BaseModel], raw: bytes) -> Any:
+        if len(raw) > 256 * 1024:  # inline images: keep the event loop free while parsing
+            return await run_in_threadpool(_parse, model, raw)
+        return _parse(model, raw)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in accepted:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {', '.join(map(repr, names))}",
+                           param="model", code="model_not_found")
+
+    def parse_size(size: str | None, param: str = "size") -> tuple[int, int]:
+        if size is None or size.strip().lower() == "auto":
+            return default_side, default_side
+        m = _SIZE.match(size)
+        if not m:
+            raise bad_request(f"size must be 'WIDTHxHEIGHT' such as '{default_side}x{default_side}' (got {size!r})",
+                              param)
+        w, h = int(m.group(1)), int(m.group(2))
+        for side, what in ((w, "width"), (h, "height")):
+            if side % step or not step <= side <= max_side:
+                raise bad_request(
+                    f"size {w}x{h}: {what} {side} must be a multiple of {step} between {step} and {max_side} "
+                    f"for this model", param)
+        return w, h
+
+    def check_n(n: int) -> None:
+        if n > settings.max_images:
+            raise bad_request(f"n={n} is above this server's limit of {settings.max_images} images per request "
+                              "(server flag --max-images)", "n")
+
+    def check_image_count(count: int, param: str) -> None:
+        if count > settings.max_images:
+            raise bad_request(f"{count} input images is above this server's limit of {settings.max_images} per "
+                              "request (server flag --max-images)", param, code="too_many_images")
+
+    async def run_job(request: Request, kind: str, fn: Any) -> Any:
+        try:
+            job = worker.submit(kind, fn)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+        except WorkerStopped as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        fut = asyncio.wrap_future(job.future)
+        fut.add_done_callback(_consume)
+        try:
+            while not fut.done():
+                await asyncio.wait({fut}, timeout=settings.disconnect_poll_s)
+                if not fut.done() and await request.is_disconnected():
+                    job.cancel()
+                    log.info("client disconnected: %s job cancelled", kind)
+                    raise APIError(499, "the client disconnected; the job was cancelled", code="cancelled")
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        try:
+            return fut.result()
+        except INPUT_ERRORS as e:
+            raise APIError(400, str(e), code="invalid_input") from None
+        except JobCancelled as e:
+            raise APIError(499, f"the job was cancelled ({e})", code="cancelled") from None
+        except WorkerStopped as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        except Exception as e:  # noqa: BLE001 - a failing job answers 500, the server stays up
+            raise APIError(500, f"the model failed on this request: {type(e).__name__}: {e}",
+                           code="internal_error") from None
+
+    def image_knobs(req: Any) -> dict[str, Any]:
+        return req.given(IMAGE_KNOBS + THINK_KNOBS)
+
+    def images_response(outs: list[Any], fmt: str, think: bool) -> dict[str, Any]:
+        data = []
+        for out in outs:
+            item: dict[str, Any] = {"b64_json": encode_image(out.image, fmt), "seed": out.seed}
+            if think:
+                item["revised_prompt"] = out.text
+            data.append(item)
+        w, h = outs[0].image.size
+        return {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{w}x{h}",
+                "timings": [dict(getattr(o, "timings", {}) or {}) for o in outs]}
+
+    # -- endpoints -----------------------------------------------------------------------------
+    def body_schema(model: type[BaseModel], content_type: str = "application/json") -> dict:
+        return {"requestBody": {"required": True, "content": {content_type: {"schema": model.model_json_schema()}}}}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = worker.alive
+        return JSONResponse({"status": "ok" if ok else "worker stopped", "model": names[0], "busy": worker.busy,
+                             "queue_depth": worker.queue_depth, "queue_size": settings.queue_size},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list",
+                "data": [{"id": n, "object": "model", "created": created, "owned_by": "bagel-engine"} for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "bagel-engine"}
+
+    @app.post("/v1/images/generations", openapi_extra=body_schema(ImageGenerationRequest))
+    async def images_generations(request: Request) -> dict[str, Any]:
+        req: ImageGenerationRequest = await parse_json(ImageGenerationRequest, await request.body())
+        check_model(req.model)
+        check_n(req.n)
+        width, height = parse_size(req.size)
+        fmt = req.output_format or "png"
+        fn = tasks.generate_job(req.prompt, width=width, height=height, n=req.n, think=req.think, seed=req.seed,
+                                knobs=image_knobs(req))
+        outs = await run_job(request, "generate", fn)
+        metrics.inc("bagel_images_generated_total", len(outs))
+        return await run_in_threadpool(images_response, outs, fmt, req.think)
+
+    @app.post("/v1/images/edits", openapi_extra=body_schema(ImageEditJSONRequest))
+    async def images_edits(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            req, images = await _read_edit_form(request)
+        elif ctype in ("application/json", ""):
+            req = await parse_json(ImageEditJSONRequest, await request.body())
+            check_image_count(len(req.image), "image")
+            images = []
+            for i, ref in enumerate(req.image):
+                images.append(await run_in_threadpool(read_image_ref, ref, settings, f"image[{i}]"))
+        else:
+            raise APIError(415, f"send the edit as multipart/form-data (OpenAI style) or JSON, not {ctype!r}",
+                           code="unsupported_media_type")
+        check_model(req.model)
+        check_n(req.n)
+        fmt = req.output_format or "png"
+        fn = tasks.edit_job(images, req.prompt, n=req.n, think=req.think, seed=req.seed, knobs=image_knobs(req))
+        outs = await run_job(request, "edit", fn)
+        metrics.inc("bagel_images_generated_total", len(outs))
+        return await run_in_threadpool(images_response, outs, fmt, req.think)
+
+    async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[Any]]:
+        try:
+            form = await request.form(max_files=settings.max_images + 1, max_fields=256,
+                                      max_part_size=settings.max_body_bytes)
+        except BodyTooLarge:
+            raise
+        except Exception as e:  # noqa: BLE001 - malformed multipart bodies
+            detail = getattr(e, "detail", None) or str(e)
+            raise bad_request(f"could not read the multipart form: {detail}", code="invalid_form") from None
+        try:
+            fields: dict[str, Any] = {}
+            uploads: list[tuple[str, Any]] = []
+            for key, value in form.multi_items():
+                name = key[:-2] if key.endswith("[]") else key
+                if name in ("mask",):
+                    raise bad_request("'mask' is not supported: BAGEL edits the whole image following the prompt",
+                                      "mask", code="unknown_parameter")
+                if name == "image":
+                    uploads.append((key, value))
+                    continue
+                if isinstance(value, UploadFile):
+                    raise bad_request(f"form field '{key}' must be text, not a file", key)
+                if name == "cfg_interval":
+                    fields.setdefault(name, []).extend(_split_list(value))
+                elif key.endswith("[]"):
+                    fields.setdefault(name, []).append(value)
+                elif name in fields:
+                    raise bad_request(f"form field '{name}' is given more than once", name)
+                else:
+                    fields[name] = value
+            if not uploads:
+                raise bad_request("missing required parameter(s): 'image' (one or several image files)", "image",
+                                  code="missing_parameter")
+            check_image_count(len(uploads), "image")
+            try:
+                req = ImageEditRequest.model_validate(fields, strict=False)
+            except ValidationError as e:
+                raise _validation_error(e) from None
+            images = []
+            for i, (_key, value) in enumerate(uploads):
+                what = f"image[{i}]" if len(uploads) > 1 else "image"
+                if isinstance(value, UploadFile):
+                    raw = await value.read()
+                    images.append(await run_in_threadpool(decode_image, raw, settings, what))
+                else:
+                    images.append(await run_in_threadpool(read_image_ref, value, settings, what))
+            return req, images
+        finally:
+            await form.close()
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> dict[str, Any]:
+        req: ChatCompletionRequest = await parse_json(ChatCompletionRequest, await request.body())
+        check_model(req.model)
+        modality = (req.modalities or ["text"])[0]
+        # Count images before decoding any of them.
+        refs = [p.image_url.url for m in req.messages for p in m.content if p.type == "image_url"]
+        check_image_count(len(refs), "messages")
+        turns = []
+        for mi, m in enumerate(req.messages):
+            imgs, texts = [], []
+            for pi, p in enumerate(m.content):
+                if p.type == "image_url":
+                    what = f"messages[{mi}].content[{pi}].image_url"
+                    imgs.append(await run_in_threadpool(read_image_ref, p.image_url.url, settings, what))
+                elif p.text and p.text.strip():
+                    texts.append(p.text)
+            turns.append((imgs, "\n".join(texts)))
+        conv = tasks.conversation_from_turns(turns)
+        if not any(isinstance(x, str) for x in conv.items):
+            raise bad_request("the messages hold no text: give a prompt or a question", "messages")
+        text_kw = _sampling(req)
+        if modality == "text":
+            stray = [name for name in IMAGE_KNOBS + ("max_think_token_n", "size", "output_format")
+                     if getattr(req, name) is not None]
+            if stray:
+                raise bad_request(f"parameter(s) {', '.join(map(repr, stray))} only apply when modalities is "
+                                  '["image"]', stray[0])
+            limit = _one_of(req, ("max_new_tokens", "max_completion_tokens", "max_tokens"))
+            if limit is not None:
+                text_kw["max_new_tokens"] = limit
+            fn = tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw)
+            out = await run_job(request, "chat", fn)
+            reasoning, answer = tasks.split_think(out.text) if req.think else (None, out.text or "")
+            if req.think:
+                reasoning = reasoning or ""  # think asked: always report it, even when the model wrote none
+            message: dict[str, Any] = {"role": "assistant", "content": answer}
+        else:
+            if req.max_new_tokens is not None:
+                raise bad_request("'max_new_tokens' applies to text answers; for the think text of an image use "
+                                  "'max_think_token_n' (or max_tokens)", "max_new_tokens")
+            simple = conv.simple()
+            if req.size is not None and simple is not None and simple[0]:
+                raise bad_request("'size' does not apply when editing images: the output takes the size of the last "
+                                  "input image", "size")
+            width, height = parse_size(req.size) if req.size is not None else (None, None)
+            if width is None and (simple is None or not simple[0]):
+                width, height = parse_size(None)
+            knobs = req.given(IMAGE_KNOBS)
+            knobs.update({k: v for k, v in text_kw.items() if k in THINK_KNOBS})
+            limit = _one_of(req, ("max_think_token_n", "max_completion_tokens", "max_tokens"))
+            if limit is not None:
+                knobs["max_think_token_n"] = limit
+            fn = tasks.image_job(conv, width=width, height=height, think=req.think, seed=req.seed, knobs=knobs)
+            out = await run_job(request, "chat_image", fn)
+            if out.image is None:
+                raise APIError(500, "the model returned no image", code="internal_error")
+            metrics.inc("bagel_images_generated_total")
+            fmt = req.output_format or "png"
+            url = await run_in_threadpool(data_url, out.image, fmt)
+            reasoning = (out.text or "") if req.think else None
+            message = {"role": "assistant", "content": "",
+                       "images": [{"type": "image_url", "image_url": {"url": url}}]}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model or names[0],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+            "usage": None,
+            "seed": getattr(out, "seed", None),
+            "timings": dict(getattr(out, "timings", {}) or {}),
+        }
+
+    if ui is not None:
+        _mount_ui(app, ui, worker, pipe, settings, ui_path)
+    app.add_middleware(_Gate, settings=settings, metrics=metrics, ui_path=ui_path if ui is not None else None)
+    return app
+
+
+def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Any, settings: ServeSettings, path: str) -> None:
+    import gradio as gr
+
+    blocks = ui(worker, pipe, settings)
+    auth = None
+    if settings.api_key:
+        key = settings.api_key
+
+        def auth(username: str, password: str) -> bool:  # noqa: F811 - any user name, the API key as password
+            return hmac.compare_digest(password.encode(), key.encode())
+
+    gr.mount_gradio_app(app, blocks, path=path, auth=auth,
+                        auth_message="Log in with any user name and this server's API key as the password.",
+                        max_file_size=settings.max_body_bytes, footer_links=[],
+                        css=getattr(blocks, "bagel_css", None))
+
+    @app.get("/", include_in_schema=False)
+    async def _root() -> Response:
+        return RedirectResponse(path + "/")
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    message, param = describe_validation_errors(e.errors())
+    kinds = {x["type"] for x in e.errors()}
+    code = "unknown_parameter" if "extra_forbidden" in kinds else "missing_parameter" if "missing" in kinds else \
+        "invalid_value"
+    return APIError(400, message, param=param, code=code)
+
+
+def _consume(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()  # mark the exception retrieved: a cancelled client's job is nobody's error
+
+
+def _split_list(value: str) -> list[str]:
+    v = value.strip()
+    if v.startswith("["):
+        try:
+            parsed = json.loads(v)
+        except json.JSONDecodeError:
+            raise bad_request(f"cfg_interval: {value!r} is not a list of two numbers", "cfg_interval") from None
+        if isinstance(parsed, list):
+            return [str(x) for x in parsed]
+    return [p.strip() for p in v.split(",") if p.strip()] if "," in v else [v]
+
+
+def _one_of(req: Any, names: tuple[str, ...]) -> int | None:
+    given = [n for n in names if getattr(req, n) is not None]
+    if len(given) > 1:
+        raise bad_request(f"give only one of {', '.join(map(repr, given))}", given[1])
+    return getattr(req, given[0]) if given else None
+
+
+def _sampling(req: Any) -> dict[str, Any]:
+    """do_sample / text_temperature, with OpenAI's ``temperature`` as an alternative spelling."""
+    kw = {k: getattr(req, k) for k in ("do_sample", "text_temperature") if getattr(req, k) is not None}
+    if req.temperature is not None:
+        if kw:
+            raise bad_request("give either 'temperature' or the BAGEL knobs 'do_sample' / 'text_temperature', "
+                              "not both", "temperature")
+        if req.temperature == 0:
+            kw["do_sample"] = False
+        else:
+            kw.update(do_sample=True, text_temperature=req.temperature)
+    return kw

@@ -1,0 +1,216 @@
+"""The single model worker: one thread owns the pipeline, jobs reach it through a bounded queue.
+
+The pipeline is never touched by two threads at once, so no lock is needed around it. A job is a
+function ``fn(pipe, callback)``; ``callback(step, total)`` is handed to the engine, which calls it
+after every denoising step. It records progress and raises :class:`JobCancelled` once the job was
+cancelled (its client went away), which aborts the engine call between two steps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from .metrics import Metrics
+
+log = logging.getLogger("bagel_engine.serve")
+
+JobFn = Callable[[Any, Callable[[int, int], None]], Any]
+
+
+class QueueFull(Exception):
+    """The queue holds as many jobs as allowed; try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int, queue_size: int) -> None:
+        super().__init__(f"the server is busy: {queue_size} request(s) are already waiting; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (its client disconnected) and stopped between two steps."""
+
+
+class WorkerStopped(RuntimeError):
+    """The worker is shut down and takes no more jobs."""
+
+
+class Job:
+    def __init__(self, kind: str, fn: JobFn) -> None:
+        self.kind = kind
+        self.fn = fn
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.cancel_event = threading.Event()
+        self.step = 0
+        self.total = 0
+        self.created = time.monotonic()
+        self.started: float | None = None
+        self.finished: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the job to stop: before it starts it is skipped, while it runs it stops at the next step."""
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def callback(self, step: int, total: int) -> None:
+        self.step, self.total = int(step), int(total)
+        if self.cancel_event.is_set():
+            raise JobCancelled(f"cancelled at step {step}/{total}")
+
+
+_STOP = object()
+
+
+class ModelWorker:
+    """Runs jobs one at a time on a dedicated thread; at most ``queue_size`` jobs wait."""
+
+    def __init__(self, pipe: Any, *, queue_size: int = 8, metrics: Metrics | None = None) -> None:
+        self.pipe = pipe
+        self.queue_size = queue_size
+        self.metrics = metrics or Metrics()
+        # The bound is kept by ``_waiting`` under ``_lock`` (queue_size 0: no job may wait).
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._current: Job | None = None
+        self._avg_job_s: float | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="bagel-model-worker", daemon=True)
+        self.jobs_done = 0
+        m = self.metrics
+        m.gauge("bagel_queue_depth", "Jobs waiting for the model worker.", lambda: self._waiting)
+        m.gauge("bagel_queue_capacity", "Jobs that may wait before requests get 429.", lambda: self.queue_size)
+        m.gauge("bagel_jobs_in_progress", "Jobs the model worker is running now (0 or 1).", lambda: int(self._current is not None))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "ModelWorker":
+        if not self._thread.is_alive():
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop taking jobs, cancel the waiting ones and the running one, and join the thread."""
+        with self._lock:
+            self._stopped = True
+            current = self._current
+        if current is not None:
+            current.cancel()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                job.cancel()
+                job.future.set_exception(WorkerStopped("the server is shutting down"))
+        self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def retry_after(self) -> int:
+        per_job = self._avg_job_s if self._avg_job_s is not None else 1.0
+        return max(1, math.ceil(per_job * (self._waiting + 1)))
+
+    # -- submission ----------------------------------------------------------------------------
+    def submit(self, kind: str, fn: JobFn) -> Job:
+        """Queue a job; raise :class:`QueueFull` when ``queue_size`` jobs already wait."""
+        job = Job(kind, fn)
+        with self._lock:
+            if self._stopped:
+                raise WorkerStopped("the server is shutting down")
+            # queue_size 0: accept only when the worker is idle and nothing waits.
+            full = self._waiting >= self.queue_size and not (
+                self.queue_size == 0 and self._current is None and self._waiting == 0
+            )
+            if full:
+                self.metrics.inc("bagel_requests_rejected_total")
+                raise QueueFull(self.retry_after(), self.queue_size)
+            self._waiting += 1
+            self._queue.put_nowait(job)
+        return job
+
+    def run(self, kind: str, fn: JobFn, timeout: float | None = None) -> Any:
+        """Submit and wait (blocking; for synchronous front ends such as the web UI)."""
+        return self.submit(kind, fn).future.result(timeout)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            with self._lock:
+                self._waiting -= 1
+                if job.cancelled:
+                    outcome = "cancelled"
+                else:
+                    self._current = job
+                    outcome = None
+            if outcome == "cancelled":
+                self.metrics.inc("bagel_jobs_total", kind=job.kind, outcome="cancelled")
+                if not job.future.done():
+                    job.future.set_exception(JobCancelled("cancelled before it started"))
+                continue
+            if not job.future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._current = None
+                continue
+            job.started = time.monotonic()
+            self.metrics.observe("bagel_queue_wait_seconds", job.started - job.created)
+            try:
+                result = job.fn(self.pipe, job.callback)
+            except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+                outcome = _outcome_of(e)
+                if outcome == "error":
+                    log.exception("job %s failed", job.kind)
+                job.future.set_exception(e)
+                if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: stop the worker
+                    raise
+            else:
+                outcome = "ok"
+                job.future.set_result(result)
+            finally:
+                job.finished = time.monotonic()
+                took = job.finished - job.started
+                self.metrics.observe("bagel_job_duration_seconds", took, kind=job.kind)
+                with self._lock:
+                    self._current = None
+                    self.jobs_done += 1
+                    if outcome == "ok":
+                        self._avg_job_s = took if self._avg_job_s is None else 0.8 * self._avg_job_s + 0.2 * took
+                self.metrics.inc("bagel_jobs_total", kind=job.kind, outcome=outcome or "error")
+                job = None  # drop references to the request's images before waiting again
+
+
+def _outcome_of(e: BaseException) -> str:
+    if isinstance(e, JobCancelled):
+        return "cancelled"
+    if _is_input_error(e):
+        return "bad_input"
+    return "error"
+
+
+def _is_input_error(e: BaseException) -> bool:
+    from ._engine import INPUT_ERRORS
+
+    return isinstance(e, INPUT_ERRORS)
