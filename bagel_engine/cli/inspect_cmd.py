@@ -16,13 +16,23 @@ from bagel_engine.cli.main import app
         "Examples:\n\n"
         "  bagel inspect ByteDance-Seed/BAGEL-7B-MoT\n\n"
         "  bagel inspect ./BAGEL-7B-MoT --tensors\n\n"
-        "  bagel inspect ./my-finetune --json | jq '.files[\"ema.safetensors\"].missing'"
+        "  bagel inspect ./my-finetune --json | jq '.files[\"ema.safetensors\"].missing'\n\n"
+        "  bagel inspect ByteDance-Seed/BAGEL-7B-MoT --plan --gpu-memory 24GB\n\n"
+        "  bagel inspect ./BAGEL-7B-MoT --plan --gpu-memory 12GB --height 768 --width 1024"
     ),
 )
 def inspect_command(
     model: Annotated[str, typer.Argument(help="Model directory in the official layout, or a hub id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (key 'expected': file -> {name: shape}).")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every expected tensor name and shape.")] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the GPU memory plan: what each memory option (quantize, "
+                                       "offload) needs at the requested size and which fits (JSON key 'plan').")] = False,
+    gpu_memory: Annotated[str | None, typer.Option("--gpu-memory", help="GPU memory to plan for, e.g. 24GB, 24GiB, 12000MB "
+                                                   "(implies --plan): recommends the options that fit.")] = None,
+    height: Annotated[int, typer.Option("--height", help="Image height to plan for (pixels).")] = 1024,
+    width: Annotated[int, typer.Option("--width", help="Image width to plan for (pixels).")] = 1024,
+    fp8: Annotated[bool, typer.Option("--fp8", help="The GPU supports fp8 (compute capability >= 8.9): "
+                                      "may recommend --quantize fp8.")] = False,
 ) -> None:
     """Report what the engine expects from MODEL (every tensor name and shape per file, parameter
     counts, bytes per dtype) and, where the weight files are present, what they hold: missing,
@@ -33,12 +43,30 @@ def inspect_command(
 
     try:
         report = inspect_model(model)
+        memory_plan = _plan(report, model, gpu_memory, height, width, fp8) if (plan or gpu_memory) else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     if as_json:
+        if memory_plan is not None:
+            report["plan"] = memory_plan.as_dict()
         typer.echo(json.dumps(report))
     else:
         typer.echo(format_report(report, show_tensors=tensors))
+        if memory_plan is not None:
+            from bagel_engine.memory_plan import format_plan
+
+            typer.echo("")
+            typer.echo(format_plan(memory_plan))
     if any(f["present"] and not f["ok"] for f in report["files"].values()):
         raise typer.Exit(1)
+
+
+def _plan(report: dict, model: str, gpu_memory: str | None, height: int, width: int, fp8: bool):
+    from pathlib import Path
+
+    from bagel_engine.memory_plan import parse_size, plan
+    from bagel_engine.weights.config import load_model_config
+
+    cfg = load_model_config(Path(report["model_dir"]))
+    return plan(cfg, parse_size(gpu_memory) if gpu_memory else None, height, width, model=model, fp8=fp8)
