@@ -44,6 +44,7 @@ class BatchJob:
     progress: bool = True
     environ: Mapping[str, str] | None = None  # for DG_BAGEL_*; default os.environ
     batch_size: int = 1  # t2i: rows with the same size and knobs denoised together (pipe.generate(list))
+    load_options: dict[str, Any] = field(default_factory=dict)  # quantize, offload, compile... for load()
 
 
 @dataclass
@@ -220,7 +221,7 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
                 import bagel_engine
 
                 load = bagel_engine.load
-            pipe = load(job.model, device=device, dtype=job.dtype)
+            pipe = load(job.model, device=device, dtype=job.dtype, **job.load_options)
             group = max(1, job.batch_size) if task == "t2i" else 1
             with M.PartWriter(part) as writer:
                 for start in range(0, len(todo), group):

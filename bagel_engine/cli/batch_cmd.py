@@ -15,6 +15,7 @@ from bagel_engine.batch.runner import BatchJob, exit_code, run_batch
 from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormMin, CfgRenormType, CfgTextScale, Device,
                                    DoSample, Dtype, Height, Json, MaxThinkTokens, Model, NumTimesteps, Temperature,
                                    Think, TimestepShift, Width, app, knob_values)
+from bagel_engine.cli.load_options import Attention, Compile, Offload, OfficialNumerics, Quantize, load_kwargs
 from bagel_engine.params import BagelInputError
 
 
@@ -106,6 +107,11 @@ def batch(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     json_: Json = False,
 ) -> None:
     """Run one task over every row of a table: resumable, atomic, data parallel under torchrun."""
@@ -114,6 +120,7 @@ def batch(
             input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
             device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=D.parse_shard(shard),
             rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress, batch_size=batch_size,
+            load_options=load_kwargs(locals()),
         )
         summary = run_batch(job)
     except (BagelInputError, OSError) as e:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from bagel_engine.batch import knobs as K
+from bagel_engine.cli.load_options import Attention, Compile, Offload, OfficialNumerics, Quantize, load_kwargs
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
 from bagel_engine.params import RENORM_TYPES, BagelInputError
 
@@ -101,7 +102,7 @@ def fail(message: str, as_json: bool, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load_pipeline(model: str | None, device: str | None, dtype: str | None, as_json: bool):
+def load_pipeline(model: str | None, device: str | None, dtype: str | None, as_json: bool, **options: Any):
     """``bagel_engine.load`` with a clear message for a missing or bad model."""
     if not model:
         fail("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL", as_json)
@@ -117,7 +118,7 @@ def load_pipeline(model: str | None, device: str | None, dtype: str | None, as_j
     t0 = time.perf_counter()
     typer.echo(f"loading {model} ...", err=True)
     try:
-        pipe = load(model, device=device, dtype=dtype, **extra)
+        pipe = load(model, device=device, dtype=dtype, **options, **extra)
     except (ValueError, OSError) as e:  # BagelInputError and the loader's ConfigError are ValueErrors
         fail(f"cannot load model {model!r}: {e}", as_json)
     typer.echo(f"loaded in {time.perf_counter() - t0:.1f} s", err=True)
@@ -170,7 +171,7 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
              dtype: str | None, output: Path | None, as_json: bool) -> None:
     """Load, call one task method, save or print the result."""
     knobs = K.cli_knobs(knob_values(values), task)
-    pipe = load_pipeline(model, device, dtype, as_json)
+    pipe = load_pipeline(model, device, dtype, as_json, **load_kwargs(values))
     bar = None
     if task in K.IMAGE_TASKS:
         bar = StepBar("denoising")
@@ -253,6 +254,11 @@ def generate(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     json_: Json = False,
 ) -> None:
     """Text to image: draw PROMPT and write a PNG (with --think, print the plan first)."""
@@ -289,6 +295,11 @@ def edit(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     json_: Json = False,
 ) -> None:
     """Edit one or several images by an instruction and write a PNG."""
@@ -319,6 +330,11 @@ def understand(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     json_: Json = False,
 ) -> None:
     """Answer a question about one or several images (with --think, the reasoning comes first)."""
@@ -348,6 +364,11 @@ def chat(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     json_: Json = False,
 ) -> None:
     """Text in, text out."""

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bagel_engine.cli.load_options import Attention, Compile, Offload, OfficialNumerics, Quantize, load_kwargs
 from bagel_engine.cli.main import app
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory in the official layout, or a hub id.")]
@@ -28,12 +29,12 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _load(model: str, device: str | None, dtype: str | None):
+def _load(model: str, device: str | None, dtype: str | None, options: dict | None = None):
     from bagel_engine.serve._engine import load_pipeline
 
     typer.echo(f"loading {model} ...", err=True)
     try:
-        return load_pipeline(model, device=device, dtype=dtype)
+        return load_pipeline(model, device=device, dtype=dtype, **(options or {}))
     except (ValueError, OSError) as e:
         typer.echo(f"error: could not load {model}: {e}", err=True)
         raise typer.Exit(2) from None
@@ -61,6 +62,11 @@ def serve_command(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     api_key: ApiKeyOpt = None,
     served_model_name: Annotated[
         Optional[list[str]],
@@ -107,7 +113,7 @@ def serve_command(
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
         mount_ui=build_ui is not None,
     )
-    pipe = _load(model, device, dtype)
+    pipe = _load(model, device, dtype, load_kwargs(locals()))
     application = create_app(pipe, settings, ui=build_ui)
     # Bind first, so that --port 0 (any free port) can be reported before serving.
     sock = _bind(host, port)
@@ -151,6 +157,11 @@ def ui_command(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: Quantize = None,
+    offload: Offload = None,
+    compile: Compile = False,
+    attention: Attention = "auto",
+    official_numerics: OfficialNumerics = False,
     api_key: ApiKeyOpt = None,
     queue_size: QueueOpt = 8,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
@@ -166,7 +177,7 @@ def ui_command(
         raise typer.Exit(2) from None
     _setup_logging(log_level)
     settings = ServeSettings(queue_size=queue_size, api_key=api_key)
-    pipe = _load(model, device, dtype)
+    pipe = _load(model, device, dtype, load_kwargs(locals()))
     worker = ModelWorker(pipe, queue_size=settings.queue_size).start()
     try:
         launch_ui(worker, pipe, settings, host=host, port=port or None)

@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - only while the public API is being wri
 INPUT_ERRORS: tuple[type[Exception], ...] = tuple({_ParamsInputError, _ApiInputError})
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: str | None = None) -> Any:
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, **options: Any) -> Any:
     import bagel_engine
 
-    return bagel_engine.load(model, device=device, dtype=dtype)
+    return bagel_engine.load(model, device=device, dtype=dtype, **options)

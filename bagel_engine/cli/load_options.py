@@ -1,0 +1,54 @@
+"""Options of how the model is loaded, shared by every command that loads one (single jobs, batch,
+serve, ui, bench): quantization, offload, compilation, attention backend, official numerics."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bagel_engine.api import OFFLOAD_MODES, QUANTIZE_METHODS
+from bagel_engine.model.attention import BACKENDS
+
+PANEL = "Memory and speed"
+
+QuantizeMethod = Enum("QuantizeMethod", {m: m for m in QUANTIZE_METHODS}, type=str)
+OffloadMode = Enum("OffloadMode", {m: m for m in OFFLOAD_MODES}, type=str)
+AttentionBackend = Enum("AttentionBackend", {b: b for b in BACKENDS}, type=str)
+
+Quantize = Annotated[Optional[QuantizeMethod], typer.Option(
+    "--quantize", rich_help_panel=PANEL, case_sensitive=False,
+    help="Quantize the decoder's linear layers at load time: int8 (anywhere), fp8 (Ada/Hopper GPUs), "
+         "nf4 (GPU, bitsandbytes). Needs `pip install bagel-engine[quant]`. See docs/memory.md.")]
+Offload = Annotated[Optional[OffloadMode], typer.Option(
+    "--offload", rich_help_panel=PANEL, case_sensitive=False,
+    help="Keep the weights in CPU memory and stream them to the GPU: model (one expert resident, ~24 GB "
+         "cards) or layer (layer by layer, ~12 GB cards). Same results, slower.")]
+Compile = Annotated[bool, typer.Option(
+    "--compile/--no-compile", rich_help_panel=PANEL,
+    help="torch.compile the denoising and decoding steps (slow first call).")]
+Attention = Annotated[AttentionBackend, typer.Option(
+    "--attention", rich_help_panel=PANEL, case_sensitive=False, help="Attention backend.")]
+OfficialNumerics = Annotated[bool, typer.Option(
+    "--official-numerics", rich_help_panel=PANEL,
+    help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
+
+
+def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``bagel_engine.load`` keyword arguments a command's parameters ask for (non-defaults only)."""
+    out: dict[str, Any] = {}
+    for name in ("quantize", "offload"):
+        value = values.get(name)
+        if value is not None:
+            out[name] = value.value if isinstance(value, Enum) else value
+    if values.get("compile"):
+        out["compile"] = True
+    attention = values.get("attention")
+    if attention is not None:
+        attention = attention.value if isinstance(attention, Enum) else attention
+        if attention != "auto":
+            out["attention"] = attention
+    if values.get("official_numerics"):
+        out["official_numerics"] = True
+    return out
