@@ -127,14 +127,6 @@ def test_flops_match_torchs_counter_on_the_tiny_model(tiny):
         assert fc.get_total_flops() == F.llm_linear_per_token(cfg.llm) * 20 + F.llm_attention(cfg.llm, F.full_pairs(0, 20))
 
 
-@pytest.mark.parametrize("size", [(1024, 1024), (1000, 600), (300, 2000), (64, 64), (97, 33)])
-def test_resize_rule_matches_the_engine(size):
-    from bagel_engine.runtime.image_transforms import resize_size
-
-    for transform in ((1024, 512, 16), (980, 224, 14), (64, 32, 4), (112, 56, 14)):
-        assert F.resize_size(*size, *transform) == resize_size(*size, *transform)
-
-
 def test_workload_defaults_resolve_against_the_model():
     cfg = load_model_config(TINY)
     t2i = Workload("t2i").resolved(cfg)

@@ -21,8 +21,9 @@ For the real model at 1024x1024 (4,096 latent tokens) one branch-step is ~60 TFL
 text-to-image workload (50 points, cfg 4 / 1, interval 0.4-1) has 41 guided steps of 49, so
 41 * 2 + 8 = 90 branch-steps, ~5.4 PFLOP.
 
-The schedule and the resize rule are re-implemented here on purpose (a few lines each), so that
-the benchmark depends on the public API only; the tests check them against the engine's own.
+The schedule is re-implemented here on purpose (a few lines), so that the count does not depend
+on the sampler's code; the tests check it against the engine's own. The resize rule is the
+engine's (``runtime.image_transforms.resize_size``), as in the memory plan.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bagel_engine.weights.config import LLMConfig, ModelConfig, VAEConfig, ViTConfig
+from bagel_engine.runtime.image_transforms import resize_size
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -58,25 +60,6 @@ def guided_steps(num_timesteps: int, timestep_shift: float, cfg_interval: tuple[
 
 
 # ----------------------------------------------------------------------------- image sizes
-
-
-def _snap(side: float, scale: float, stride: int) -> int:
-    return max(stride, int(round(round(side * scale) / stride) * stride))
-
-
-def resize_size(width: int, height: int, max_size: int, min_size: int, stride: int,
-                max_pixels: int = 14 * 14 * 9 * 1024) -> tuple[int, int]:
-    """(width, height) after the official ``MaxLongEdgeMinShortEdgeResize`` (what the engine feeds)."""
-    scale = min(max_size / max(width, height), 1.0)
-    scale = max(scale, min_size / min(width, height))
-    w, h = _snap(width, scale, stride), _snap(height, scale, stride)
-    if w * h > max_pixels:
-        scale = max_pixels / (w * h)
-        w, h = _snap(w, scale, stride), _snap(h, scale, stride)
-    if max(w, h) > max_size:
-        scale = max_size / max(w, h)
-        w, h = _snap(w, scale, stride), _snap(h, scale, stride)
-    return w, h
 
 
 def input_image_tokens(cfg: ModelConfig, width: int, height: int) -> tuple[tuple[int, int], int, int]:

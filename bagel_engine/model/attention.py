@@ -110,6 +110,20 @@ def _flex(q, k, v, mask, causal):
     return out.transpose(1, 2)
 
 
+def attend_dense_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA under an explicit (B, N, S) bool mask, whatever the backend (packed training sequences)."""
+    return _sdpa(q, k, v, mask, False)
+
+
+def attend_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """flex attention under a prebuilt ``BlockMask`` (packed training sequences). q: (B, N, Hq, D)."""
+    fn = _compiled_flex() if q.is_cuda else __import__(
+        "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+             enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
+
+
 def _flash(q, k, v, kv_lens, causal):
     """flash-attn varlen over the valid key prefix of each sequence (bottom-right causal alignment)."""
     from flash_attn import flash_attn_varlen_func

@@ -1,7 +1,7 @@
 """KV-cache layouts: where a block's new keys and values go and which keys each query sees.
 
 The decoder calls ``layout.attend(layer, q, k, v, causal)`` in every layer; the layout owns the
-memory. Three layouts cover inference:
+memory. Three layouts cover inference, and one training:
 
 - ``AppendKV``: one sequence, ``[cache ; new block]`` concatenated; the merged keys and values are
   kept so that the block can extend a context (prefill of text and images).
@@ -10,13 +10,15 @@ memory. Three layouts cover inference:
   writes the block's keys into its slots. Shapes never change between steps (compile-friendly).
 - ``DecodeKV``: one sequence decoding one token at a time into a preallocated buffer, with the
   write position held on the device (compile-friendly, no reallocation per token).
+- ``PackedKV``: no cache: a whole packed training sequence attends to itself under a mask (a
+  dense (T, T) bool mask for SDPA, or a flex-attention ``BlockMask`` for long sequences on a GPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from bagel_engine.model.attention import attend
+from bagel_engine.model.attention import attend, attend_block_mask, attend_dense_mask
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (L, Hkv, D)
 
@@ -104,3 +106,16 @@ class DecodeKV:
         self.k[layer][0].index_copy_(0, self.pos, k)
         self.v[layer][0].index_copy_(0, self.pos, v)
         return attend(q[None], self.k[layer], self.v[layer], mask=self.mask, kv_lens=self.kv_lens)[0]
+
+
+class PackedKV:
+    """Self-attention over one packed sequence of T tokens; ``mask`` says which keys each query sees:
+    a (T, T) bool tensor (SDPA) or a flex-attention ``BlockMask`` built over the same T."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        if isinstance(self.mask, torch.Tensor):
+            return attend_dense_mask(q[None], k[None], v[None], self.mask[None])[0]
+        return attend_block_mask(q[None], k[None], v[None], self.mask)[0]

@@ -55,12 +55,20 @@ class Routing:
     """
 
     und: torch.Tensor  # (Nu,) long: rows of the understanding expert
+    # (Ng,) long: rows of the generation expert, when they are a minority (packed training
+    # sequences: mostly text); then each expert runs on its own rows only. None: all other rows.
+    gen: torch.Tensor | None = None
 
 
 def route(x: torch.Tensor, und_fn, gen_fn, routing: Routing | None) -> torch.Tensor:
     """Apply ``und_fn`` to the understanding rows of ``x`` and ``gen_fn`` to the others."""
     if routing is None:
         return und_fn(x)
+    if routing.gen is not None:  # und and gen partition the rows
+        out_u = und_fn(x.index_select(0, routing.und))
+        out_g = gen_fn(x.index_select(0, routing.gen))
+        out = out_u.new_zeros((x.shape[0], *out_u.shape[1:]))
+        return out.index_copy(0, routing.und, out_u).index_copy(0, routing.gen, out_g.to(out.dtype))
     out = gen_fn(x)
     out_u = und_fn(x.index_select(0, routing.und))
     return out.index_copy(0, routing.und, out_u.to(out.dtype))

@@ -1,0 +1,214 @@
+"""The training forward computes what inference computes: the same velocities for a noisy latent
+after the same context, the same logits for the same text, no leak between packed samples, and
+nothing sees a noisy target. Inference itself is pinned to the official code by test_golden.py,
+so these tie the training objective to the official numbers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import bagel_engine
+from bagel_engine.model.kv_cache import PackedKV  # noqa: F401  (the layout under test)
+from bagel_engine.runtime import image_transforms as T
+from bagel_engine.runtime.context import Context, ContextBuilder, block_routing, wrap_with_markers
+from bagel_engine.train import packing as P
+from bagel_engine.train.objective import encode_latents, training_losses
+from bagel_engine.train.sample import Dropout, Picture, Sample, Text, edit, text_to_image, understanding
+from golden import GOLDEN, MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return bagel_engine.load(MODEL_DIR, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.open(GOLDEN / "inputs" / "image_a.png").convert("RGB")
+
+
+def packer(pipe, dropout=None, seed=0):
+    return P.SequencePacker(pipe.config, pipe.tokenizer, pipe.prepare_image, dropout, random.Random(seed))
+
+
+def builder(pipe):
+    return ContextBuilder(pipe.model, pipe.tokenizer, pipe._vae_encode, pipe.device)
+
+
+def fixed_noise(pipe, image, seed):
+    g = torch.Generator().manual_seed(seed)
+    prepared = pipe.prepare_image(image, 0)
+    h, w = (s // pipe.config.latent_downsample for s in prepared.vae_pixels.shape[1:])
+    return torch.randn(h * w, pipe.config.patch_latent_dim, generator=g)
+
+
+def inference_velocity(pipe, ctx, clean, eps, t, grid):
+    """The conditional branch of one denoising step, through the inference code path."""
+    m, s = pipe.model, pipe.tokenizer.special
+    n = clean.shape[0]
+    x_t = (1 - t) * clean + t * eps
+    pos = T.grid_position_ids(*grid, pipe.config.bagel.max_latent_size)
+    body = m.embed_latents(x_t, m.time_embedder(torch.tensor([t])), m.latent_pos_embed(pos))
+    x = wrap_with_markers(m, body, s.start_of_image, s.end_of_image)
+    hidden, _ = m.decoder.extend(x, torch.full((n + 2,), ctx.rope), ctx.kv, False, block_routing(n, "cpu"))
+    return m.velocity(hidden[1:-1])
+
+
+def clean_tokens(pipe, image, generator):
+    latent = encode_latents(pipe.vae, pipe.prepare_image(image, 0).vae_pixels, generator)
+    return T.patchify_latent(latent, pipe.config.bagel.latent_patch_size)
+
+
+@torch.no_grad()
+def test_text_to_image_velocity_equals_the_inference_branch(pipe, photo):
+    sample = text_to_image("a red fox in the snow", photo)
+    batch = packer(pipe).pack([sample])
+    eps = fixed_noise(pipe, photo, 1)
+    out = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.63], noises=[eps],
+                          generator=torch.Generator().manual_seed(5))
+    clean = clean_tokens(pipe, photo, torch.Generator().manual_seed(5))
+    ctx = builder(pipe).add_text(Context(), "a red fox in the snow")
+    grid = batch.vae_images[0].grid
+    expected = inference_velocity(pipe, ctx, clean, eps, 0.63, grid)
+    torch.testing.assert_close(out.velocity, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.mse, (expected - (eps - clean)).pow(2).mean(-1), atol=2e-5, rtol=1e-4)
+    assert out.ce is None and out.timesteps == [0.63]
+
+
+@torch.no_grad()
+def test_edit_velocity_sees_vae_vit_and_instruction_like_inference(pipe, photo):
+    target = photo.transpose(Image.FLIP_LEFT_RIGHT)
+    batch = packer(pipe).pack([edit([photo], "mirror it", target)])
+    assert [m for m in batch.split_modes] == [P.FULL, P.FULL, P.CAUSAL, P.NOISE]
+    eps = fixed_noise(pipe, target, 2)
+    g = torch.Generator().manual_seed(9)
+    out = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.3], noises=[eps], generator=g)
+    # the same posterior draws, in the same order: input image first, then the target
+    g = torch.Generator().manual_seed(9)
+    b = builder(pipe)
+    prepared = pipe.prepare_image(photo, "a")
+    first = encode_latents(pipe.vae, prepared.vae_pixels, g)
+    ctx = b.add_vae_image(Context(), prepared, None)  # replaced below by the exact latent
+    b.vae_encode = lambda pixels, eps_: first[None]
+    b._memo.clear()
+    ctx = b.add_vae_image(Context(), prepared, None)
+    ctx = b.add_vit_image(ctx, prepared)
+    ctx = b.add_text(ctx, "mirror it")
+    clean = clean_tokens(pipe, target, g)
+    expected = inference_velocity(pipe, ctx, clean, eps, 0.3, batch.vae_images[1].grid)
+    torch.testing.assert_close(out.velocity, expected, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_answer_logits_equal_inference_prefill(pipe, photo):
+    batch = packer(pipe).pack([understanding([photo], "What is in the picture?", "A small test image.")])
+    out = training_losses(pipe.model, pipe.vae, batch)
+    b = builder(pipe)
+    ctx = b.add_vit_image(Context(), pipe.prepare_image(photo, 0))
+    ctx = b.add_text(ctx, "What is in the picture?")
+    ids = pipe.tokenizer.frame("A small test image.")
+    m = pipe.model
+    hidden, _ = m.decoder.extend(m.embed_text(torch.tensor(ids)), torch.arange(ctx.rope, ctx.rope + len(ids)),
+                                 ctx.kv, True)
+    logits = m.logits(hidden[:-1])
+    torch.testing.assert_close(out.logits, logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.ce, F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none"),
+                               atol=2e-5, rtol=1e-4)
+    assert out.mse is None and batch.ce_tokens == len(ids) - 1
+
+
+@torch.no_grad()
+def test_packed_samples_do_not_see_each_other(pipe, photo):
+    a = text_to_image("a lake at dawn", photo)
+    b = understanding([photo.rotate(90)], "Describe it.", "It is rotated.")
+    c = Sample([Text("hello"), Text("hi there, how are you?", loss=True)], "chat")
+    eps = fixed_noise(pipe, photo, 3)
+    together = training_losses(pipe.model, pipe.vae, packer(pipe).pack([a, b, c]), timesteps=[0.5], noises=[eps],
+                               generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    alone_a = training_losses(pipe.model, pipe.vae, packer(pipe).pack([a]), timesteps=[0.5], noises=[eps], generator=g)
+    alone_b = training_losses(pipe.model, pipe.vae, packer(pipe).pack([b]), generator=g)
+    alone_c = training_losses(pipe.model, pipe.vae, packer(pipe).pack([c]), generator=g)
+    torch.testing.assert_close(together.mse, alone_a.mse, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(together.ce, torch.cat([alone_b.ce, alone_c.ce]), atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_nothing_sees_the_noisy_target(pipe, photo):
+    with_target = Sample([Text("draw a cat"), Picture(photo, target=True), Text("done, a cat.", loss=True)])
+    without = Sample([Text("draw a cat"), Text("done, a cat.", loss=True)])
+    eps = fixed_noise(pipe, photo, 4)
+    x = training_losses(pipe.model, pipe.vae, packer(pipe).pack([with_target]), timesteps=[0.9], noises=[eps])
+    y = training_losses(pipe.model, pipe.vae, packer(pipe).pack([without]))
+    torch.testing.assert_close(x.ce, y.ce, atol=2e-5, rtol=1e-4)
+    x2 = training_losses(pipe.model, pipe.vae, packer(pipe).pack([with_target]), timesteps=[0.1], noises=[eps * 3])
+    torch.testing.assert_close(x2.ce, x.ce, atol=2e-5, rtol=1e-4)  # the target's noise changes nothing after it
+
+
+def test_mask_follows_the_official_rule(pipe, photo):
+    after_target = Sample([Text("draw"), Picture(photo, target=True), Text("done", loss=True)])
+    batch = packer(pipe).pack([edit([photo], "mirror it", photo), after_target, Sample([Text("a"), Text("b", loss=True)])])
+    m = batch.dense_mask()
+    doc, split, mode = batch.split_ids()
+    t = batch.length
+    for q in range(0, t, 3):
+        for k in range(0, t, 2):
+            same_split = split[q] == split[k]
+            expect = bool(doc[q] == doc[k]) and (k <= q or (bool(same_split) and int(mode[q]) != P.CAUSAL))
+            if int(mode[k]) == P.NOISE and not same_split:
+                expect = False
+            assert bool(m[q, k]) == expect, (q, k)
+    assert m.diagonal().all()
+
+
+@torch.no_grad()
+def test_block_mask_gives_the_dense_mask_numbers(pipe, photo):
+    batch = packer(pipe).pack([text_to_image("a boat", photo), Sample([Text("q"), Text("an answer", loss=True)])])
+    eps = fixed_noise(pipe, photo, 5)
+    dense = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.4], noises=[eps], block_mask=False,
+                            generator=torch.Generator().manual_seed(1))
+    flex = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.4], noises=[eps], block_mask=True,
+                           generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(flex.mse, dense.mse, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(flex.ce, dense.ce, atol=1e-4, rtol=1e-3)
+
+
+def test_positions_routing_and_dropout(pipe, photo):
+    sample = edit([photo], "mirror it", photo)
+    batch = packer(pipe).pack([sample])
+    lat = batch.vae_images[0].grid[0] * batch.vae_images[0].grid[1]
+    # VAE block at 0, ViT block at 1, instruction from 2, target back at the next position
+    assert batch.position_ids[0] == 0 and batch.position_ids[lat + 2] == 1
+    n_text = len(pipe.tokenizer.frame("mirror it"))
+    text_start = batch.split_lens[0] + batch.split_lens[1]
+    assert batch.position_ids[text_start:text_start + n_text].tolist() == list(range(2, 2 + n_text))
+    assert set(batch.position_ids[text_start + n_text:].tolist()) == {2 + n_text}
+    und, gen = set(batch.und_indexes().tolist()), set(batch.vae_indexes.tolist())
+    assert und.isdisjoint(gen) and len(und | gen) == batch.length
+    # with every condition dropped only the target is left; a dropped image still takes a position
+    dropped = packer(pipe, Dropout(1.0, 1.0, 1.0)).pack([sample])
+    assert dropped.split_modes == [P.NOISE] and set(dropped.position_ids.tolist()) == {2}
+    with pytest.raises(ValueError, match="a target"):
+        Picture(photo, target=True, as_vit=True)
+
+
+def test_gradients_reach_both_experts_and_the_heads(pipe, photo):
+    model = pipe.model
+    model.requires_grad_(True)
+    try:
+        batch = packer(pipe).pack([text_to_image("a fox", photo), understanding([photo], "what?", "a fox")])
+        loss = training_losses(model, pipe.vae, batch, generator=torch.Generator().manual_seed(0)).total()
+        loss.backward()
+        layer = model.decoder.layers[0]
+        for p in (layer.mlp.up_proj.weight, layer.mlp_moe_gen.up_proj.weight, model.vae2llm.weight,
+                  model.llm2vae.weight, model.connector.fc1.weight, model.time_embedder.mlp[0].weight,
+                  model.language_model.lm_head.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
