@@ -210,10 +210,14 @@ class BagelPipeline:
                     f"(the model's latent position table covers {top} px per side)"
                 )
 
-    def prepare_image(self, image: ImageInput, key: object) -> PreparedImage:
+    def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None) -> PreparedImage:
+        """An input image through the official VAE and ViT resize rules. ``max_side`` caps the VAE
+        size's long side (and the short-side minimum with it), e.g. to fine-tune at 512 px."""
         img = T.to_rgb(T.check_image(image))
         vae_max, vae_min, vae_stride = self.config.bagel.vae_transform
         vit_max, vit_min, vit_stride = self.config.bagel.vit_transform
+        if max_side is not None:
+            vae_max, vae_min = min(vae_max, max_side), min(vae_min, max_side)
         resized = T.resize_image(img, vae_max, vae_min, vae_stride)
         vit_img = T.resize_image(resized, vit_max, vit_min, vit_stride)
         return PreparedImage(key=key, vae_image=resized, vae_pixels=T.image_to_tensor(resized),

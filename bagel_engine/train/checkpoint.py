@@ -1,0 +1,110 @@
+"""Training checkpoints as model directories in the official layout.
+
+``OUTPUT/checkpoint-000100/`` holds everything ``bagel_engine.load`` (and the official code) reads:
+the configs and tokenizer files of the base model, its ``ae.safetensors`` (the VAE is not
+trained: a hard link where the file system allows, else a copy) and ``ema.safetensors`` with the
+trained weights (the EMA weights when ``ema`` is on), in the base checkpoint's dtype and with the
+official key names. ``trainer/`` beside them holds what resuming needs: the raw weights when they
+differ from the EMA, the optimizer, the step, the data position and the random states.
+``OUTPUT/latest`` names the newest complete checkpoint. A checkpoint is written under a temporary
+name and renamed when complete, so a run killed while saving leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = ("ema.safetensors", "ae.safetensors")
+PREFIX = "checkpoint-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype of the floating tensors of a safetensors file (its first floating tensor)."""
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _state(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in tensors.items()}
+
+
+def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[str, torch.Tensor],
+                    trainer_state: dict, trainer_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    dtype: torch.dtype | None = None, keep: int | None = None) -> Path:
+    """Write ``checkpoint-{step}`` (see the module doc) and point ``latest`` at it. ``weights``: the
+    full state dict to publish; ``trainer_tensors``: named float32 tensor sets for resuming (the
+    trained parameters, their EMA), each stored as ``trainer/{name}.safetensors``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / checkpoint_name(step)
+    tmp = output_dir / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for src in base_dir.iterdir():
+        if src.is_file() and src.name not in WEIGHTS and not src.name.startswith("."):
+            shutil.copy2(src, tmp / src.name)
+    _link_or_copy(base_dir / "ae.safetensors", tmp / "ae.safetensors")
+    dtype = dtype or stored_dtype(base_dir / "ema.safetensors")
+    save_file(_state(weights, dtype), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+    state_dir = tmp / "trainer"
+    state_dir.mkdir()
+    for name, tensors in (trainer_tensors or {}).items():
+        save_file(_state(tensors, torch.float32), str(state_dir / f"{name}.safetensors"))
+    torch.save(trainer_state, state_dir / "state.pt")
+    (state_dir / "summary.json").write_text(json.dumps(
+        {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool, dict, list))
+         and k not in ("optimizer", "data", "rng")}, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = output_dir / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, output_dir / "latest")
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    return sorted(p for p in output_dir.glob(PREFIX + "*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    marker = output_dir / "latest"
+    if marker.exists():
+        path = output_dir / marker.read_text().strip()
+        if (path / "trainer" / "state.pt").exists():
+            return path
+    done = [p for p in list_checkpoints(output_dir) if (p / "trainer" / "state.pt").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(trainer tensor sets by name, trainer state) of a checkpoint written by :func:`save_checkpoint`."""
+    state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
+    tensors = {p.stem: load_file(str(p)) for p in sorted((path / "trainer").glob("*.safetensors"))}
+    return tensors, state

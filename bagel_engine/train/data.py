@@ -1,0 +1,252 @@
+"""Training data: rows of CSV / JSONL / Parquet files (the batch jobs' readers) become samples,
+and samples become packed sequences of at most ``max_tokens`` tokens.
+
+Columns (names as in batch jobs: case and ``-`` / ``_`` do not matter):
+
+============  ==========================================================================
+task          columns
+============  ==========================================================================
+t2i           ``prompt`` (or ``caption`` / ``instruction``) and the image to learn: ``image``
+              (or ``target_image`` / ``output_image``)
+edit          ``instruction`` (or ``prompt``), input image(s) ``image`` / ``image_2`` ... /
+              ``input_images``, and ``output_image`` (or ``target_image`` / ``edited_image``)
+understand    image(s), ``question`` (or ``prompt``) and ``answer`` (or ``response``)
+chat          ``prompt`` (or ``question``) and ``answer`` (or ``response``)
+conversation  ``conversations`` (LLaVA: ``[{"from": "human", "value": "<image>\\n..."}, ...]``) or
+              ``messages`` (``[{"role": "user", "content": ...}, ...]``), and image(s)
+============  ==========================================================================
+
+``--task auto`` (the default) picks per row: a conversation column, else an output image with
+inputs (edit), else an answer (understand with images, chat without), else t2i. Images are
+paths relative to the data file, URLs, data URLs, or bytes (Parquet). A row that cannot become a
+sample (missing column, unreadable image, longer than ``max_tokens``) is recorded as bad and
+skipped; training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from bagel_engine.batch.reader import Row, read_rows
+from bagel_engine.batch.request import image_values, load_image
+from bagel_engine.params import BagelInputError
+from bagel_engine.train import sample as S
+from bagel_engine.train.packing import PackedBatch, SequencePacker, sample_length
+
+log = logging.getLogger(__name__)
+
+TASKS = ("auto", "t2i", "edit", "understand", "chat", "conversation")
+PROMPTS = ("prompt", "caption", "instruction", "question", "text")
+ANSWERS = ("answer", "response", "output", "completion")
+TARGETS = ("output_image", "target_image", "edited_image", "target")
+CONVERSATIONS = ("conversations", "messages")
+
+
+def _text(row: Row, columns: tuple[str, ...], what: str) -> str:
+    for column in columns:
+        value = row.get(column)
+        if value is not None:
+            return value if isinstance(value, str) else str(value)
+    raise BagelInputError(f"no {what}: the row has none of the columns {', '.join(columns)} "
+                          f"(columns: {', '.join(sorted(row.data)) or 'none'})")
+
+
+def _has(row: Row, columns: tuple[str, ...]) -> bool:
+    return any(row.get(c) is not None for c in columns)
+
+
+def _images(row: Row, exclude: tuple[str, ...] = ()) -> list:
+    base = row.source.parent
+    out = []
+    for i, (column, value) in enumerate(image_values(row)):
+        if column in exclude:
+            continue
+        image, _ = load_image(value, base, f"image {i + 1} ({column})")
+        out.append(image.convert("RGB"))
+    return out
+
+
+def _target(row: Row):
+    for column in TARGETS:
+        value = row.get(column)
+        if value is not None:
+            image, _ = load_image(value, row.source.parent, f"target image ({column})")
+            return image.convert("RGB")
+    raise BagelInputError(f"no image to learn: the row has none of the columns {', '.join(TARGETS)}")
+
+
+def _turns(value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BagelInputError("the conversation is not a JSON list of turns") from None
+    if not isinstance(value, list) or not value:
+        raise BagelInputError("the conversation must be a non-empty list of turns")
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise BagelInputError(f"a turn must be an object, got {turn!r:.60}")
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(role, str) or not isinstance(text, str):
+            raise BagelInputError("every turn needs a role ('from' / 'role') and a text ('value' / 'content')")
+        turns.append((role, text))
+    if not any(r.lower() in ("gpt", "assistant") for r, _ in turns):
+        raise BagelInputError("the conversation has no assistant turn to learn")
+    return turns
+
+
+def row_task(row: Row) -> str:
+    if _has(row, CONVERSATIONS):
+        return "conversation"
+    if _has(row, TARGETS):
+        return "edit"
+    if _has(row, ANSWERS):
+        return "understand" if image_values(row) else "chat"
+    return "t2i"
+
+
+def row_sample(row: Row, task: str = "auto") -> S.Sample:
+    """The sample of one row, or :class:`BagelInputError` saying what is wrong with it."""
+    if row.error:
+        raise BagelInputError(row.error)
+    name = row.where()
+    task = row_task(row) if task == "auto" else task
+    if task == "t2i":
+        prompt = _text(row, PROMPTS, "prompt")
+        if _has(row, TARGETS):
+            image = _target(row)
+        else:
+            images = _images(row)
+            if len(images) != 1:
+                raise BagelInputError(f"a t2i row needs exactly one image, found {len(images)}")
+            image = images[0]
+        return S.text_to_image(prompt, image, name)
+    if task == "edit":
+        inputs = _images(row, exclude=TARGETS)
+        if not inputs:
+            raise BagelInputError("an edit row needs at least one input image (image / input_images)")
+        return S.edit(inputs, _text(row, ("instruction", "prompt", "text"), "instruction"), _target(row), name)
+    if task == "understand":
+        images = _images(row)
+        if not images:
+            raise BagelInputError("an understand row needs at least one image")
+        return S.understanding(images, _text(row, ("question", "prompt", "instruction"), "question"),
+                               _text(row, ANSWERS, "answer"), name)
+    if task == "chat":
+        return S.Sample([S.Text(_text(row, ("prompt", "question", "instruction"), "prompt")),
+                         S.Text(_text(row, ANSWERS, "answer"), loss=True)], name)
+    if task == "conversation":
+        column = next(c for c in CONVERSATIONS if row.get(c) is not None) if _has(row, CONVERSATIONS) else None
+        if column is None:
+            raise BagelInputError("no conversation: the row has no column conversations / messages")
+        try:
+            return S.conversation(_turns(row.get(column)), _images(row), name)
+        except ValueError as e:
+            raise BagelInputError(str(e)) from None
+    raise BagelInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+@dataclass
+class BadRow:
+    where: str
+    error: str
+
+
+@dataclass
+class DataStream:
+    """An endless stream of packed sequences for one data-parallel rank.
+
+    Rows are shuffled per epoch with ``seed + epoch`` (the same order on every rank); rank ``r`` of
+    ``world`` takes rows ``r, r + world, ...``. ``state()`` / ``restore()`` give the position, so a
+    resumed run continues with the next unseen row."""
+
+    rows: list[Row]
+    packer: SequencePacker
+    max_tokens: int
+    task: str = "auto"
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0
+    cursor: int = 0  # rows of this epoch's share already taken
+    bad: list[BadRow] = field(default_factory=list)
+    _bad_seen: set = field(default_factory=set)
+
+    @classmethod
+    def from_path(cls, path: str | Path, packer: SequencePacker, max_tokens: int, **kw) -> "DataStream":
+        rows = read_rows(Path(path))
+        if not rows:
+            raise BagelInputError(f"{path}: no rows to train on")
+        return cls(rows, packer, max_tokens, **kw)
+
+    def _share(self, epoch: int) -> list[Row]:
+        order = list(range(len(self.rows)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return [self.rows[i] for i in order[self.rank::self.world]]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "packer_rng": self.packer.rng.getstate()}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        rng = state["packer_rng"]
+        self.packer.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+
+    def _record(self, row: Row, error: str) -> None:
+        if row.position not in self._bad_seen:
+            self._bad_seen.add(row.position)
+            self.bad.append(BadRow(row.where(), error))
+            log.warning("skipping %s: %s", row.where(), error)
+
+    def _next_sample(self) -> tuple[S.Sample, int]:
+        share = self._share(self.epoch)
+        tried = 0
+        while True:
+            if self.cursor >= len(share):
+                if tried and len(self._bad_seen) >= len(self.rows):
+                    raise BagelInputError("every row of the training data is bad (see the bad rows list)")
+                self.epoch, self.cursor = self.epoch + 1, 0
+                share = self._share(self.epoch)
+                if not share:
+                    raise BagelInputError(f"rank {self.rank} of {self.world} has no rows: fewer rows than ranks")
+            row = share[self.cursor]
+            self.cursor += 1
+            tried += 1
+            if row.position in self._bad_seen:
+                continue
+            try:
+                sample = row_sample(row, self.task)
+                n = sample_length(self.packer, sample)
+            except BagelInputError as e:
+                self._record(row, str(e))
+                continue
+            except ValueError as e:  # sizes the model cannot take
+                self._record(row, str(e))
+                continue
+            if n > self.max_tokens:
+                self._record(row, f"{n} tokens, more than --max-tokens {self.max_tokens}")
+                continue
+            return sample, n
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        """Samples in order until the next would pass ``max_tokens`` (at least one per sequence)."""
+        samples, total = [], 0
+        while True:
+            sample, n = self._next_sample()
+            if samples and total + n > self.max_tokens:
+                self.cursor -= 1  # put it back: the next sequence starts with it
+                return self.packer.pack(samples)
+            samples.append(sample)
+            total += n
+            if total == self.max_tokens:
+                return self.packer.pack(samples)

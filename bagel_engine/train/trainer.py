@@ -1,0 +1,351 @@
+"""Fine-tuning BAGEL on packed multimodal data: the loop, data parallelism, EMA and checkpoints.
+
+    from bagel_engine.train import TrainConfig, train
+    train(TrainConfig(model="ByteDance-Seed/BAGEL-7B-MoT", data="edits.jsonl", output_dir="runs/edit",
+                      steps=1000, lr=2e-5, freeze=("vit", "und")))
+
+One step: the next packed sequence of this rank (``DataStream``), the losses of
+``training_losses``, each normalised by the token counts summed over all ranks (every token
+weighs the same wherever it is), backward, gradients averaged over ranks
+(``torch.distributed``: gloo on CPUs, NCCL on GPUs; start with ``torchrun``), clipping, AdamW with
+warm-up and a constant or cosine schedule (the official defaults: betas 0.9 / 0.95, eps 1e-15),
+then the EMA. Every ``save_every`` steps and at the end, rank 0 writes a checkpoint that
+``bagel_engine.load`` reads as a model; a rerun of the same command resumes from the newest one
+with the same data order, random draws and optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import bagel_engine
+from bagel_engine.params import BagelInputError
+from bagel_engine.train import checkpoint as C
+from bagel_engine.train.data import TASKS, DataStream
+from bagel_engine.train.objective import training_losses
+from bagel_engine.train.packing import SequencePacker
+from bagel_engine.train.sample import Dropout
+from bagel_engine.weights.loader import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+FREEZABLE = ("vit", "und", "gen", "connector")
+
+
+@dataclass
+class TrainConfig:
+    model: str  # base model: a directory or a hub id
+    data: str  # a CSV / JSONL / Parquet file or a folder of them
+    output_dir: str
+    task: str = "auto"
+    steps: int = 1000
+    lr: float = 2e-5
+    min_lr: float = 1e-7
+    warmup_steps: int = 50
+    schedule: str = "constant"  # or "cosine" (down to min_lr at the last step)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    max_grad_norm: float = 1.0
+    max_tokens: int = 8192  # tokens per packed sequence, per rank and step
+    max_image_side: int | None = None  # cap the VAE input size (e.g. 512) to save memory
+    timestep_shift: float = 1.0
+    mse_weight: float = 1.0
+    ce_weight: float = 1.0
+    dropout: Dropout = field(default_factory=Dropout)
+    freeze: tuple[str, ...] = ()  # any of FREEZABLE; the VAE and the position tables are never trained
+    ema: float = 0.0  # EMA decay (0: off; the official pre-training used 0.9999)
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 2  # checkpoints kept (the newest)
+    log_every: int = 10
+    device: str | None = None
+    dtype: str = "float32"  # parameter (master) dtype
+    autocast: str | None = "auto"  # "bfloat16" / None; auto: bfloat16 on CUDA
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise BagelInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        bad = [f for f in self.freeze if f not in FREEZABLE]
+        if bad:
+            raise BagelInputError(f"cannot freeze {', '.join(bad)}: choose among {', '.join(FREEZABLE)}")
+        if self.steps < 1 or self.max_tokens < 2 or self.save_every < 1 or self.log_every < 1 or self.keep < 1:
+            raise BagelInputError("steps, save_every, log_every and keep must be >= 1 and max_tokens >= 2")
+        if self.schedule not in ("constant", "cosine"):
+            raise BagelInputError(f"unknown schedule {self.schedule!r}; use constant or cosine")
+        if not 0.0 <= self.ema < 1.0:
+            raise BagelInputError("ema must be in [0, 1)")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise BagelInputError("lr must be > 0 and warmup_steps >= 0")
+        for name, p in (("text", self.dropout.text), ("vit", self.dropout.vit), ("vae", self.dropout.vae)):
+            if not 0.0 <= p <= 1.0:
+                raise BagelInputError(f"{name} dropout must be in [0, 1], got {p}")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The rate for step ``step`` (0-based): linear warm-up, then constant or cosine to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def trainable_names(model: torch.nn.Module, freeze: tuple[str, ...]) -> list[str]:
+    """Parameters that learn: everything but the fixed position tables and the frozen parts.
+    ``und``: the understanding expert (decoder weights without ``_moe_gen``, embeddings, final norm
+    and LM head); ``gen``: the generation expert and the latent glue (``*_moe_gen``, ``vae2llm``,
+    ``llm2vae``, ``time_embedder``); ``vit``: SigLIP; ``connector``: the ViT-to-LLM connector."""
+    names = []
+    for name, _ in model.named_parameters():
+        if name.endswith("pos_embed.pos_embed"):
+            continue
+        if "vit" in freeze and name.startswith("vit_model."):
+            continue
+        if "connector" in freeze and name.startswith("connector."):
+            continue
+        is_llm = name.startswith("language_model.")
+        is_gen = ("_moe_gen" in name) or name.startswith(("vae2llm.", "llm2vae.", "time_embedder."))
+        if "gen" in freeze and is_gen:
+            continue
+        if "und" in freeze and is_llm and not is_gen:
+            continue
+        names.append(name)
+    return names
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if not self.on:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return _Dist(rank, world, local, dev if dev.type == "cuda" else torch.device("cpu")), dev
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.dist, self.device = _init_distributed(cfg.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.base_dir = resolve_model_dir(cfg.model)
+        self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype)
+        self.model, self.vae = self.pipe.model, self.pipe.vae
+        self.vae.requires_grad_(False)
+        names = set(trainable_names(self.model, tuple(cfg.freeze)))
+        self.params = {n: p for n, p in self.model.named_parameters() if n in names}
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(n in names)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.ema = {n: p.detach().float().clone() for n, p in self.params.items()} if cfg.ema else None
+        max_side = cfg.max_image_side
+        packer = SequencePacker(self.pipe.config, self.pipe.tokenizer,
+                                lambda image, key: self.pipe.prepare_image(image, key, max_side),
+                                cfg.dropout, random.Random(cfg.seed * 1000 + self.dist.rank))
+        self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
+                                         rank=self.dist.rank, world=self.dist.world)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.step = 0
+        self.history: list[dict] = []
+        if cfg.autocast == "auto":
+            self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        else:
+            self.autocast = {None: None, "none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.autocast]
+        if cfg.resume:
+            self._resume()
+        elif self.dist.rank == 0:
+            self._clear()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _clear(self) -> None:
+        """Start afresh (``resume=False``): remove the checkpoints and logs of an earlier run."""
+        import shutil
+
+        for path in C.list_checkpoints(self.output_dir) + list(self.output_dir.glob(C.PREFIX + "*.tmp")):
+            shutil.rmtree(path, ignore_errors=True)
+        for name in ("latest", "train_log.jsonl", "bad_rows.jsonl"):
+            (self.output_dir / name).unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        path = C.latest_checkpoint(self.output_dir)
+        if path is None:
+            return
+        tensors, state = C.load_checkpoint(path)
+        if state.get("trainable") != sorted(self.params):
+            raise BagelInputError(f"{path} was trained with other frozen parts; use a new --output-dir or --overwrite")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors["model"][n].to(p.device, p.dtype))
+            if self.ema is not None:
+                self.ema = {n: t.to(self.device) for n, t in tensors["ema"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        data_state = state["data"][self.dist.rank] if self.dist.rank < len(state["data"]) else None
+        if data_state is None or len(state["data"]) != self.dist.world:
+            raise BagelInputError(f"{path} was written by {len(state['data'])} ranks; resume it with as many")
+        self.data.restore(data_state)
+        rng = state["rng"][self.dist.rank]
+        self.generator.set_state(rng.cpu() if self.device.type == "cpu" else rng.to("cpu"))
+        self.history = list(state.get("history", []))
+        log.info("resumed from %s at step %d", path, self.step)
+        if self.dist.rank == 0:
+            print(f"resuming from {path} (step {self.step} of {self.cfg.steps})")
+
+    def checksum(self) -> float:
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.params.values()))
+
+    def _gather(self, obj):
+        if not self.dist.on:
+            return [obj]
+        out = [None] * self.dist.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save(self) -> Path | None:
+        data_states = self._gather(self.data.state())
+        rngs = self._gather(self.generator.get_state())
+        bad = [b for rank_bad in self._gather([(b.where, b.error) for b in self.data.bad]) for b in rank_bad]
+        sums = self._gather(self.checksum())
+        if any(s != sums[0] for s in sums):  # the gradient all-reduce keeps replicas bit-identical
+            raise RuntimeError(f"data-parallel replicas diverged (parameter checksums {sums})")
+        path = None
+        if self.dist.rank == 0:
+            published = {k: v for k, v in self.model.state_dict().items()}
+            if self.ema is not None:
+                published.update(self.ema)
+            tensors = {"model": {n: p.detach() for n, p in self.params.items()}}
+            if self.ema is not None:
+                tensors["ema"] = self.ema
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": data_states,
+                     "rng": rngs, "trainable": sorted(self.params), "history": self.history[-1000:],
+                     "config": {k: v for k, v in asdict(self.cfg).items() if k != "dropout"} | {
+                         "dropout": asdict(self.cfg.dropout)}}
+            path = C.save_checkpoint(self.output_dir, self.step, self.base_dir, published, state, tensors,
+                                     keep=self.cfg.keep)
+            if bad:
+                (self.output_dir / "bad_rows.jsonl").write_text(
+                    "".join(json.dumps({"where": w, "error": e}) + "\n" for w, e in bad))
+            log.info("saved %s", path)
+        if self.dist.on:
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = next(self.data)
+        lr = learning_rate(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        counts = self.dist.all_sum([float(batch.mse_tokens), float(batch.ce_tokens)])
+        world = self.dist.world
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
+                                     generator=self.generator)
+        loss = losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    self.ema[n].mul_(cfg.ema).add_(p.detach().float(), alpha=1 - cfg.ema)
+        self.step += 1
+        sums = self.dist.all_sum([
+            float(losses.mse.detach().sum()) if losses.mse is not None else 0.0,
+            float(losses.ce.detach().sum()) if losses.ce is not None else 0.0,
+            float(batch.length)])
+        record = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm),
+                  "mse": sums[0] / counts[0] if counts[0] else None,
+                  "ce": sums[1] / counts[1] if counts[1] else None,
+                  "tokens": int(sums[2]), "seconds": time.perf_counter() - t0}
+        record["tokens_per_s"] = record["tokens"] / record["seconds"]
+        self.history.append(record)
+        return record
+
+    def _sync_grads(self) -> None:
+        if not self.dist.on:
+            return
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.dist.world)
+
+    def run(self) -> Path | None:
+        cfg = self.cfg
+        if self.step >= cfg.steps:
+            if self.dist.rank == 0:
+                print(f"nothing to do: {C.latest_checkpoint(self.output_dir)} is at step {self.step} of {cfg.steps}")
+            return C.latest_checkpoint(self.output_dir)
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+                   disable=not cfg.progress or self.dist.rank != 0, dynamic_ncols=True)
+        log_path = self.output_dir / "train_log.jsonl"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = None
+        while self.step < cfg.steps:
+            record = self.train_step()
+            bar.update(1)
+            shown = {k: f"{record[k]:.4g}" for k in ("mse", "ce") if record[k] is not None}
+            bar.set_postfix(shown | {"lr": f"{record['lr']:.2g}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+            if self.dist.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("step %d: %s", self.step, json.dumps(record))
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                path = self.save()
+        bar.close()
+        return path
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    """Train as ``cfg`` says; returns the newest checkpoint (a model directory)."""
+    return Trainer(cfg).run()

@@ -1,0 +1,185 @@
+"""Fine-tuning end to end on the tiny checkpoint: the loss falls and the checkpoint is a model that
+loads and runs; resume continues exactly; frozen parts stay put; EMA is what gets published; the
+command line; and two data-parallel processes train like one process over the same samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import bagel_engine
+from bagel_engine.batch.reader import read_rows
+from bagel_engine.train import TrainConfig, Trainer, train
+from bagel_engine.train.data import row_sample
+from bagel_engine.train.objective import training_losses
+from bagel_engine.train.packing import SequencePacker
+from bagel_engine.train.sample import Dropout
+from golden import MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data" / "train" / "tiny.jsonl"
+NO_DROP = Dropout(0.0, 0.0, 0.0)
+
+
+def config(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(model=str(MODEL_DIR), data=str(DATA), output_dir=str(tmp_path / "run"), steps=4, lr=3e-3,
+                warmup_steps=1, max_tokens=400, save_every=100, log_every=1, dropout=NO_DROP, progress=False)
+    return TrainConfig(**(base | kw))
+
+
+@torch.no_grad()
+def fixed_loss(pipe) -> float:
+    """Losses of every good training row at fixed flow times and noises (comparable across models)."""
+    samples = [row_sample(r) for r in read_rows(DATA)[:-1]]
+    packer = SequencePacker(pipe.config, pipe.tokenizer, pipe.prepare_image, NO_DROP, random.Random(0))
+    batch = packer.pack(samples)
+    g = torch.Generator().manual_seed(0)
+    noises = [torch.randn(im.grid[0] * im.grid[1], pipe.config.patch_latent_dim, generator=g)
+              for im in batch.vae_images if im.target]
+    out = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.2, 0.5, 0.8, 0.35, 0.65], noises=noises,
+                          generator=torch.Generator().manual_seed(1))
+    return float(out.total())
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_is_a_model(tmp_path):
+    base = bagel_engine.load(MODEL_DIR, device="cpu")
+    before = fixed_loss(base)
+    path = train(config(tmp_path, steps=30, max_tokens=600))
+    assert path.name == "checkpoint-000030" and (tmp_path / "run" / "latest").read_text().strip() == path.name
+    for name in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "tokenizer.json"):
+        assert (path / name).exists(), name
+    tuned = bagel_engine.load(path, device="cpu")
+    after = fixed_loss(tuned)
+    assert after < 0.7 * before, (before, after)
+    # the published weights are the trained ones, under the official names and dtype
+    trained = load_file(str(path / "trainer" / "model.safetensors"))
+    published = load_file(str(path / "ema.safetensors"))
+    assert set(published) == set(load_file(str(MODEL_DIR / "ema.safetensors")))
+    for name, value in trained.items():
+        assert torch.equal(published[name], value), name
+    # it runs every task
+    assert tuned.generate("a red circle", height=32, width=32, seed=0, num_timesteps=3).image.size == (32, 32)
+    assert isinstance(tuned.chat("Say hello.", max_new_tokens=4).text, str)
+    # the bad row was recorded and skipped; the log has every step
+    bad = [json.loads(line) for line in (tmp_path / "run" / "bad_rows.jsonl").read_text().splitlines()]
+    assert len(bad) == 1 and bad[0]["where"] == "tiny.jsonl:9" and "no_such_file.png" in bad[0]["error"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert all(r["mse"] is not None or r["ce"] is not None for r in log)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(config(tmp_path / "a", steps=6, dropout=Dropout()))  # random dropout too
+    train(config(tmp_path / "b", steps=3, dropout=Dropout()))
+    resumed_trainer = Trainer(config(tmp_path / "b", steps=6, dropout=Dropout()))
+    assert resumed_trainer.step == 3
+    resumed = resumed_trainer.run()
+    a = load_file(str(straight / "trainer" / "model.safetensors"))
+    b = load_file(str(resumed / "trainer" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # keep=2: only the two newest checkpoints stay
+    assert sorted(p.name for p in (tmp_path / "b" / "run").glob("checkpoint-*")) == [
+        "checkpoint-000003", "checkpoint-000006"]
+
+
+def test_frozen_parts_stay_and_ema_is_published(tmp_path):
+    path = train(config(tmp_path, steps=3, freeze=("und", "vit"), ema=0.5))
+    base = load_file(str(MODEL_DIR / "ema.safetensors"))
+    published = load_file(str(path / "ema.safetensors"))
+    raw = load_file(str(path / "trainer" / "model.safetensors"))
+    ema = load_file(str(path / "trainer" / "ema.safetensors"))
+    assert "language_model.model.layers.0.mlp.up_proj.weight" not in raw
+    assert "vit_model.vision_model.embeddings.patch_embedding.weight" not in raw
+    gen = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
+    assert gen in raw and not torch.equal(raw[gen], base[gen])
+    for name, value in published.items():
+        if name in raw:
+            assert torch.equal(value, ema[name]) and not torch.equal(value, raw[name]), name
+        else:
+            assert torch.equal(value, base[name]), name
+
+
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(bagel_engine.BagelInputError, match="cannot freeze"):
+        Trainer(config(tmp_path, freeze=("lm",)))
+    with pytest.raises(bagel_engine.BagelInputError, match="unknown task"):
+        Trainer(config(tmp_path, task="video"))
+    train(config(tmp_path, steps=1))
+    with pytest.raises(bagel_engine.BagelInputError, match="other frozen parts"):
+        Trainer(config(tmp_path, steps=2, freeze=("gen",)))
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "bagel_engine.cli.main", "train", *map(str, args)]
+
+
+def test_command_line_trains_resumes_and_overwrites(tmp_path):
+    args = [DATA, "-m", MODEL_DIR, "-o", tmp_path / "run", "--steps", 2, "--max-tokens", 400, "--no-progress"]
+    first = subprocess.run(cli(*args, "--json"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout.strip().splitlines()[-1])
+    assert out["step"] == 2 and out["checkpoint"].endswith("checkpoint-000002") and out["bad_rows"] == 1
+    again = subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    more = subprocess.run(cli(*args[:-3], "--steps", 3, "--max-tokens", 400, "--no-progress"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0 and "resuming from" in more.stdout and "trained 3 steps" in more.stdout
+    fresh = subprocess.run(cli(*args, "--overwrite"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and "resuming" not in fresh.stdout
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-000002"]
+    missing = subprocess.run(cli(tmp_path / "nope.jsonl", "-m", MODEL_DIR, "-o", tmp_path / "x"), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+    bad_part = subprocess.run(cli(*args, "--freeze", "und,brain"), cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    assert bad_part.returncode == 2 and "cannot freeze brain" in bad_part.stderr
+
+
+def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
+    """Text rows of equal length (no random draws): two ranks with one sample each per step must
+    give the update of one process packing both samples (the losses are token means over all ranks)."""
+    pipe = bagel_engine.load(MODEL_DIR, device="cpu")
+    def length(r):
+        return len(pipe.tokenizer.frame(r["prompt"])) + len(pipe.tokenizer.frame(r["answer"]))
+
+    candidates = [{"prompt": f"question {c}", "answer": f"answer {c} ok"} for c in "abcdefghijklmnopqrstuvwxyz"]
+    n = max({length(r) for r in candidates}, key=lambda k: sum(length(r) == k for r in candidates))
+    rows = [r for r in candidates if length(r) == n][:8]
+    assert len(rows) == 8
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["-m", MODEL_DIR, "--steps", 2, "--lr", 1e-3, "--warmup-steps", 0, "--no-progress", "--seed", 3]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(cli(data, "-o", tmp_path / "one", "--max-tokens", 2 * n, *common), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "bagel_engine.cli.main", "train", str(data), "-o", str(tmp_path / "two"), "--max-tokens", str(n),
+         *map(str, common)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a = load_file(str(tmp_path / "one" / "checkpoint-000002" / "trainer" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint-000002" / "trainer" / "model.safetensors"))
+    base = load_file(str(MODEL_DIR / "ema.safetensors"))
+    moved = 0
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4, msg=name)
+        moved += not torch.equal(a[name], base[name])
+    assert moved > 10
+    state = torch.load(tmp_path / "two" / "checkpoint-000002" / "trainer" / "state.pt", weights_only=False)
+    assert len(state["data"]) == 2
+    # a two-rank checkpoint does not resume on one rank
+    wrong = subprocess.run(cli(data, "-o", tmp_path / "two", "--max-tokens", n, *common[:2], "--steps", 3),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "2 ranks" in wrong.stderr
