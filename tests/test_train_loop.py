@@ -183,3 +183,61 @@ def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
     wrong = subprocess.run(cli(data, "-o", tmp_path / "two", "--max-tokens", n, *common[:2], "--steps", 3),
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "2 ranks" in wrong.stderr
+
+
+def test_lora_trains_adapters_only_and_publishes_merged_weights(tmp_path):
+    base = bagel_engine.load(MODEL_DIR, device="cpu")
+    before = fixed_loss(base)
+    path = train(config(tmp_path, steps=30, max_tokens=600, lora_rank=4, lora_targets="all", lr=1e-2))
+    adapters = load_file(str(path / "trainer" / "model.safetensors"))
+    assert adapters and all(k.endswith((".lora_A", ".lora_B")) for k in adapters)
+    published = load_file(str(path / "ema.safetensors"))
+    original = load_file(str(MODEL_DIR / "ema.safetensors"))
+    assert published.keys() == original.keys()  # the official layout, adapters merged in
+    name = "language_model.model.layers.1.mlp_moe_gen.down_proj"
+    delta = adapters[f"{name}.lora_B"] @ adapters[f"{name}.lora_A"]  # alpha = rank: scale 1
+    torch.testing.assert_close(published[f"{name}.weight"], original[f"{name}.weight"] + delta)
+    assert torch.equal(published["language_model.model.embed_tokens.weight"],
+                       original["language_model.model.embed_tokens.weight"])
+    assert fixed_loss(bagel_engine.load(path, device="cpu")) < 0.8 * before
+
+
+def test_lora_starts_from_the_base_model_and_merges_exactly():
+    from bagel_engine.train.lora import add_lora, merged_state_dict
+
+    pipe = bagel_engine.load(MODEL_DIR, device="cpu")
+    before = fixed_loss(pipe)
+    names = add_lora(pipe.model, rank=3, alpha=6, targets="gen")
+    assert all("_moe_gen" in n for n in names) and len(names) == 7 * pipe.config.llm.num_hidden_layers
+    assert "language_model.model.layers.0.mlp_moe_gen.up_proj" in names
+    assert "language_model.model.layers.0.self_attn.q_proj_moe_gen" in names
+    assert fixed_loss(pipe) == pytest.approx(before, abs=1e-6)  # B = 0: the base model exactly
+    with torch.no_grad():
+        for module in pipe.model.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B.normal_(0, 0.05)
+    adapted = fixed_loss(pipe)
+    assert abs(adapted - before) > 1e-3
+    merged = bagel_engine.load(MODEL_DIR, device="cpu")
+    merged.model.load_state_dict(merged_state_dict(pipe.model))
+    assert fixed_loss(merged) == pytest.approx(adapted, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown LoRA targets"):
+        add_lora(pipe.model, 2, targets="vit")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    pipe = bagel_engine.load(MODEL_DIR, device="cpu")
+    samples = [row_sample(r) for r in read_rows(DATA)[:4]]
+    packer = SequencePacker(pipe.config, pipe.tokenizer, pipe.prepare_image, NO_DROP, random.Random(0))
+    batch = packer.pack(samples)
+    grads = []
+    pipe.model.requires_grad_(True)
+    for checkpointing in (False, True):
+        pipe.model.decoder.gradient_checkpointing = checkpointing
+        pipe.model.zero_grad(set_to_none=True)
+        loss = training_losses(pipe.model, pipe.vae, batch, generator=torch.Generator().manual_seed(0)).total()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in pipe.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -55,6 +55,8 @@ from the newest checkpoint (same data order, random draws and optimizer state); 
 
   bagel train edits.parquet -m ./BAGEL-7B-MoT -o runs/edit --lr 1e-5 --max-tokens 16384 --ema 0.999
 
+  bagel train pairs.jsonl -m ./BAGEL-7B-MoT -o runs/lora --dtype bfloat16 --lora-rank 32 --lr 1e-4 --gradient-checkpointing
+
   torchrun --nproc-per-node 8 --no-python bagel train data/ -m ./BAGEL-7B-MoT -o runs/mix
 
   bagel train tests/data/train/tiny.jsonl -m tests/data/tiny-v1/model -o /tmp/tiny-run --steps 20   [dim]# any CPU[/dim]
@@ -97,6 +99,18 @@ def train(
              "expert and latent glue), vit, connector. The VAE and the position tables are always fixed.")] = None,
     ema: Annotated[float, typer.Option("--ema", rich_help_panel=OPT, min=0, max=0.999999,
                                        help="EMA decay of the published weights (0: off).")] = 0.0,
+    lora_rank: Annotated[int, typer.Option(
+        "--lora-rank", rich_help_panel=OPT, min=0,
+        help="Train LoRA adapters of this rank instead of the weights (0: full fine-tuning). The checkpoint "
+             "publishes the merged weights.")] = 0,
+    lora_alpha: Annotated[Optional[float], typer.Option(
+        "--lora-alpha", rich_help_panel=OPT, min=0, help="LoRA scale numerator. \\[default: the rank]")] = None,
+    lora_targets: Annotated[str, typer.Option(
+        "--lora-targets", rich_help_panel=OPT,
+        help="gen (generation expert: images), und (understanding expert: text) or all.")] = "gen",
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", rich_help_panel=OPT,
+        help="Recompute each decoder layer in backward: much less activation memory, ~30% more time.")] = False,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=RUN, min=0, help="Data order and random draws.")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", rich_help_panel=RUN, min=1, help="Checkpoint every N steps.")] = 500,
     keep: Annotated[int, typer.Option("--keep", rich_help_panel=RUN, min=1, help="Checkpoints to keep.")] = 2,
@@ -124,6 +138,8 @@ def train(
             max_grad_norm=max_grad_norm, max_tokens=max_tokens, max_image_side=max_image_side,
             timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+            gradient_checkpointing=gradient_checkpointing,
             save_every=save_every, keep=keep, log_every=log_every, device=device, dtype=dtype,
             autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress)
         trainer = Trainer(cfg)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bagel_engine.model.kv_cache import KV, AppendKV  # noqa: F401  (KV re-exported)
@@ -142,6 +143,7 @@ class Qwen2MoTModel(nn.Module):
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         return rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
@@ -152,9 +154,14 @@ class Qwen2MoTModel(nn.Module):
         return self.final_norm(self.run_layers(x, rope, kv, causal, routing), routing)
 
     def run_layers(self, x: torch.Tensor, rope, kv, causal: bool, routing: Routing | None = None) -> torch.Tensor:
-        """The decoder layers without the final norm (what a step cache stores)."""
+        """The decoder layers without the final norm (what a step cache stores). With
+        ``gradient_checkpointing`` (training), each layer's activations are recomputed in backward."""
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv, i, causal, routing)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, kv, i, causal, routing, use_reentrant=False)
+            else:
+                x = layer(x, rope, kv, i, causal, routing)
         return x
 
     def final_norm(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:

@@ -32,6 +32,8 @@ import bagel_engine
 from bagel_engine.params import BagelInputError
 from bagel_engine.train import checkpoint as C
 from bagel_engine.train.data import TASKS, DataStream
+from bagel_engine.train.lora import TARGETS as LORA_TARGETS
+from bagel_engine.train.lora import add_lora, lora_parameter_names, merged_state_dict
 from bagel_engine.train.objective import training_losses
 from bagel_engine.train.packing import SequencePacker
 from bagel_engine.train.sample import Dropout
@@ -65,6 +67,10 @@ class TrainConfig:
     dropout: Dropout = field(default_factory=Dropout)
     freeze: tuple[str, ...] = ()  # any of FREEZABLE; the VAE and the position tables are never trained
     ema: float = 0.0  # EMA decay (0: off; the official pre-training used 0.9999)
+    lora_rank: int = 0  # > 0: train LoRA adapters only (see bagel_engine.train.lora)
+    lora_alpha: float | None = None  # default: the rank (scale 1)
+    lora_targets: str = "gen"  # gen / und / all
+    gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
     seed: int = 0
     save_every: int = 500
     keep: int = 2  # checkpoints kept (the newest)
@@ -85,6 +91,10 @@ class TrainConfig:
             raise BagelInputError("steps, save_every, log_every and keep must be >= 1 and max_tokens >= 2")
         if self.schedule not in ("constant", "cosine"):
             raise BagelInputError(f"unknown schedule {self.schedule!r}; use constant or cosine")
+        if self.lora_rank < 0 or (self.lora_rank and self.lora_targets not in LORA_TARGETS):
+            raise BagelInputError(f"LoRA needs a rank >= 1 and targets among {', '.join(LORA_TARGETS)}")
+        if self.lora_rank and self.freeze:
+            raise BagelInputError("with LoRA only the adapters learn: --freeze does not apply")
         if not 0.0 <= self.ema < 1.0:
             raise BagelInputError("ema must be in [0, 1)")
         if self.lr <= 0 or self.warmup_steps < 0:
@@ -172,7 +182,13 @@ class Trainer:
         self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype)
         self.model, self.vae = self.pipe.model, self.pipe.vae
         self.vae.requires_grad_(False)
-        names = set(trainable_names(self.model, tuple(cfg.freeze)))
+        self.model.decoder.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.lora_rank:
+            torch.manual_seed(cfg.seed)  # the adapters' initial A (identical on every rank)
+            add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+            names = set(lora_parameter_names(self.model))
+        else:
+            names = set(trainable_names(self.model, tuple(cfg.freeze)))
         self.params = {n: p for n, p in self.model.named_parameters() if n in names}
         for n, p in self.model.named_parameters():
             p.requires_grad_(n in names)
@@ -233,6 +249,24 @@ class Trainer:
         if self.dist.rank == 0:
             print(f"resuming from {path} (step {self.step} of {self.cfg.steps})")
 
+    @torch.no_grad()
+    def published_weights(self) -> dict[str, torch.Tensor]:
+        """The full state dict to publish: the EMA values when EMA is on, adapters merged with LoRA."""
+        backup = None
+        if self.ema is not None:
+            backup = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(self.ema[n].to(p.dtype))
+        try:
+            if self.cfg.lora_rank:
+                return merged_state_dict(self.model)
+            return {k: v.clone() if backup is not None and k in backup else v
+                    for k, v in self.model.state_dict().items()}
+        finally:
+            if backup is not None:
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
+
     def checksum(self) -> float:
         with torch.no_grad():
             return float(sum(p.double().sum() for p in self.params.values()))
@@ -253,9 +287,7 @@ class Trainer:
             raise RuntimeError(f"data-parallel replicas diverged (parameter checksums {sums})")
         path = None
         if self.dist.rank == 0:
-            published = {k: v for k, v in self.model.state_dict().items()}
-            if self.ema is not None:
-                published.update(self.ema)
+            published = self.published_weights()
             tensors = {"model": {n: p.detach() for n, p in self.params.items()}}
             if self.ema is not None:
                 tensors["ema"] = self.ema
