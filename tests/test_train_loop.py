@@ -164,19 +164,38 @@ def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
     one = subprocess.run(cli(data, "-o", tmp_path / "one", "--max-tokens", 2 * n, *common), cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "bagel_engine.cli.main", "train", str(data), "-o", str(tmp_path / "two"), "--max-tokens", str(n),
-         *map(str, common)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    def torchrun(out, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             "-m", "bagel_engine.cli.main", "train", str(data), "-o", str(out), "--max-tokens", str(n),
+             *map(str, common), *map(str, extra)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    def weights(out, step):
+        return load_file(str(out / f"checkpoint-{step:06d}" / "trainer" / "model.safetensors"))
+
+    two = torchrun(tmp_path / "two")
     assert two.returncode == 0, two.stderr
-    a = load_file(str(tmp_path / "one" / "checkpoint-000002" / "trainer" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "checkpoint-000002" / "trainer" / "model.safetensors"))
-    base = load_file(str(MODEL_DIR / "ema.safetensors"))
+    sharded = torchrun(tmp_path / "fsdp", "--strategy", "fsdp")
+    assert sharded.returncode == 0, sharded.stderr
+    a, base = weights(tmp_path / "one", 2), load_file(str(MODEL_DIR / "ema.safetensors"))
     moved = 0
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4, msg=name)
-        moved += not torch.equal(a[name], base[name])
+    for other in (weights(tmp_path / "two", 2), weights(tmp_path / "fsdp", 2)):
+        assert other.keys() == a.keys()
+        for name in a:
+            torch.testing.assert_close(other[name], a[name], atol=2e-5, rtol=1e-4, msg=name)
+    moved = sum(not torch.equal(a[name], base[name]) for name in a)
     assert moved > 10
+    published = load_file(str(tmp_path / "fsdp" / "checkpoint-000002" / "ema.safetensors"))
+    assert published.keys() == base.keys()  # the sharded run publishes the whole model
+    # the sharded run resumes (optimizer state re-sharded) and keeps matching the single process
+    common[common.index("--steps") + 1] = 3
+    assert subprocess.run(cli(data, "-o", tmp_path / "one", "--max-tokens", 2 * n, *common), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300).returncode == 0
+    resumed = torchrun(tmp_path / "fsdp", "--strategy", "fsdp")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    a3, f3 = weights(tmp_path / "one", 3), weights(tmp_path / "fsdp", 3)
+    for name in a3:
+        torch.testing.assert_close(f3[name], a3[name], atol=5e-5, rtol=1e-4, msg=name)
     state = torch.load(tmp_path / "two" / "checkpoint-000002" / "trainer" / "state.pt", weights_only=False)
     assert len(state["data"]) == 2
     # a two-rank checkpoint does not resume on one rank

@@ -57,7 +57,7 @@ from the newest checkpoint (same data order, random draws and optimizer state); 
 
   bagel train pairs.jsonl -m ./BAGEL-7B-MoT -o runs/lora --dtype bfloat16 --lora-rank 32 --lr 1e-4 --gradient-checkpointing
 
-  torchrun --nproc-per-node 8 --no-python bagel train data/ -m ./BAGEL-7B-MoT -o runs/mix
+  torchrun --nproc-per-node 8 --no-python bagel train data/ -m ./BAGEL-7B-MoT -o runs/mix --strategy fsdp
 
   bagel train tests/data/train/tiny.jsonl -m tests/data/tiny-v1/model -o /tmp/tiny-run --steps 20   [dim]# any CPU[/dim]
 """
@@ -111,6 +111,10 @@ def train(
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", rich_help_panel=OPT,
         help="Recompute each decoder layer in backward: much less activation memory, ~30% more time.")] = False,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", rich_help_panel=RUN,
+        help="Under torchrun: ddp (every GPU holds the model) or fsdp (parameters, gradients and optimizer "
+             "state sharded over the GPUs: full fine-tuning of the 7B model).")] = "ddp",
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=RUN, min=0, help="Data order and random draws.")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", rich_help_panel=RUN, min=1, help="Checkpoint every N steps.")] = 500,
     keep: Annotated[int, typer.Option("--keep", rich_help_panel=RUN, min=1, help="Checkpoints to keep.")] = 2,
@@ -139,7 +143,7 @@ def train(
             timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, strategy=strategy,
             save_every=save_every, keep=keep, log_every=log_every, device=device, dtype=dtype,
             autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress)
         trainer = Trainer(cfg)

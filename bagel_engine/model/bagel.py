@@ -11,12 +11,14 @@ the velocity head and the text head. Contexts, caches and loops live in ``bagel_
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagel_engine.model.qwen2_mot import Qwen2MoTForCausalLM
+from bagel_engine.model.kv_cache import PackedKV
+from bagel_engine.model.qwen2_mot import Qwen2MoTForCausalLM, Routing
 from bagel_engine.model.siglip import SiglipVisionModel
 from bagel_engine.weights.config import ModelConfig
 
@@ -62,6 +64,31 @@ class Connector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+@dataclass
+class PackedInputs:
+    """One packed training sequence of ``length`` tokens, ready for :meth:`Bagel.forward`: which
+    rows hold text ids, ViT patches and latent tokens (already noised, with their flow times), the
+    RoPE positions, the attention mask (a (T, T) bool tensor or a flex ``BlockMask``), the rows of
+    the understanding expert, and the rows whose velocity and next-token logits are wanted."""
+
+    length: int
+    text_ids: torch.Tensor
+    text_indexes: torch.Tensor
+    position_ids: torch.Tensor
+    vit_patches: torch.Tensor
+    vit_position_ids: torch.Tensor
+    vit_seqlens: list[int]
+    vit_indexes: torch.Tensor
+    latent_tokens: torch.Tensor  # (Nl, p*p*C)
+    latent_times: torch.Tensor  # (Nl,)
+    latent_position_ids: torch.Tensor
+    vae_indexes: torch.Tensor
+    und_indexes: torch.Tensor
+    mask: object
+    velocity_rows: torch.Tensor
+    logit_rows: torch.Tensor
+
+
 class Bagel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -102,3 +129,22 @@ class Bagel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)
+
+    def forward(self, x: PackedInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The training forward over one packed sequence: (velocities at ``velocity_rows``, logits at
+        ``logit_rows``), float32; None where no row is asked for."""
+        dtype = self.vae2llm.weight.dtype
+        seq = torch.zeros(x.length, self.cfg.llm.hidden_size, device=x.text_ids.device, dtype=dtype)
+        seq = seq.index_copy(0, x.text_indexes, self.embed_text(x.text_ids).to(dtype))
+        if x.vit_seqlens:
+            seq = seq.index_copy(0, x.vit_indexes, self.embed_vit(x.vit_patches, x.vit_position_ids, x.vit_seqlens).to(dtype))
+        if x.vae_indexes.numel():
+            latents = self.embed_latents(x.latent_tokens, self.time_embedder(x.latent_times),
+                                         self.latent_pos_embed(x.latent_position_ids))
+            seq = seq.index_copy(0, x.vae_indexes, latents.to(dtype))
+        decoder = self.decoder
+        hidden = decoder(seq, decoder.rope(x.position_ids, dtype), PackedKV(x.mask), False,
+                         Routing(und=x.und_indexes, gen=x.vae_indexes))
+        velocity = self.velocity(hidden.index_select(0, x.velocity_rows)).float() if x.velocity_rows.numel() else None
+        logits = self.logits(hidden.index_select(0, x.logit_rows)).float() if x.logit_rows.numel() else None
+        return velocity, logits

@@ -76,15 +76,25 @@ def lora_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
 
 
+def lora_scales(model: nn.Module) -> dict[str, float]:
+    """``{layer name: alpha / rank}`` of every adapted layer."""
+    return {name: m.scale for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
 @torch.no_grad()
+def merge_adapters(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """A state dict with every adapter folded into its weight (``W + scale * B A``) and the adapter
+    tensors left out: the official key names."""
+    out = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for name, scale in scales.items():
+        w = out[f"{name}.weight"]
+        a, b = state[f"{name}.lora_A"], state[f"{name}.lora_B"]
+        out[f"{name}.weight"] = (w.float() + scale * (b.float() @ a.float()).to(w.device)).to(w.dtype)
+    return out
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with every adapter folded into its weight, adapters left out (official names)."""
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            w = state[f"{name}.weight"]
-            state[f"{name}.weight"] = (w.float() + module.delta()).to(w.dtype)
-    return state
+    return merge_adapters(model.state_dict(), lora_scales(model))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bagel_engine.model.autoencoder import AutoEncoder
-from bagel_engine.model.bagel import Bagel
-from bagel_engine.model.kv_cache import PackedKV
-from bagel_engine.model.qwen2_mot import Routing
+from bagel_engine.model.bagel import Bagel, PackedInputs
 from bagel_engine.runtime import image_transforms as T
 from bagel_engine.train.packing import PackedBatch
 
@@ -65,60 +63,49 @@ def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, times
     use a flex-attention BlockMask (default on CUDA) instead of a dense (T, T) mask."""
     cfg = model.cfg
     device = model.vae2llm.weight.device
-    dtype = model.vae2llm.weight.dtype
-    d = cfg.llm.hidden_size
-    seq = torch.zeros(batch.length, d, device=device, dtype=dtype)
-    seq = seq.index_copy(0, batch.text_indexes.to(device), model.embed_text(batch.text_ids.to(device)).to(dtype))
-    if batch.vit_seqlens:
-        vit = model.embed_vit(batch.vit_patches.to(device), batch.vit_position_ids.to(device), batch.vit_seqlens)
-        seq = seq.index_copy(0, batch.vit_indexes.to(device), vit.to(dtype))
-
-    mse_rows, targets, times = [], [], []
-    if batch.vae_images:
-        ps = cfg.bagel.latent_patch_size
-        tokens, token_times, offset, k = [], [], 0, 0
-        for image in batch.vae_images:
-            with torch.no_grad():
-                latent = encode_latents(vae, image.pixels.to(device), generator)
-            clean = T.patchify_latent(latent.float(), ps).to(device)
-            n = clean.shape[0]
-            if image.target:
-                t = timesteps[k] if timesteps is not None else float(shifted_time(
-                    torch.randn((), generator=generator, device=_gen_device(generator)), timestep_shift))
-                eps = noises[k].to(device).float() if noises is not None else torch.randn(
-                    clean.shape, generator=generator, device=_gen_device(generator)).to(device)
-                k += 1
-                tokens.append((1 - t) * clean + t * eps)
-                targets.append(eps - clean)
-                mse_rows.append(torch.arange(offset, offset + n))
-                times.append(t)
-            else:
-                t = 0.0
-                tokens.append(clean)
-            token_times.append(torch.full((n,), t, device=device))
-            offset += n
-        tokens_t, times_t = torch.cat(tokens), torch.cat(token_times)
-        latents = model.embed_latents(tokens_t, model.time_embedder(times_t),
-                                      model.latent_pos_embed(batch.latent_position_ids.to(device)))
-        vae_rows = batch.vae_indexes.to(device)
-        seq = seq.index_copy(0, vae_rows, latents.to(dtype))
-
+    long = lambda t: t.to(device)  # noqa: E731
+    ps = cfg.bagel.latent_patch_size
+    tokens, token_times, targets, mse_rows, times = [], [], [], [], []
+    offset, k = 0, 0
+    for image in batch.vae_images:
+        with torch.no_grad():
+            latent = encode_latents(vae, image.pixels.to(device), generator)
+        clean = T.patchify_latent(latent.float(), ps).to(device)
+        n = clean.shape[0]
+        t = 0.0
+        if image.target:
+            t = timesteps[k] if timesteps is not None else float(shifted_time(
+                torch.randn((), generator=generator, device=_gen_device(generator)), timestep_shift))
+            eps = noises[k].to(device).float() if noises is not None else torch.randn(
+                clean.shape, generator=generator, device=_gen_device(generator)).to(device)
+            k += 1
+            tokens.append((1 - t) * clean + t * eps)
+            targets.append(eps - clean)
+            mse_rows.append(torch.arange(offset, offset + n))
+            times.append(t)
+        else:
+            tokens.append(clean)
+        token_times.append(torch.full((n,), t, device=device))
+        offset += n
+    latent_dim = cfg.patch_latent_dim
     if block_mask is None:
-        block_mask = seq.is_cuda
-    mask = batch.block_mask(device) if block_mask else batch.dense_mask(device)
-    routing = Routing(und=batch.und_indexes().to(device), gen=batch.vae_indexes.to(device))
-    decoder = model.decoder
-    hidden = decoder(seq, decoder.rope(batch.position_ids.to(device), dtype), PackedKV(mask), False, routing)
-
-    mse = pred = logits = None
-    if mse_rows:
-        rows = vae_rows[torch.cat(mse_rows).to(device)]
-        pred = model.velocity(hidden.index_select(0, rows)).float()
-        mse = (pred - torch.cat(targets)).pow(2).mean(-1)
-    ce = None
-    if batch.ce_tokens:
-        logits = model.logits(hidden.index_select(0, batch.ce_indexes.to(device))).float()
-        ce = F.cross_entropy(logits, batch.ce_labels.to(device), reduction="none")
+        block_mask = device.type == "cuda"
+    vae_rows = long(batch.vae_indexes)
+    inputs = PackedInputs(
+        length=batch.length, text_ids=long(batch.text_ids), text_indexes=long(batch.text_indexes),
+        position_ids=long(batch.position_ids), vit_patches=batch.vit_patches.to(device),
+        vit_position_ids=long(batch.vit_position_ids), vit_seqlens=batch.vit_seqlens,
+        vit_indexes=long(batch.vit_indexes),
+        latent_tokens=torch.cat(tokens) if tokens else torch.zeros(0, latent_dim, device=device),
+        latent_times=torch.cat(token_times) if token_times else torch.zeros(0, device=device),
+        latent_position_ids=long(batch.latent_position_ids), vae_indexes=vae_rows,
+        und_indexes=long(batch.und_indexes()),
+        mask=batch.block_mask(device) if block_mask else batch.dense_mask(device),
+        velocity_rows=vae_rows[torch.cat(mse_rows).to(device)] if mse_rows else long(torch.zeros(0, dtype=torch.long)),
+        logit_rows=long(batch.ce_indexes))
+    pred, logits = model(inputs)
+    mse = (pred - torch.cat(targets)).pow(2).mean(-1) if pred is not None else None
+    ce = F.cross_entropy(logits, long(batch.ce_labels), reduction="none") if logits is not None else None
     return Losses(mse=mse, ce=ce, timesteps=times, velocity=pred, logits=logits)
 
 

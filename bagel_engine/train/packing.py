@@ -27,7 +27,7 @@ import torch
 from bagel_engine.runtime import image_transforms as T
 from bagel_engine.runtime.context import PreparedImage
 from bagel_engine.runtime.tokenizer import BagelTokenizer
-from bagel_engine.train.sample import Dropout, Picture, Sample, Text
+from bagel_engine.train.sample import Dropout, Sample, Text
 from bagel_engine.weights.config import ModelConfig
 
 CAUSAL, FULL, NOISE = 0, 1, 2

@@ -19,21 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import bagel_engine
 from bagel_engine.params import BagelInputError
 from bagel_engine.train import checkpoint as C
+from bagel_engine.train import parallel as DP
 from bagel_engine.train.data import TASKS, DataStream
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
-from bagel_engine.train.lora import add_lora, lora_parameter_names, merged_state_dict
+from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales, merge_adapters
 from bagel_engine.train.objective import training_losses
 from bagel_engine.train.packing import SequencePacker
 from bagel_engine.train.sample import Dropout
@@ -71,6 +70,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # default: the rank (scale 1)
     lora_targets: str = "gen"  # gen / und / all
     gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
+    strategy: str = "ddp"  # data parallelism: "ddp" (replicated) or "fsdp" (sharded; see train.parallel)
     seed: int = 0
     save_every: int = 500
     keep: int = 2  # checkpoints kept (the newest)
@@ -91,6 +91,8 @@ class TrainConfig:
             raise BagelInputError("steps, save_every, log_every and keep must be >= 1 and max_tokens >= 2")
         if self.schedule not in ("constant", "cosine"):
             raise BagelInputError(f"unknown schedule {self.schedule!r}; use constant or cosine")
+        if self.strategy not in DP.STRATEGIES:
+            raise BagelInputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(DP.STRATEGIES)}")
         if self.lora_rank < 0 or (self.lora_rank and self.lora_targets not in LORA_TARGETS):
             raise BagelInputError(f"LoRA needs a rank >= 1 and targets among {', '.join(LORA_TARGETS)}")
         if self.lora_rank and self.freeze:
@@ -138,45 +140,11 @@ def trainable_names(model: torch.nn.Module, freeze: tuple[str, ...]) -> list[str
     return names
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if not self.on:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _Dist(rank, world, local, dev if dev.type == "cuda" else torch.device("cpu")), dev
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.check()
         self.cfg = cfg
-        self.dist, self.device = _init_distributed(cfg.device)
+        self.dist, self.device = DP.init_distributed(cfg.device)
         self.output_dir = Path(cfg.output_dir)
         self.base_dir = resolve_model_dir(cfg.model)
         self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype)
@@ -189,10 +157,17 @@ class Trainer:
             names = set(lora_parameter_names(self.model))
         else:
             names = set(trainable_names(self.model, tuple(cfg.freeze)))
-        self.params = {n: p for n, p in self.model.named_parameters() if n in names}
         for n, p in self.model.named_parameters():
             p.requires_grad_(n in names)
         self.model.train()
+        if cfg.autocast == "auto":
+            self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        else:
+            self.autocast = {None: None, "none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.autocast]
+        self.sharded = cfg.strategy == "fsdp"
+        if self.sharded:
+            DP.shard(self.model, self.device, self.autocast)
+        self.params = {n: p for n, p in self.model.named_parameters() if n in names}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
                                            eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()} if cfg.ema else None
@@ -205,10 +180,6 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
         self.step = 0
         self.history: list[dict] = []
-        if cfg.autocast == "auto":
-            self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        else:
-            self.autocast = {None: None, "none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.autocast]
         if cfg.resume:
             self._resume()
         elif self.dist.rank == 0:
@@ -231,12 +202,13 @@ class Trainer:
         tensors, state = C.load_checkpoint(path)
         if state.get("trainable") != sorted(self.params):
             raise BagelInputError(f"{path} was trained with other frozen parts; use a new --output-dir or --overwrite")
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(tensors["model"][n].to(p.device, p.dtype))
+        if state.get("strategy", "ddp") != self.cfg.strategy:
+            raise BagelInputError(f"{path} was written with --strategy {state.get('strategy')}; resume it with the same")
+        for n, p in self.params.items():
+            DP.copy_full_into(p, tensors["model"][n])
             if self.ema is not None:
-                self.ema = {n: t.to(self.device) for n, t in tensors["ema"].items()}
-        self.optimizer.load_state_dict(state["optimizer"])
+                DP.copy_full_into(self.ema[n], tensors["ema"][n])
+        DP.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.sharded)
         self.step = int(state["step"])
         data_state = state["data"][self.dist.rank] if self.dist.rank < len(state["data"]) else None
         if data_state is None or len(state["data"]) != self.dist.world:
@@ -251,47 +223,52 @@ class Trainer:
 
     @torch.no_grad()
     def published_weights(self) -> dict[str, torch.Tensor]:
-        """The full state dict to publish: the EMA values when EMA is on, adapters merged with LoRA."""
+        """The full state dict to publish (rank 0; a collective when sharded): the EMA values when
+        EMA is on, adapters merged with LoRA."""
         backup = None
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in self.params.items()}
             for n, p in self.params.items():
                 p.copy_(self.ema[n].to(p.dtype))
         try:
-            if self.cfg.lora_rank:
-                return merged_state_dict(self.model)
-            return {k: v.clone() if backup is not None and k in backup else v
-                    for k, v in self.model.state_dict().items()}
+            state = DP.full_model_state(self.model, self.sharded)
+            state = {k: v.clone() if backup is not None and k in backup else v for k, v in state.items()}
         finally:
             if backup is not None:
                 for n, p in self.params.items():
                     p.copy_(backup[n])
+        if self.cfg.lora_rank and state:
+            state = merge_adapters(state, lora_scales(self.model))
+        return state
+
+    def trained_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Float32 copies of the trained parameters (and their EMA) for resuming (a collective when sharded)."""
+        out = {"model": {n: DP.full_tensor(p.detach()).float().cpu() for n, p in self.params.items()}}
+        if self.ema is not None:
+            out["ema"] = {n: DP.full_tensor(e).float().cpu() for n, e in self.ema.items()}
+        return out
 
     def checksum(self) -> float:
         with torch.no_grad():
             return float(sum(p.double().sum() for p in self.params.values()))
 
     def _gather(self, obj):
-        if not self.dist.on:
-            return [obj]
-        out = [None] * self.dist.world
-        dist.all_gather_object(out, obj)
-        return out
+        return self.dist.gather(obj)
 
     def save(self) -> Path | None:
         data_states = self._gather(self.data.state())
         rngs = self._gather(self.generator.get_state())
         bad = [b for rank_bad in self._gather([(b.where, b.error) for b in self.data.bad]) for b in rank_bad]
-        sums = self._gather(self.checksum())
-        if any(s != sums[0] for s in sums):  # the gradient all-reduce keeps replicas bit-identical
-            raise RuntimeError(f"data-parallel replicas diverged (parameter checksums {sums})")
+        if not self.sharded:
+            sums = self._gather(self.checksum())
+            if any(s != sums[0] for s in sums):  # the gradient all-reduce keeps replicas bit-identical
+                raise RuntimeError(f"data-parallel replicas diverged (parameter checksums {sums})")
+        published = self.published_weights()
+        tensors = self.trained_tensors()
+        optimizer = DP.optimizer_state(self.model, self.optimizer, self.sharded)
         path = None
         if self.dist.rank == 0:
-            published = self.published_weights()
-            tensors = {"model": {n: p.detach() for n, p in self.params.items()}}
-            if self.ema is not None:
-                tensors["ema"] = self.ema
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": data_states,
+            state = {"step": self.step, "optimizer": optimizer, "data": data_states, "strategy": self.cfg.strategy,
                      "rng": rngs, "trainable": sorted(self.params), "history": self.history[-1000:],
                      "config": {k: v for k, v in asdict(self.cfg).items() if k != "dropout"} | {
                          "dropout": asdict(self.cfg.dropout)}}
@@ -301,8 +278,7 @@ class Trainer:
                 (self.output_dir / "bad_rows.jsonl").write_text(
                     "".join(json.dumps({"where": w, "error": e}) + "\n" for w, e in bad))
             log.info("saved %s", path)
-        if self.dist.on:
-            dist.barrier()
+        self.dist.barrier()
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -321,8 +297,9 @@ class Trainer:
         loss = losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._sync_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+        if not self.sharded:  # FSDP reduce-scatters the gradients (as means) in backward
+            DP.average_gradients(list(self.params.values()), self.dist)
+        grad_norm = DP.full_tensor(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
         self.optimizer.step()
         if self.ema is not None:
             with torch.no_grad():
@@ -340,15 +317,6 @@ class Trainer:
         record["tokens_per_s"] = record["tokens"] / record["seconds"]
         self.history.append(record)
         return record
-
-    def _sync_grads(self) -> None:
-        if not self.dist.on:
-            return
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(self.dist.world)
 
     def run(self) -> Path | None:
         cfg = self.cfg
