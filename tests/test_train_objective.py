@@ -212,3 +212,19 @@ def test_gradients_reach_both_experts_and_the_heads(pipe, photo):
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
+
+
+@torch.no_grad()
+def test_padding_to_a_fixed_length_changes_nothing(pipe, photo):
+    batch = packer(pipe).pack([text_to_image("a boat", photo), Sample([Text("q"), Text("an answer", loss=True)])])
+    eps = fixed_noise(pipe, photo, 6)
+    plain = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.4], noises=[eps],
+                            generator=torch.Generator().manual_seed(2))
+    padded = batch.padded(batch.length + 37, pipe.tokenizer.special.eos)
+    assert padded.length == batch.length + 37 and padded.ce_tokens == batch.ce_tokens
+    out = training_losses(pipe.model, pipe.vae, padded, timesteps=[0.4], noises=[eps],
+                          generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out.mse, plain.mse, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.ce, plain.ce, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot pad"):
+        batch.padded(batch.length - 1, 0)

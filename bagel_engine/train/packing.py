@@ -19,7 +19,7 @@ latents (clean or noisy) to the generation expert.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -70,6 +70,22 @@ class PackedBatch:
     def ce_tokens(self) -> int:
         return int(self.ce_indexes.numel())
 
+    def padded(self, length: int, pad_id: int) -> "PackedBatch":
+        """The same sequence followed by ``length - self.length`` padding tokens: a sample of its own
+        (seen by nobody else), causal, with no loss. Fixed lengths keep the attention kernels'
+        shapes static (compiled flex attention would otherwise recompile for every new length)."""
+        extra = length - self.length
+        if extra < 0:
+            raise ValueError(f"cannot pad a sequence of {self.length} tokens to {length}")
+        if extra == 0:
+            return self
+        rows = torch.arange(self.length, length)
+        return replace(self, length=length, text_ids=torch.cat([self.text_ids, torch.full((extra,), pad_id)]),
+                       text_indexes=torch.cat([self.text_indexes, rows]),
+                       position_ids=torch.cat([self.position_ids, torch.arange(extra)]),
+                       sample_lens=[*self.sample_lens, extra], split_lens=[*self.split_lens, extra],
+                       split_modes=[*self.split_modes, CAUSAL], names=[*self.names, "(padding)"])
+
     def und_indexes(self) -> torch.Tensor:
         return torch.cat([self.text_indexes, self.vit_indexes]).sort().values
 
@@ -100,7 +116,9 @@ class PackedBatch:
             visible = (k <= q) | (same_split & (mode[q] != CAUSAL))
             return visible & ~((mode[k] == NOISE) & ~same_split) & (doc[q] == doc[k])
 
-        return create_block_mask(mask_mod, 1, None, self.length, self.length, device=device, BLOCK_SIZE=block_size)
+        device = torch.device(device)
+        return create_block_mask(mask_mod, 1, None, self.length, self.length, device=device, BLOCK_SIZE=block_size,
+                                 _compile=device.type == "cuda")  # compiled as the official code does
 
 
 class SequencePacker:

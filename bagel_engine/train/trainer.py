@@ -71,6 +71,7 @@ class TrainConfig:
     lora_targets: str = "gen"  # gen / und / all
     gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
     strategy: str = "ddp"  # data parallelism: "ddp" (replicated) or "fsdp" (sharded; see train.parallel)
+    pad_to_max_tokens: bool | None = None  # pad every sequence to max_tokens (static shapes); default: on CUDA
     seed: int = 0
     save_every: int = 500
     keep: int = 2  # checkpoints kept (the newest)
@@ -286,6 +287,10 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = next(self.data)
+        real_tokens = batch.length
+        pad = cfg.pad_to_max_tokens if cfg.pad_to_max_tokens is not None else self.device.type == "cuda"
+        if pad:
+            batch = batch.padded(cfg.max_tokens, self.pipe.tokenizer.special.eos)
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -309,7 +314,7 @@ class Trainer:
         sums = self.dist.all_sum([
             float(losses.mse.detach().sum()) if losses.mse is not None else 0.0,
             float(losses.ce.detach().sum()) if losses.ce is not None else 0.0,
-            float(batch.length)])
+            float(real_tokens)])
         record = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm),
                   "mse": sums[0] / counts[0] if counts[0] else None,
                   "ce": sums[1] / counts[1] if counts[1] else None,
