@@ -300,3 +300,33 @@ def test_mid_config_is_a_valid_model_of_the_intended_size():
     meta = bagel_engine.load(MID, device="meta", random_weights=True)
     params = sum(p.numel() for p in meta.model.parameters())
     assert 50e6 < params < 200e6
+
+
+def test_packed_attention_pairs_count_the_training_mask():
+    import random
+
+    from PIL import Image
+
+    import bagel_engine
+    from bagel_engine.train.packing import SequencePacker
+    from bagel_engine.train.sample import Picture, Sample, Text, edit, text_to_image
+
+    pipe = bagel_engine.load(TINY, device="cpu")
+    photo = Image.new("RGB", (40, 32), (10, 200, 30))
+    packer = SequencePacker(pipe.config, pipe.tokenizer, pipe.prepare_image, None, random.Random(0))
+    batch = packer.pack([edit([photo], "mirror it", photo), text_to_image("a cat", photo),
+                         Sample([Text("draw"), Picture(photo, target=True), Text("done", loss=True)])])
+    pairs = F.packed_attention_pairs(batch.sample_lens, batch.split_lens, batch.split_modes)
+    assert pairs == int(batch.dense_mask().sum())
+
+
+def test_training_benchmark_reports_throughput_and_mfu():
+    from bagel_engine.bench.training import TrainBench, format_training, run_training_benchmark
+
+    r = run_training_benchmark(TrainBench(model=str(TINY), height=32, width=32, max_tokens=300, steps=2, warmup=1,
+                                          matmul_tflops=0.5))
+    assert r["tokens_per_step"] > 100 and r["tokens_per_s"] > 0 and r["step_s"] > 0
+    assert r["model_tflop_per_step"] > 0 and 0 < r["mfu"] < 1 and r["matmul_tflops"] == 0.5
+    assert r["trainable_params"] < r["params"]  # the position tables never train
+    text = format_training(r)
+    assert "tokens/s" in text and "MFU" in text

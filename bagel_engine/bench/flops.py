@@ -288,3 +288,32 @@ def chat_flops(cfg: ModelConfig, *, prompt_tokens: int, new_tokens: int) -> Flop
     prefill = llm_linear_per_token(llm) * prompt_tokens + llm_attention(llm, causal_pairs(0, prompt_tokens))
     return FlopCount(prefill=prefill, decode=decode_flops(cfg, prompt_tokens, new_tokens + 1),
                      context_tokens=prompt_tokens, decode_forwards=new_tokens + 1)
+
+
+# ----------------------------------------------------------------------------- training
+def packed_attention_pairs(sample_lens: list[int], split_lens: list[int], split_modes: list[int]) -> float:
+    """(query, key) pairs the official training mask lets attend in a packed sequence: a causal
+    split sees its sample's earlier visible tokens and its own prefix, an image split its sample's
+    earlier visible tokens and itself; nothing sees an earlier noisy split (mode 2)."""
+    pairs, splits = 0.0, iter(zip(split_lens, split_modes))
+    for sample_len in sample_lens:
+        seen, visible = 0, 0
+        while seen < sample_len:
+            length, mode = next(splits)
+            pairs += causal_pairs(visible, length) if mode == 0 else full_pairs(visible, length)
+            seen += length
+            visible += 0 if mode == 2 else length
+    return pairs
+
+
+def training_forward_flops(cfg: ModelConfig, *, length: int, pairs: float, vit_images: list[int],
+                           vae_images: list[tuple[int, int]], latent_tokens: int, mse_tokens: int,
+                           ce_tokens: int) -> dict[str, float]:
+    """Forward FLOPs of one packed training sequence, by part. ``vit_images``: patches per ViT
+    image; ``vae_images``: pixel sizes (H, W) of the images the VAE encodes (no gradient)."""
+    llm = cfg.llm
+    decoder = llm_linear_per_token(llm) * length + llm_attention(llm, pairs)
+    vit = sum(vit_flops(cfg.vit, llm.hidden_size, p) for p in vit_images)
+    heads = (lm_head_per_token(llm) * ce_tokens + latent_io_per_token(cfg) / 2 * (latent_tokens + mse_tokens))
+    vae = sum(vae_encode_flops(cfg.vae, h, w) for h, w in vae_images)
+    return {"decoder": decoder, "vit": vit, "heads": heads, "vae_encode": vae}

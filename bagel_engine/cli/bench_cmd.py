@@ -17,6 +17,7 @@ from bagel_engine.cli.main import app
 RUN = "Model and device"
 WORK = "Workload"
 MEASURE = "Measurement and output"
+TRAIN = "Training workload (-w train)"
 
 
 class Kind(str, Enum):
@@ -24,6 +25,7 @@ class Kind(str, Enum):
     edit = "edit"
     understand = "understand"
     chat = "chat"
+    train = "train"
 
 
 EPILOG = """
@@ -50,7 +52,32 @@ prompts and reported with seconds per request, peak memory, latent cosine simila
   bagel bench -w understand --model ByteDance-Seed/BAGEL-7B-MoT --max-new-tokens 257
 
   bagel bench -m ByteDance-Seed/BAGEL-7B-MoT --compare quantize=int8 quantize=nf4 offload=layer enable_taylorseer=true
+
+  bagel bench -w train --random-weights benchmarks/configs/mid --max-tokens 2048 --repeat 5   [dim]# training throughput, MFU[/dim]
 """
+
+
+def _train_bench(model, random, height, width, max_tokens, repeat, warmup, lora_rank, freeze, checkpointing,
+                 device, dtype, matmul_tflops, as_json) -> None:
+    from bagel_engine.bench.runner import json_safe
+    from bagel_engine.bench.training import TrainBench, format_training, run_training_benchmark
+    from bagel_engine.weights.config import load_model_config
+    from bagel_engine.weights.loader import resolve_model_dir
+
+    try:
+        side = min(512, load_model_config(resolve_model_dir(model)).max_image_side)
+        tb = TrainBench(model=model, random_weights=random, height=height or side, width=width or side,
+                        max_tokens=max_tokens, steps=repeat, warmup=warmup, lora_rank=lora_rank,
+                        freeze=tuple(p.strip() for p in (freeze or "").split(",") if p.strip()),
+                        gradient_checkpointing=checkpointing, device=device, dtype=dtype or "float32",
+                        matmul_tflops=matmul_tflops)
+        result = run_training_benchmark(tb, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, OSError) as e:
+        _fail(str(e), as_json)
+    if as_json:
+        print(json.dumps(json_safe(result)))
+    else:
+        typer.echo(format_training(result))
 
 
 def _fail(message: str, as_json: bool, code: int = 2) -> None:
@@ -170,6 +197,14 @@ def bench(
         "--date", rich_help_panel=MEASURE, help="Date to record. \\[default: today]")] = None,
     json_: Annotated[bool, typer.Option(
         "--json", rich_help_panel=MEASURE, help="Print one JSON object with every figure instead of the report.")] = False,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", min=16, rich_help_panel=TRAIN, help="train: tokens per packed sequence.")] = 4096,
+    lora_rank: Annotated[int, typer.Option(
+        "--lora-rank", min=0, rich_help_panel=TRAIN, help="train: LoRA adapters of this rank (0: full).")] = 0,
+    freeze: Annotated[Optional[str], typer.Option(
+        "--freeze", rich_help_panel=TRAIN, help="train: parts kept fixed, e.g. und,vit.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", rich_help_panel=TRAIN, help="train: recompute each layer in backward.")] = False,
 ) -> None:
     """Time a workload (t2i / edit / understand / chat) and compare it with the device's floor."""
     from bagel_engine.bench import report
@@ -180,6 +215,10 @@ def bench(
         _fail("give --model or --random-weights CONFIG_DIR, not both", json_)
     if not model and not random_weights:
         _fail("no model: pass --model DIR_OR_HUB_ID, --random-weights CONFIG_DIR or set BAGEL_MODEL", json_)
+    if workload is Kind.train:
+        _train_bench(str(random_weights or model), random_weights is not None, height, width, max_tokens, repeat,
+                     warmup, lora_rank, freeze, gradient_checkpointing, device, dtype, matmul_tflops, json_)
+        return
     sets = list(compare or []) + list(more_sets or [])
     if more_sets and not compare:
         _fail(f"unexpected argument(s) {' '.join(more_sets)}: option sets follow --compare", json_)

@@ -71,6 +71,7 @@ class TrainConfig:
     lora_targets: str = "gen"  # gen / und / all
     gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
     strategy: str = "ddp"  # data parallelism: "ddp" (replicated) or "fsdp" (sharded; see train.parallel)
+    random_weights: bool = False  # build the model from the configs with random weights (benchmarks)
     pad_to_max_tokens: bool | None = None  # pad every sequence to max_tokens (static shapes); default: on CUDA
     seed: int = 0
     save_every: int = 500
@@ -148,7 +149,8 @@ class Trainer:
         self.dist, self.device = DP.init_distributed(cfg.device)
         self.output_dir = Path(cfg.output_dir)
         self.base_dir = resolve_model_dir(cfg.model)
-        self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype)
+        self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype,
+                                      random_weights=cfg.random_weights, seed=cfg.seed)
         self.model, self.vae = self.pipe.model, self.pipe.vae
         self.vae.requires_grad_(False)
         self.model.decoder.gradient_checkpointing = cfg.gradient_checkpointing
