@@ -146,10 +146,10 @@ def test_command_line_trains_resumes_and_overwrites(tmp_path):
     assert bad_part.returncode == 2 and "cannot freeze brain" in bad_part.stderr
 
 
-def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
-    """Text rows of equal length (no random draws): two ranks with one sample each per step must
-    give the update of one process packing both samples (the losses are token means over all ranks)."""
+def equal_length_chat_rows(tmp_path: Path) -> tuple[Path, int]:
+    """Eight chat rows whose samples all have the same token count n (no random draws in their loss)."""
     pipe = bagel_engine.load(MODEL_DIR, device="cpu")
+
     def length(r):
         return len(pipe.tokenizer.frame(r["prompt"])) + len(pipe.tokenizer.frame(r["answer"]))
 
@@ -159,6 +159,26 @@ def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
     assert len(rows) == 8
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, n
+
+
+def test_gradient_accumulation_equals_one_longer_sequence(tmp_path):
+    data, n = equal_length_chat_rows(tmp_path)
+    common = dict(data=str(data), steps=2, lr=1e-3, warmup_steps=0, seed=3)
+    one = train(config(tmp_path / "one", max_tokens=2 * n, **common))
+    accumulated = train(config(tmp_path / "acc", max_tokens=n, grad_accum=2, **common))
+    a = load_file(str(one / "trainer" / "model.safetensors"))
+    b = load_file(str(accumulated / "trainer" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4, msg=name)
+    log = [json.loads(line) for line in (tmp_path / "acc" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in log] == [2 * n, 2 * n]
+
+
+def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
+    """Text rows of equal length (no random draws): two ranks with one sample each per step must
+    give the update of one process packing both samples (the losses are token means over all ranks)."""
+    data, n = equal_length_chat_rows(tmp_path)
     common = ["-m", MODEL_DIR, "--steps", 2, "--lr", 1e-3, "--warmup-steps", 0, "--no-progress", "--seed", 3]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(cli(data, "-o", tmp_path / "one", "--max-tokens", 2 * n, *common), cwd=REPO, env=env,
@@ -260,3 +280,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    import time
+
+    args = [DATA, "-m", MODEL_DIR, "--steps", 40, "--save-every", 5, "--max-tokens", 400, "--lr", 1e-3,
+            "--no-progress", "--seed", 5, "--log-every", 10]
+    straight = subprocess.run(cli(*args, "-o", tmp_path / "a"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen(cli(*args, "-o", tmp_path / "b"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoint-000010").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "b" / "checkpoint-000040").exists(), "the run ended before it could be killed"
+    resumed = subprocess.run(cli(*args, "-o", tmp_path / "b"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    a = load_file(str(tmp_path / "a" / "checkpoint-000040" / "trainer" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint-000040" / "trainer" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not list((tmp_path / "b").glob("*.tmp"))
+    log = [json.loads(line)["step"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [10, 20, 30, 40]  # steps redone after the kill are logged once

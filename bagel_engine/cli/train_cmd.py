@@ -72,6 +72,9 @@ def train(
     task: Annotated[Task, typer.Option("--task", "-t", rich_help_panel=DATA, help="What every row teaches.")] = Task.auto,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", rich_help_panel=DATA, min=2, help="Tokens per packed sequence (per GPU and step).")] = 8192,
+    grad_accum: Annotated[int, typer.Option(
+        "--grad-accum", rich_help_panel=OPT, min=1,
+        help="Packed sequences per GPU and optimizer step (gradients accumulated): a larger batch in the same memory.")] = 1,
     max_image_side: Annotated[Optional[int], typer.Option(
         "--max-image-side", rich_help_panel=DATA, min=16,
         help="Cap the long side of the images (a multiple of 16), e.g. 512. \\[default: the model's, 1024]")] = None,
@@ -139,7 +142,7 @@ def train(
         cfg = TrainConfig(
             model=model, data=str(data), output_dir=str(output_dir), task=task.value, steps=steps, lr=lr,
             min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule.value, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, max_tokens=max_tokens, max_image_side=max_image_side,
+            max_grad_norm=max_grad_norm, max_tokens=max_tokens, grad_accum=grad_accum, max_image_side=max_image_side,
             timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ class TrainConfig:
     eps: float = 1e-15
     max_grad_norm: float = 1.0
     max_tokens: int = 8192  # tokens per packed sequence, per rank and step
+    grad_accum: int = 1  # packed sequences per rank and optimizer step (gradients accumulated)
     max_image_side: int | None = None  # cap the VAE input size (e.g. 512) to save memory
     timestep_shift: float = 1.0
     mse_weight: float = 1.0
@@ -89,6 +91,8 @@ class TrainConfig:
         bad = [f for f in self.freeze if f not in FREEZABLE]
         if bad:
             raise BagelInputError(f"cannot freeze {', '.join(bad)}: choose among {', '.join(FREEZABLE)}")
+        if self.grad_accum < 1:
+            raise BagelInputError("grad_accum must be >= 1")
         if self.steps < 1 or self.max_tokens < 2 or self.save_every < 1 or self.log_every < 1 or self.keep < 1:
             raise BagelInputError("steps, save_every, log_every and keep must be >= 1 and max_tokens >= 2")
         if self.schedule not in ("constant", "cosine"):
@@ -220,6 +224,13 @@ class Trainer:
         rng = state["rng"][self.dist.rank]
         self.generator.set_state(rng.cpu() if self.device.type == "cpu" else rng.to("cpu"))
         self.history = list(state.get("history", []))
+        train_log = self.output_dir / "train_log.jsonl"
+        if self.dist.rank == 0 and train_log.exists():  # forget the steps done after this checkpoint
+            kept = [line for line in train_log.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            tmp = train_log.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, train_log)
         log.info("resumed from %s at step %d", path, self.step)
         if self.dist.rank == 0:
             print(f"resuming from {path} (step {self.step} of {self.cfg.steps})")
@@ -285,25 +296,33 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the loop
+    def _next_batch(self):
+        batch = next(self.data)
+        pad = self.cfg.pad_to_max_tokens if self.cfg.pad_to_max_tokens is not None else self.device.type == "cuda"
+        return batch, batch.padded(self.cfg.max_tokens, self.pipe.tokenizer.special.eos) if pad else batch
+
     def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` packed sequences per process."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch = next(self.data)
-        real_tokens = batch.length
-        pad = cfg.pad_to_max_tokens if cfg.pad_to_max_tokens is not None else self.device.type == "cuda"
-        if pad:
-            batch = batch.padded(cfg.max_tokens, self.pipe.tokenizer.special.eos)
+        pairs = [self._next_batch() for _ in range(cfg.grad_accum)]
+        real_tokens = sum(real.length for real, _ in pairs)
+        batches = [b for _, b in pairs]
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        counts = self.dist.all_sum([float(batch.mse_tokens), float(batch.ce_tokens)])
+        counts = self.dist.all_sum([float(sum(b.mse_tokens for b in batches)), float(sum(b.ce_tokens for b in batches))])
         world = self.dist.world
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
-                                     generator=self.generator)
-        loss = losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mse_sum = ce_sum = 0.0
+        for batch in batches:
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
+                                         generator=self.generator)
+            # each micro-batch's share of the global token means: the accumulated gradient is theirs
+            losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world).backward()
+            mse_sum += float(losses.mse.detach().sum()) if losses.mse is not None else 0.0
+            ce_sum += float(losses.ce.detach().sum()) if losses.ce is not None else 0.0
         if not self.sharded:  # FSDP reduce-scatters the gradients (as means) in backward
             DP.average_gradients(list(self.params.values()), self.dist)
         grad_norm = DP.full_tensor(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
@@ -313,10 +332,7 @@ class Trainer:
                 for n, p in self.params.items():
                     self.ema[n].mul_(cfg.ema).add_(p.detach().float(), alpha=1 - cfg.ema)
         self.step += 1
-        sums = self.dist.all_sum([
-            float(losses.mse.detach().sum()) if losses.mse is not None else 0.0,
-            float(losses.ce.detach().sum()) if losses.ce is not None else 0.0,
-            float(real_tokens)])
+        sums = self.dist.all_sum([mse_sum, ce_sum, float(real_tokens)])
         record = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm),
                   "mse": sums[0] / counts[0] if counts[0] else None,
                   "ce": sums[1] / counts[1] if counts[1] else None,
