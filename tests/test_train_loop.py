@@ -211,8 +211,12 @@ def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
     common[common.index("--steps") + 1] = 3
     assert subprocess.run(cli(data, "-o", tmp_path / "one", "--max-tokens", 2 * n, *common), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300).returncode == 0
-    resumed = torchrun(tmp_path / "fsdp", "--strategy", "fsdp")
+    # with evaluation data of one sequence: the second process runs a forward it ignores
+    resumed = torchrun(tmp_path / "fsdp", "--strategy", "fsdp", "--eval-data", DATA, "--eval-every", 1)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    evals = [json.loads(line) for line in (tmp_path / "fsdp" / "train_log.jsonl").read_text().splitlines()
+             if "eval_ce" in line]
+    assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["eval_ce"] > 0
     a3, f3 = weights(tmp_path / "one", 3), weights(tmp_path / "fsdp", 3)
     for name in a3:
         torch.testing.assert_close(f3[name], a3[name], atol=5e-5, rtol=1e-4, msg=name)
@@ -306,3 +310,16 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_weights(tmp_pat
     assert not list((tmp_path / "b").glob("*.tmp"))
     log = [json.loads(line)["step"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert log == [10, 20, 30, 40]  # steps redone after the kill are logged once
+
+
+def test_evaluation_uses_fixed_draws_and_falls_while_training(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=20, max_tokens=600, eval_data=str(DATA), eval_every=10))
+    first, again = trainer.evaluate(), trainer.evaluate()
+    assert first == again and first["eval_mse"] > 0 and first["eval_ce"] > 0  # the same draws every time
+    trainer.run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval_mse" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[-1]["eval_ce"] < 0.7 * first["eval_ce"] and evals[-1]["eval_mse"] < first["eval_mse"]
+    bad = (tmp_path / "run" / "bad_rows.jsonl").read_text()
+    assert "tiny.jsonl:9 (eval)" in bad

@@ -84,6 +84,11 @@ def train(
                                                help="Chance of dropping a conditioning image's ViT tokens.")] = 0.4,
     vae_dropout: Annotated[float, typer.Option("--vae-dropout", rich_help_panel=DATA, min=0, max=1,
                                                help="Chance of dropping a conditioning image's VAE latents.")] = 0.1,
+    eval_data: Annotated[Optional[Path], typer.Option(
+        "--eval-data", rich_help_panel=DATA,
+        help="Rows to evaluate on (same formats): losses at fixed flow times and noise, logged as eval_mse / eval_ce.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(
+        "--eval-every", rich_help_panel=DATA, min=1, help="Evaluate every N steps. \\[default: --save-every]")] = None,
     steps: Annotated[int, typer.Option("--steps", rich_help_panel=OPT, min=1, help="Optimizer steps in all.")] = 1000,
     lr: Annotated[float, typer.Option("--lr", rich_help_panel=OPT, min=0, help="Peak learning rate (AdamW).")] = 2e-5,
     min_lr: Annotated[float, typer.Option("--min-lr", rich_help_panel=OPT, min=0, help="Final rate of the cosine schedule.")] = 1e-7,
@@ -147,7 +152,7 @@ def train(
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,
-            save_every=save_every, keep=keep, log_every=log_every, device=device, dtype=dtype,
+            save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, device=device, dtype=dtype,
             autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress)
         trainer = Trainer(cfg)
         path = trainer.run()

@@ -250,3 +250,31 @@ class DataStream:
             total += n
             if total == self.max_tokens:
                 return self.packer.pack(samples)
+
+
+def pack_in_order(path: str | Path, packer: SequencePacker, max_tokens: int, task: str = "auto"
+                  ) -> tuple[list[PackedBatch], list[BadRow]]:
+    """Every good row of ``path`` once, in order, packed greedily into sequences of at most
+    ``max_tokens`` (evaluation data); the bad rows with their reasons."""
+    rows = read_rows(Path(path))
+    batches, bad, current, total = [], [], [], 0
+    for row in rows:
+        try:
+            sample = row_sample(row, task)
+            n = sample_length(packer, sample)
+        except ValueError as e:  # BagelInputError included
+            bad.append(BadRow(row.where(), str(e)))
+            continue
+        if n > max_tokens:
+            bad.append(BadRow(row.where(), f"{n} tokens, more than --max-tokens {max_tokens}"))
+            continue
+        if current and total + n > max_tokens:
+            batches.append(packer.pack(current))
+            current, total = [], 0
+        current.append(sample)
+        total += n
+    if current:
+        batches.append(packer.pack(current))
+    if not batches:
+        raise BagelInputError(f"{path}: no usable rows to evaluate on")
+    return batches, bad

@@ -31,7 +31,7 @@ import bagel_engine
 from bagel_engine.params import BagelInputError
 from bagel_engine.train import checkpoint as C
 from bagel_engine.train import parallel as DP
-from bagel_engine.train.data import TASKS, DataStream
+from bagel_engine.train.data import TASKS, DataStream, pack_in_order
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
 from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales, merge_adapters
 from bagel_engine.train.objective import training_losses
@@ -77,6 +77,8 @@ class TrainConfig:
     pad_to_max_tokens: bool | None = None  # pad every sequence to max_tokens (static shapes); default: on CUDA
     seed: int = 0
     save_every: int = 500
+    eval_data: str | None = None  # rows to evaluate on (same formats), at fixed flow times and noise
+    eval_every: int | None = None  # default: save_every
     keep: int = 2  # checkpoints kept (the newest)
     log_every: int = 10
     device: str | None = None
@@ -91,6 +93,8 @@ class TrainConfig:
         bad = [f for f in self.freeze if f not in FREEZABLE]
         if bad:
             raise BagelInputError(f"cannot freeze {', '.join(bad)}: choose among {', '.join(FREEZABLE)}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise BagelInputError("eval_every must be >= 1")
         if self.grad_accum < 1:
             raise BagelInputError("grad_accum must be >= 1")
         if self.steps < 1 or self.max_tokens < 2 or self.save_every < 1 or self.log_every < 1 or self.keep < 1:
@@ -185,6 +189,10 @@ class Trainer:
         self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
                                          rank=self.dist.rank, world=self.dist.world)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.eval_batches, self.eval_bad = [], []
+        if cfg.eval_data:
+            eval_packer = SequencePacker(self.pipe.config, self.pipe.tokenizer, packer.prepare, Dropout(0, 0, 0))
+            self.eval_batches, self.eval_bad = pack_in_order(cfg.eval_data, eval_packer, cfg.max_tokens, cfg.task)
         self.step = 0
         self.history: list[dict] = []
         if cfg.resume:
@@ -273,6 +281,7 @@ class Trainer:
         data_states = self._gather(self.data.state())
         rngs = self._gather(self.generator.get_state())
         bad = [b for rank_bad in self._gather([(b.where, b.error) for b in self.data.bad]) for b in rank_bad]
+        bad += [(f"{b.where} (eval)", b.error) for b in self.eval_bad]
         if not self.sharded:
             sums = self._gather(self.checksum())
             if any(s != sums[0] for s in sums):  # the gradient all-reduce keeps replicas bit-identical
@@ -341,6 +350,35 @@ class Trainer:
         self.history.append(record)
         return record
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-mean losses over the evaluation data with the same flow times and noise at every
+        evaluation (each sequence draws from its own fixed seed), so the figures form a curve.
+        Sequences are spread over the processes; every process runs as many forwards (a process
+        short of sequences repeats one and ignores it) so that sharded forwards stay in step."""
+        cfg, d = self.cfg, self.dist
+        batches = self.eval_batches
+        per_rank = -(-len(batches) // d.world)
+        sums = [0.0, 0.0, 0.0, 0.0]  # mse sum, mse tokens, ce sum, ce tokens
+        for j in range(per_rank):
+            index = d.rank + j * d.world
+            real = index < len(batches)
+            batch = batches[index if real else 0]
+            generator = torch.Generator(self.device).manual_seed(10_000 + (index if real else 0))
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
+                                         generator=generator)
+            if real:
+                if losses.mse is not None:
+                    sums[0] += float(losses.mse.sum())
+                    sums[1] += losses.mse.numel()
+                if losses.ce is not None:
+                    sums[2] += float(losses.ce.sum())
+                    sums[3] += losses.ce.numel()
+        total = d.all_sum(sums)
+        return {"step": self.step, "eval_mse": total[0] / total[1] if total[1] else None,
+                "eval_ce": total[2] / total[3] if total[3] else None, "eval_tokens": int(total[1] + total[3])}
+
     def run(self) -> Path | None:
         cfg = self.cfg
         if self.step >= cfg.steps:
@@ -363,6 +401,14 @@ class Trainer:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 log.info("step %d: %s", self.step, json.dumps(record))
+            if self.eval_batches and (self.step % (cfg.eval_every or cfg.save_every) == 0 or self.step == cfg.steps):
+                evaluation = self.evaluate()
+                self.history[-1].update(evaluation)
+                if self.dist.rank == 0:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(evaluation) + "\n")
+                    shown = {k: f"{evaluation[k]:.4g}" for k in ("eval_mse", "eval_ce") if evaluation[k] is not None}
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 path = self.save()
         bar.close()
