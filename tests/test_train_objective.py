@@ -228,3 +228,25 @@ def test_padding_to_a_fixed_length_changes_nothing(pipe, photo):
     torch.testing.assert_close(out.ce, plain.ce, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="cannot pad"):
         batch.padded(batch.length - 1, 0)
+
+
+def test_mixed_precision_runs_attention_in_bfloat16_and_stays_close(pipe, photo, monkeypatch):
+    from bagel_engine.model import kv_cache
+
+    batch = packer(pipe).pack([text_to_image("a boat", photo), Sample([Text("q"), Text("an answer", loss=True)])])
+    eps = fixed_noise(pipe, photo, 7)
+    full = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.5], noises=[eps],
+                           generator=torch.Generator().manual_seed(3))
+    seen = []
+    original = kv_cache.attend_dense_mask
+
+    def spy(q, k, v, mask):
+        seen.append(q.dtype)
+        return original(q, k, v, mask)
+
+    monkeypatch.setattr(kv_cache, "attend_dense_mask", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.5], noises=[eps],
+                                generator=torch.Generator().manual_seed(3))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert abs(float(mixed.total()) - float(full.total())) < 0.02 * float(full.total())

@@ -133,7 +133,9 @@ class Bagel(nn.Module):
     def forward(self, x: PackedInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The training forward over one packed sequence: (velocities at ``velocity_rows``, logits at
         ``logit_rows``), float32; None where no row is asked for."""
-        dtype = self.vae2llm.weight.dtype
+        kind = x.text_ids.device.type
+        # the residual stream in the autocast dtype under mixed precision, else in the weights' dtype
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.vae2llm.weight.dtype
         seq = torch.zeros(x.length, self.cfg.llm.hidden_size, device=x.text_ids.device, dtype=dtype)
         seq = seq.index_copy(0, x.text_indexes, self.embed_text(x.text_ids).to(dtype))
         if x.vit_seqlens:

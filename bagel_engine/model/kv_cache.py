@@ -116,6 +116,10 @@ class PackedKV:
         self.mask = mask
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        kind = q.device.type
+        if torch.is_autocast_enabled(kind):  # mixed-precision training: attention in the autocast dtype
+            dtype = torch.get_autocast_dtype(kind)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if isinstance(self.mask, torch.Tensor):
             return attend_dense_mask(q[None], k[None], v[None], self.mask[None])[0]
         return attend_block_mask(q[None], k[None], v[None], self.mask)[0]
