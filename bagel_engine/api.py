@@ -78,6 +78,8 @@ def load(
     compile: bool = False,
     attention: str = "auto",
     progress: bool = False,
+    lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    lora_strength: float = 1.0,
 ) -> "BagelPipeline":
     """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
 
@@ -91,6 +93,8 @@ def load(
     ``seed``): for benchmarks of the real architecture without the real checkpoint.
     ``compile=True`` compiles the denoising step and the decoding step with torch.compile (static
     shapes; CUDA graphs on a GPU). ``attention``: "auto", "sdpa", "flex" or "flash".
+    ``lora``: LoRA adapter file(s) (``lora_adapter.safetensors``, or a ``bagel train`` checkpoint
+    directory holding one) merged into the weights at load, each scaled by ``lora_strength``.
     """
     if quantize is not None and quantize not in QUANTIZE_METHODS:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
@@ -116,6 +120,11 @@ def load(
             load_weights(vae, model_dir / AE_FILE, vae_device, vae_dtype, cfg, progress=bar.update if bar else None)
             if bar:
                 bar.close()
+        for adapter in ([] if lora is None else [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)):
+            from bagel_engine.weights.adapters import merge_adapter
+
+            count = merge_adapter(bagel, adapter, lora_strength)
+            log.info("merged the LoRA adapter %s (%d layers, strength %g)", adapter, count, lora_strength)
         if quantize:
             from bagel_engine.weights.quantize import quantize_model
 

@@ -242,7 +242,44 @@ def test_lora_trains_adapters_only_and_publishes_merged_weights(tmp_path):
     torch.testing.assert_close(published[f"{name}.weight"], original[f"{name}.weight"] + delta)
     assert torch.equal(published["language_model.model.embed_tokens.weight"],
                        original["language_model.model.embed_tokens.weight"])
-    assert fixed_loss(bagel_engine.load(path, device="cpu")) < 0.8 * before
+    merged_loss = fixed_loss(bagel_engine.load(path, device="cpu"))
+    assert merged_loss < 0.8 * before
+    # the small adapter file on the base model gives the merged checkpoint
+    assert (path / "lora_adapter.safetensors").stat().st_size < (path / "ema.safetensors").stat().st_size
+    on_base = bagel_engine.load(MODEL_DIR, device="cpu", lora=path)
+    assert fixed_loss(on_base) == pytest.approx(merged_loss, rel=1e-5)
+    assert fixed_loss(bagel_engine.load(MODEL_DIR, device="cpu", lora=path, lora_strength=0.0)) == pytest.approx(
+        before, rel=1e-6)
+    # the command line takes it too: the same image as the merged checkpoint's, not the base model's
+    gen = ["generate", "a red circle", "--height", "32", "--width", "32", "--num-timesteps", "3", "--seed", "1"]
+    images = {}
+    for name, extra in (("merged", ["-m", path]), ("adapter", ["-m", MODEL_DIR, "--lora", path]),
+                        ("base", ["-m", MODEL_DIR])):
+        out = tmp_path / f"{name}.png"
+        done = subprocess.run([sys.executable, "-m", "bagel_engine.cli.main", *gen, *map(str, extra), "-o", str(out)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        images[name] = out.read_bytes()
+    assert images["adapter"] == images["merged"] != images["base"]
+
+
+def test_bad_adapters_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from bagel_engine.weights.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "nothing.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ConfigError, match="not a bagel-engine LoRA adapter"):
+        bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "plain.safetensors")
+    from bagel_engine.weights.adapters import save_adapter
+
+    name = "language_model.model.layers.0.mlp.up_proj"
+    save_adapter(tmp_path / "wrong.safetensors", {f"{name}.lora_A": torch.zeros(2, 7), f"{name}.lora_B": torch.zeros(5, 2)},
+                 rank=2, alpha=2, targets="und")
+    with pytest.raises(ConfigError, match="another base model"):
+        bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "wrong.safetensors")
 
 
 def test_lora_starts_from_the_base_model_and_merges_exactly():

@@ -15,7 +15,8 @@ from bagel_engine.batch.runner import BatchJob, exit_code, run_batch
 from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormMin, CfgRenormType, CfgTextScale, Device,
                                    DoSample, Dtype, Height, Json, MaxThinkTokens, Model, NumTimesteps, Temperature,
                                    Think, TimestepShift, Width, app, knob_values)
-from bagel_engine.cli.load_options import Attention, Compile, Offload, OfficialNumerics, Quantize, load_kwargs
+from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
+                                           load_kwargs)
 from bagel_engine.params import BagelInputError
 
 
@@ -112,6 +113,8 @@ def batch(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     json_: Json = False,
 ) -> None:
     """Run one task over every row of a table: resumable, atomic, data parallel under torchrun."""

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from bagel_engine.batch import knobs as K
-from bagel_engine.cli.load_options import Attention, Compile, Offload, OfficialNumerics, Quantize, load_kwargs
+from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
+                                           load_kwargs)
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
 from bagel_engine.params import RENORM_TYPES, BagelInputError
 
@@ -259,6 +260,8 @@ def generate(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     json_: Json = False,
 ) -> None:
     """Text to image: draw PROMPT and write a PNG (with --think, print the plan first)."""
@@ -300,6 +303,8 @@ def edit(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     json_: Json = False,
 ) -> None:
     """Edit one or several images by an instruction and write a PNG."""
@@ -335,6 +340,8 @@ def understand(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     json_: Json = False,
 ) -> None:
     """Answer a question about one or several images (with --think, the reasoning comes first)."""
@@ -369,6 +376,8 @@ def chat(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     json_: Json = False,
 ) -> None:
     """Text in, text out."""

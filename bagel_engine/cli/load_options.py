@@ -30,6 +30,12 @@ Compile = Annotated[bool, typer.Option(
     help="torch.compile the denoising and decoding steps (slow first call).")]
 Attention = Annotated[AttentionBackend, typer.Option(
     "--attention", rich_help_panel=PANEL, case_sensitive=False, help="Attention backend.")]
+Lora = Annotated[Optional[list[str]], typer.Option(
+    "--lora", rich_help_panel=PANEL, metavar="ADAPTER",
+    help="Merge a LoRA adapter at load: a lora_adapter.safetensors file or a `bagel train` checkpoint folder "
+         "(repeat for several).")]
+LoraStrength = Annotated[float, typer.Option(
+    "--lora-strength", rich_help_panel=PANEL, help="Scale of the LoRA updates (1: as trained).")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -51,4 +57,9 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
             out["attention"] = attention
     if values.get("official_numerics"):
         out["official_numerics"] = True
+    if values.get("lora"):
+        out["lora"] = list(values["lora"])
+        strength = values.get("lora_strength")
+        if strength is not None and strength != 1.0:
+            out["lora_strength"] = float(strength)
     return out

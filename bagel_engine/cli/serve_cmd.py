@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from bagel_engine.cli.load_options import Attention, Compile, Offload, OfficialNumerics, Quantize, load_kwargs
+from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
+                                           load_kwargs)
 from bagel_engine.cli.main import app
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory in the official layout, or a hub id.")]
@@ -67,6 +68,8 @@ def serve_command(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     api_key: ApiKeyOpt = None,
     served_model_name: Annotated[
         Optional[list[str]],
@@ -162,6 +165,8 @@ def ui_command(
     compile: Compile = False,
     attention: Attention = "auto",
     official_numerics: OfficialNumerics = False,
+    lora: Lora = None,
+    lora_strength: LoraStrength = 1.0,
     api_key: ApiKeyOpt = None,
     queue_size: QueueOpt = 8,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",

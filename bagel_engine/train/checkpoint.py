@@ -54,10 +54,13 @@ def _state(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
 
 def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[str, torch.Tensor],
                     trainer_state: dict, trainer_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-                    dtype: torch.dtype | None = None, keep: int | None = None) -> Path:
+                    dtype: torch.dtype | None = None, keep: int | None = None,
+                    adapter: dict | None = None) -> Path:
     """Write ``checkpoint-{step}`` (see the module doc) and point ``latest`` at it. ``weights``: the
     full state dict to publish; ``trainer_tensors``: named float32 tensor sets for resuming (the
-    trained parameters, their EMA), each stored as ``trainer/{name}.safetensors``."""
+    trained parameters, their EMA), each stored as ``trainer/{name}.safetensors``. ``adapter``: the
+    keyword arguments of ``weights.adapters.save_adapter`` (LoRA runs), written as
+    ``lora_adapter.safetensors`` beside the merged weights."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / (final.name + ".tmp")
@@ -69,6 +72,10 @@ def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[s
     _link_or_copy(base_dir / "ae.safetensors", tmp / "ae.safetensors")
     dtype = dtype or stored_dtype(base_dir / "ema.safetensors")
     save_file(_state(weights, dtype), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+    if adapter is not None:
+        from bagel_engine.weights.adapters import ADAPTER_FILE, save_adapter
+
+        save_adapter(tmp / ADAPTER_FILE, **adapter)
     state_dir = tmp / "trainer"
     state_dir.mkdir()
     for name, tensors in (trainer_tensors or {}).items():

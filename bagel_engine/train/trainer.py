@@ -295,8 +295,14 @@ class Trainer:
                      "rng": rngs, "trainable": sorted(self.params), "history": self.history[-1000:],
                      "config": {k: v for k, v in asdict(self.cfg).items() if k != "dropout"} | {
                          "dropout": asdict(self.cfg.dropout)}}
+            adapter = None
+            if self.cfg.lora_rank:  # the adapters alone (the EMA's when EMA is on), for load(base, lora=...)
+                source = tensors.get("ema", tensors["model"])
+                adapter = {"tensors": source, "rank": self.cfg.lora_rank,
+                           "alpha": float(self.cfg.lora_alpha if self.cfg.lora_alpha is not None else self.cfg.lora_rank),
+                           "targets": self.cfg.lora_targets}
             path = C.save_checkpoint(self.output_dir, self.step, self.base_dir, published, state, tensors,
-                                     keep=self.cfg.keep)
+                                     keep=self.cfg.keep, adapter=adapter)
             if bad:
                 (self.output_dir / "bad_rows.jsonl").write_text(
                     "".join(json.dumps({"where": w, "error": e}) + "\n" for w, e in bad))
