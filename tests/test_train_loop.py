@@ -88,6 +88,11 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # packing in the loop instead of the background thread changes nothing
+    inline = load_file(str(train(config(tmp_path / "c", steps=6, dropout=Dropout(), prefetch=0))
+                           / "trainer" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], inline[name]), name
     # keep=2: only the two newest checkpoints stay
     assert sorted(p.name for p in (tmp_path / "b" / "run").glob("checkpoint-*")) == [
         "checkpoint-000003", "checkpoint-000006"]

@@ -81,20 +81,20 @@ def run_training_benchmark(tb: TrainBench, log=lambda s: None) -> dict:
         trainer = Trainer(cfg)
         load_s = time.perf_counter() - t0
         dev = trainer.device
-        memory = D.PeakMemory(dev)
-        memory.reset()
-        for _ in range(tb.warmup):
-            trainer.train_step()
-        seconds, tokens, flops = [], [], []
         captured = []
         original = trainer.data.packer.pack
 
-        def pack(samples):  # see each packed sequence to count its FLOPs
+        def pack(samples):  # see each packed sequence (in the order they are trained on) to count its FLOPs
             batch = original(samples)
             captured.append(batch)
             return batch
 
         trainer.data.packer.pack = pack
+        memory = D.PeakMemory(dev)
+        memory.reset()
+        for _ in range(tb.warmup):
+            trainer.train_step()
+        seconds, tokens, flops = [], [], []
         for i in range(tb.steps):
             D.synchronize(dev)
             t = time.perf_counter()
@@ -102,9 +102,11 @@ def run_training_benchmark(tb: TrainBench, log=lambda s: None) -> dict:
             D.synchronize(dev)
             seconds.append(time.perf_counter() - t)
             tokens.append(record["tokens"])
-            flops.append(_forward_flops(trainer.pipe.config, captured[-1]))
+            flops.append(_forward_flops(trainer.pipe.config, captured[tb.warmup + i]))
             log(f"step {i + 1}/{tb.steps}: {seconds[-1]:.3f} s, {record['tokens']} tokens")
         peak = memory.peak_bytes()
+        if trainer.batches is not None:
+            trainer.batches.close()
         trainable = sum(p.numel() for p in trainer.params.values())
         total_params = sum(p.numel() for p in trainer.model.parameters())
         del trainer

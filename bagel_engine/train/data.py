@@ -278,3 +278,53 @@ def pack_in_order(path: str | Path, packer: SequencePacker, max_tokens: int, tas
     if not batches:
         raise BagelInputError(f"{path}: no usable rows to evaluate on")
     return batches, bad
+
+
+class Prefetcher:
+    """Packs the next sequences in a background thread (image decoding and resizing off the training
+    loop) while the device trains on the current one. ``state()`` is the stream's position after the
+    last sequence *taken*, so a checkpoint never skips the sequences still waiting in the queue."""
+
+    def __init__(self, stream: DataStream, depth: int = 2):
+        import queue
+        import threading
+
+        self.stream = stream
+        self._state = stream.state()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="bagel-train-data", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item = (next(self.stream), self.stream.state(), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                item = (None, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        batch, state, error = self._queue.get()
+        if error is not None:
+            raise error
+        self._state = state
+        return batch
+
+    def state(self) -> dict:
+        return self._state
+
+    def close(self) -> None:
+        self._stop.set()

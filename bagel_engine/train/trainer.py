@@ -31,7 +31,7 @@ import bagel_engine
 from bagel_engine.params import BagelInputError
 from bagel_engine.train import checkpoint as C
 from bagel_engine.train import parallel as DP
-from bagel_engine.train.data import TASKS, DataStream, pack_in_order
+from bagel_engine.train.data import TASKS, DataStream, Prefetcher, pack_in_order
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
 from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales, merge_adapters
 from bagel_engine.train.objective import training_losses
@@ -74,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
     strategy: str = "ddp"  # data parallelism: "ddp" (replicated) or "fsdp" (sharded; see train.parallel)
     random_weights: bool = False  # build the model from the configs with random weights (benchmarks)
+    prefetch: int = 2  # sequences packed ahead in a background thread (0: in the loop)
     pad_to_max_tokens: bool | None = None  # pad every sequence to max_tokens (static shapes); default: on CUDA
     seed: int = 0
     save_every: int = 500
@@ -95,6 +96,8 @@ class TrainConfig:
             raise BagelInputError(f"cannot freeze {', '.join(bad)}: choose among {', '.join(FREEZABLE)}")
         if self.eval_every is not None and self.eval_every < 1:
             raise BagelInputError("eval_every must be >= 1")
+        if self.prefetch < 0:
+            raise BagelInputError("prefetch must be >= 0")
         if self.grad_accum < 1:
             raise BagelInputError("grad_accum must be >= 1")
         if self.steps < 1 or self.max_tokens < 2 or self.save_every < 1 or self.log_every < 1 or self.keep < 1:
@@ -189,6 +192,7 @@ class Trainer:
         self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
                                          rank=self.dist.rank, world=self.dist.world)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.batches: Prefetcher | None = None
         self.eval_batches, self.eval_bad = [], []
         if cfg.eval_data:
             eval_packer = SequencePacker(self.pipe.config, self.pipe.tokenizer, packer.prepare, Dropout(0, 0, 0))
@@ -278,7 +282,7 @@ class Trainer:
         return self.dist.gather(obj)
 
     def save(self) -> Path | None:
-        data_states = self._gather(self.data.state())
+        data_states = self._gather((self.batches or self.data).state())
         rngs = self._gather(self.generator.get_state())
         bad = [b for rank_bad in self._gather([(b.where, b.error) for b in self.data.bad]) for b in rank_bad]
         bad += [(f"{b.where} (eval)", b.error) for b in self.eval_bad]
@@ -312,7 +316,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _next_batch(self):
-        batch = next(self.data)
+        if self.cfg.prefetch and self.batches is None:  # started after any resume has set the position
+            self.batches = Prefetcher(self.data, self.cfg.prefetch)
+        batch = next(self.batches if self.batches is not None else self.data)
         pad = self.cfg.pad_to_max_tokens if self.cfg.pad_to_max_tokens is not None else self.device.type == "cuda"
         return batch, batch.padded(self.cfg.max_tokens, self.pipe.tokenizer.special.eos) if pad else batch
 
@@ -418,6 +424,9 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 path = self.save()
         bar.close()
+        if self.batches is not None:
+            self.batches.close()
+            self.batches = None
         return path
 
 
