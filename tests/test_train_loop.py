@@ -120,6 +120,12 @@ def test_bad_configs_are_refused(tmp_path):
         Trainer(config(tmp_path, freeze=("lm",)))
     with pytest.raises(bagel_engine.BagelInputError, match="unknown task"):
         Trainer(config(tmp_path, task="video"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a picture without its image"}\n')
+    with pytest.raises(bagel_engine.BagelInputError, match="every row of the training data is bad .* found 0"):
+        train(config(tmp_path / "bad", data=str(bad), steps=1, prefetch=0))
+    with pytest.raises(bagel_engine.BagelInputError, match="every row of the training data is bad"):
+        train(config(tmp_path / "bad2", data=str(bad), steps=1))  # raised through the background thread
     train(config(tmp_path, steps=1))
     with pytest.raises(bagel_engine.BagelInputError, match="other frozen parts"):
         Trainer(config(tmp_path, steps=2, freeze=("gen",)))

@@ -211,7 +211,8 @@ class DataStream:
         while True:
             if self.cursor >= len(share):
                 if tried and len(self._bad_seen) >= len(self.rows):
-                    raise BagelInputError("every row of the training data is bad (see the bad rows list)")
+                    first = "; ".join(f"{b.where}: {b.error}" for b in self.bad[:3])
+                    raise BagelInputError(f"every row of the training data is bad ({len(self.bad)} rows), e.g. {first}")
                 self.epoch, self.cursor = self.epoch + 1, 0
                 share = self._share(self.epoch)
                 if not share:
