@@ -371,3 +371,16 @@ def test_evaluation_uses_fixed_draws_and_falls_while_training(tmp_path):
     assert evals[-1]["eval_ce"] < 0.7 * first["eval_ce"] and evals[-1]["eval_mse"] < first["eval_mse"]
     bad = (tmp_path / "run" / "bad_rows.jsonl").read_text()
     assert "tiny.jsonl:9 (eval)" in bad
+
+
+def test_check_reads_the_data_without_training(tmp_path):
+    done = subprocess.run(cli(DATA, "-m", MODEL_DIR, "-o", tmp_path / "run", "--check", "--max-tokens", 400, "--json"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["rows"] == 9 and report["good"] == 8
+    assert report["tasks"] == {"t2i": 3, "edit": 2, "understand": 1, "chat": 1, "conversation": 1}
+    assert [b["where"] for b in report["bad"]] == ["tiny.jsonl:9"]
+    assert report["tokens"] == report["image_tokens"] + report["text_tokens"]
+    assert 0 < report["packing_efficiency"] <= 1 and report["sequences_per_epoch"] >= report["tokens"] / 400
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -63,6 +63,31 @@ from the newest checkpoint (same data order, random draws and optimizer state); 
 """
 
 
+def _check(data: Path, model: str, task: str, max_tokens: int, max_image_side: int | None, as_json: bool) -> None:
+    import bagel_engine
+    from bagel_engine.train.data import survey
+    from bagel_engine.train.packing import SequencePacker
+
+    pipe = bagel_engine.load(model, device="meta")  # configs and tokenizer only
+    packer = SequencePacker(pipe.config, pipe.tokenizer, lambda image, key: pipe.prepare_image(image, key, max_image_side))
+    report = survey(data, packer, max_tokens, task)
+    if as_json:
+        print(json.dumps(report))
+        return
+    tasks = ", ".join(f"{n} {t}" for t, n in sorted(report["tasks"].items())) or "none"
+    print(f"{report['rows']} rows: {report['good']} good ({tasks}), {len(report['bad'])} bad")
+    for b in report["bad"][:10]:
+        print(f"  bad {b['where']}: {b['error']}")
+    if len(report["bad"]) > 10:
+        print(f"  ... and {len(report['bad']) - 10} more")
+    if report["good"]:
+        t = report["tokens_per_sample"]
+        print(f"tokens: {report['tokens']} ({report['image_tokens']} image, {report['text_tokens']} text); "
+              f"per sample min {t['min']}, median {t['median']}, max {t['max']}")
+        print(f"at --max-tokens {max_tokens}: {report['sequences_per_epoch']} sequences per epoch, "
+              f"packing efficiency {100 * report['packing_efficiency']:.1f} %")
+
+
 @app.command(epilog=EPILOG)
 def train(
     data: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file, or a folder of them.", show_default=False)],
@@ -135,6 +160,10 @@ def train(
     autocast: Annotated[str, typer.Option("--autocast", rich_help_panel=RUN,
                                           help="auto (bfloat16 on a GPU), bfloat16, float16 or none.")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=RUN)] = True,
+    check: Annotated[bool, typer.Option(
+        "--check", rich_help_panel=DATA,
+        help="Only read the data (no weights loaded, nothing trained): rows per task, bad rows and why, tokens "
+             "per sample, sequences per epoch and packing efficiency at --max-tokens.")] = False,
     json_: Json = False,
 ) -> None:
     """Fine-tune BAGEL on text-to-image, editing, understanding and chat data (packed, resumable)."""
@@ -143,6 +172,9 @@ def train(
     try:
         if not model:
             raise BagelInputError("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL")
+        if check:
+            _check(data, model, task.value, max_tokens, max_image_side, json_)
+            return
         parts = tuple(p.strip() for p in (freeze or "").split(",") if p.strip())
         cfg = TrainConfig(
             model=model, data=str(data), output_dir=str(output_dir), task=task.value, steps=steps, lr=lr,

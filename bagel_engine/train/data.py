@@ -329,3 +329,43 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def survey(path: str | Path, packer: SequencePacker, max_tokens: int, task: str = "auto") -> dict:
+    """What a training file holds, without a model's weights (``bagel train --check``): rows per
+    task, bad rows with their reasons, tokens per sample, and how the samples pack into sequences of
+    ``max_tokens`` (in file order, as one epoch would, before shuffling)."""
+    rows = read_rows(Path(path))
+    tasks: dict[str, int] = {}
+    lengths, bad = [], []
+    image_tokens = text_tokens = 0
+    for row in rows:
+        try:
+            kind = row_task(row) if task == "auto" and not row.error else task
+            sample = row_sample(row, task)
+            n = sample_length(packer, sample)
+        except ValueError as e:  # BagelInputError included
+            bad.append(BadRow(row.where(), str(e)))
+            continue
+        if n > max_tokens:
+            bad.append(BadRow(row.where(), f"{n} tokens, more than --max-tokens {max_tokens}"))
+            continue
+        tasks[kind] = tasks.get(kind, 0) + 1
+        lengths.append(n)
+        text = sum(len(packer.tokenizer.frame(s.text)) for s in sample.segments if isinstance(s, S.Text))
+        text_tokens += text
+        image_tokens += n - text
+    sequences, fill = 0, 0
+    for n in lengths:
+        if sequences == 0 or fill + n > max_tokens:
+            sequences, fill = sequences + 1, 0
+        fill += n
+    total = sum(lengths)
+    ordered = sorted(lengths)
+    return {
+        "rows": len(rows), "good": len(lengths), "bad": [{"where": b.where, "error": b.error} for b in bad],
+        "tasks": tasks, "tokens": total, "text_tokens": text_tokens, "image_tokens": image_tokens,
+        "tokens_per_sample": {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1]} if ordered else None,
+        "max_tokens": max_tokens, "sequences_per_epoch": sequences,
+        "packing_efficiency": total / (sequences * max_tokens) if sequences else 0.0,
+    }
