@@ -206,7 +206,7 @@ def bench(
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", rich_help_panel=TRAIN, help="train: recompute each layer in backward.")] = False,
 ) -> None:
-    """Time a workload (t2i / edit / understand / chat) and compare it with the device's floor."""
+    """Time a workload (t2i / edit / understand / chat / train) and compare it with the device's floor."""
     from bagel_engine.bench import report
     from bagel_engine.bench.runner import BenchConfig, json_safe, parse_option_set, run_benchmark
     from bagel_engine.bench.workloads import Workload

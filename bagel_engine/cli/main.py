@@ -6,7 +6,7 @@ import typer
 
 app = typer.Typer(
     name="bagel",
-    help="Run ByteDance's BAGEL-7B-MoT: text to image, image editing, image understanding and chat.",
+    help="Run and fine-tune ByteDance's BAGEL-7B-MoT: text to image, image editing, image understanding and chat.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -26,7 +26,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (loading, timings)."),
 ) -> None:
-    """Run ByteDance's BAGEL-7B-MoT: text to image, image editing, image understanding and chat."""
+    """Run and fine-tune ByteDance's BAGEL-7B-MoT: text to image, image editing, image understanding and chat."""
     import logging
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
