@@ -328,7 +328,16 @@ class Prefetcher:
         return self._state
 
     def close(self) -> None:
+        """Stop the thread and wait for it, so that no packing runs while the interpreter shuts down."""
+        import queue
+
         self._stop.set()
+        while self._thread.is_alive():
+            try:  # make room for a producer waiting to put
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
 
 
 def survey(path: str | Path, packer: SequencePacker, max_tokens: int, task: str = "auto") -> dict:

@@ -391,6 +391,29 @@ class Trainer:
         return {"step": self.step, "eval_mse": total[0] / total[1] if total[1] else None,
                 "eval_ce": total[2] / total[3] if total[3] else None, "eval_tokens": int(total[1] + total[3])}
 
+    def _loop_step(self, bar, log_path: Path) -> Path | None:
+        """One step of ``run``: train, log, evaluate and save when due; the checkpoint if one was written."""
+        cfg = self.cfg
+        record = self.train_step()
+        bar.update(1)
+        shown = {k: f"{record[k]:.4g}" for k in ("mse", "ce") if record[k] is not None}
+        bar.set_postfix(shown | {"lr": f"{record['lr']:.2g}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+        if self.dist.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("step %d: %s", self.step, json.dumps(record))
+        if self.eval_batches and (self.step % (cfg.eval_every or cfg.save_every) == 0 or self.step == cfg.steps):
+            evaluation = self.evaluate()
+            self.history[-1].update(evaluation)
+            if self.dist.rank == 0:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(evaluation) + "\n")
+                shown = {k: f"{evaluation[k]:.4g}" for k in ("eval_mse", "eval_ce") if evaluation[k] is not None}
+                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            return self.save()
+        return None
+
     def run(self) -> Path | None:
         cfg = self.cfg
         if self.step >= cfg.steps:
@@ -404,29 +427,14 @@ class Trainer:
         log_path = self.output_dir / "train_log.jsonl"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = None
-        while self.step < cfg.steps:
-            record = self.train_step()
-            bar.update(1)
-            shown = {k: f"{record[k]:.4g}" for k in ("mse", "ce") if record[k] is not None}
-            bar.set_postfix(shown | {"lr": f"{record['lr']:.2g}", "tok/s": f"{record['tokens_per_s']:.0f}"})
-            if self.dist.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("step %d: %s", self.step, json.dumps(record))
-            if self.eval_batches and (self.step % (cfg.eval_every or cfg.save_every) == 0 or self.step == cfg.steps):
-                evaluation = self.evaluate()
-                self.history[-1].update(evaluation)
-                if self.dist.rank == 0:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(evaluation) + "\n")
-                    shown = {k: f"{evaluation[k]:.4g}" for k in ("eval_mse", "eval_ce") if evaluation[k] is not None}
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                path = self.save()
-        bar.close()
-        if self.batches is not None:
-            self.batches.close()
-            self.batches = None
+        try:
+            while self.step < cfg.steps:
+                path = self._loop_step(bar, log_path) or path
+        finally:
+            bar.close()
+            if self.batches is not None:  # stop the packing thread before the interpreter ends
+                self.batches.close()
+                self.batches = None
         return path
 
 
