@@ -153,6 +153,19 @@ def row_sample(row: Row, task: str = "auto") -> S.Sample:
     raise BagelInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
+def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto") -> tuple[S.Sample, int] | str:
+    """``(sample, tokens)`` of a row, or the reason it cannot be trained on (bad content, sizes the
+    model cannot take, more tokens than ``max_tokens``)."""
+    try:
+        sample = row_sample(row, task)
+        n = sample_length(packer, sample)
+    except ValueError as e:  # BagelInputError included
+        return str(e)
+    if n > max_tokens:
+        return f"{n} tokens, more than --max-tokens {max_tokens}"
+    return sample, n
+
+
 @dataclass
 class BadRow:
     where: str
@@ -222,19 +235,11 @@ class DataStream:
             tried += 1
             if row.position in self._bad_seen:
                 continue
-            try:
-                sample = row_sample(row, self.task)
-                n = sample_length(self.packer, sample)
-            except BagelInputError as e:
-                self._record(row, str(e))
+            usable = usable_sample(row, self.packer, self.max_tokens, self.task)
+            if isinstance(usable, str):
+                self._record(row, usable)
                 continue
-            except ValueError as e:  # sizes the model cannot take
-                self._record(row, str(e))
-                continue
-            if n > self.max_tokens:
-                self._record(row, f"{n} tokens, more than --max-tokens {self.max_tokens}")
-                continue
-            return sample, n
+            return usable
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self
@@ -253,22 +258,23 @@ class DataStream:
                 return self.packer.pack(samples)
 
 
+def _usable_rows(rows: list[Row], packer: SequencePacker, max_tokens: int, task: str,
+                 bad: list[BadRow]) -> Iterator[tuple[Row, S.Sample, int]]:
+    """The rows that can be trained on, in order, with their samples and token counts; the others go to ``bad``."""
+    for row in rows:
+        usable = usable_sample(row, packer, max_tokens, task)
+        if isinstance(usable, str):
+            bad.append(BadRow(row.where(), usable))
+            continue
+        yield row, *usable
+
+
 def pack_in_order(path: str | Path, packer: SequencePacker, max_tokens: int, task: str = "auto"
                   ) -> tuple[list[PackedBatch], list[BadRow]]:
     """Every good row of ``path`` once, in order, packed greedily into sequences of at most
     ``max_tokens`` (evaluation data); the bad rows with their reasons."""
-    rows = read_rows(Path(path))
     batches, bad, current, total = [], [], [], 0
-    for row in rows:
-        try:
-            sample = row_sample(row, task)
-            n = sample_length(packer, sample)
-        except ValueError as e:  # BagelInputError included
-            bad.append(BadRow(row.where(), str(e)))
-            continue
-        if n > max_tokens:
-            bad.append(BadRow(row.where(), f"{n} tokens, more than --max-tokens {max_tokens}"))
-            continue
+    for _, sample, n in _usable_rows(read_rows(Path(path)), packer, max_tokens, task, bad):
         if current and total + n > max_tokens:
             batches.append(packer.pack(current))
             current, total = [], 0
@@ -348,17 +354,8 @@ def survey(path: str | Path, packer: SequencePacker, max_tokens: int, task: str 
     tasks: dict[str, int] = {}
     lengths, bad = [], []
     image_tokens = text_tokens = 0
-    for row in rows:
-        try:
-            kind = row_task(row) if task == "auto" and not row.error else task
-            sample = row_sample(row, task)
-            n = sample_length(packer, sample)
-        except ValueError as e:  # BagelInputError included
-            bad.append(BadRow(row.where(), str(e)))
-            continue
-        if n > max_tokens:
-            bad.append(BadRow(row.where(), f"{n} tokens, more than --max-tokens {max_tokens}"))
-            continue
+    for row, sample, n in _usable_rows(rows, packer, max_tokens, task, bad):
+        kind = row_task(row) if task == "auto" else task
         tasks[kind] = tasks.get(kind, 0) + 1
         lengths.append(n)
         text = sum(len(packer.tokenizer.frame(s.text)) for s in sample.segments if isinstance(s, S.Text))
