@@ -5,7 +5,8 @@
 stay), frozen, plus ``lora_A`` (rank x in, Kaiming-uniform) and ``lora_B`` (out x rank, zeros)
 kept in float32: ``y = x W^T + b + (alpha / rank) * x A^T B^T``, so training starts from the base
 model exactly. ``merged_state_dict`` folds the adapters into the weights (the official layout,
-for ``bagel_engine.load``); ``adapter_state_dict`` is the small file of adapters alone.
+for ``bagel_engine.load``); the trainer writes the adapters alone
+as ``lora_adapter.safetensors`` (``bagel_engine.weights.adapters``).
 
 Targets: ``gen`` (the generation expert's ``*_moe_gen`` projections: what image generation and
 editing use), ``und`` (the understanding expert's: text and understanding), or ``all``.
@@ -17,6 +18,8 @@ import math
 
 import torch
 from torch import nn
+
+from bagel_engine.weights.adapters import merged_weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = ("gen", "und", "all")
@@ -87,15 +90,9 @@ def merge_adapters(state: dict[str, torch.Tensor], scales: dict[str, float]) -> 
     tensors left out: the official key names."""
     out = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
     for name, scale in scales.items():
-        w = out[f"{name}.weight"]
-        a, b = state[f"{name}.lora_A"], state[f"{name}.lora_B"]
-        out[f"{name}.weight"] = (w.float() + scale * (b.float() @ a.float()).to(w.device)).to(w.dtype)
+        out[f"{name}.weight"] = merged_weight(out[f"{name}.weight"], state[f"{name}.lora_A"], state[f"{name}.lora_B"], scale)
     return out
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return merge_adapters(model.state_dict(), lora_scales(model))
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}

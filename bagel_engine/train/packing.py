@@ -96,19 +96,10 @@ class PackedBatch:
         mode = torch.tensor(self.split_modes)[split]
         return doc, split, mode
 
-    def dense_mask(self, device=None) -> torch.Tensor:
-        """(T, T) bool: which keys (columns) each query (row) sees."""
-        doc, split, mode = (t.to(device) for t in self.split_ids())
-        idx = torch.arange(self.length, device=device)
-        same_split = split[:, None] == split[None, :]
-        visible = (idx[None, :] <= idx[:, None]) | (same_split & (mode[:, None] != CAUSAL))
-        hidden_noise = (mode[None, :] == NOISE) & ~same_split
-        return visible & ~hidden_noise & (doc[:, None] == doc[None, :])
-
-    def block_mask(self, device, block_size: int = 128):
-        """The same mask as a flex-attention ``BlockMask`` (long sequences on a GPU)."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
+    def mask_mod(self, device=None):
+        """The official rule as a flex-attention ``mask_mod(b, h, q, k)``: the key is in the query's
+        sample and not after it, or both are in the same image split; no key of a noisy split is seen
+        from outside it. On index tensors that broadcast, it gives the dense mask too."""
         doc, split, mode = (t.to(device) for t in self.split_ids())
 
         def mask_mod(b, h, q, k):
@@ -116,6 +107,18 @@ class PackedBatch:
             visible = (k <= q) | (same_split & (mode[q] != CAUSAL))
             return visible & ~((mode[k] == NOISE) & ~same_split) & (doc[q] == doc[k])
 
+        return mask_mod
+
+    def dense_mask(self, device=None) -> torch.Tensor:
+        """(T, T) bool: which keys (columns) each query (row) sees."""
+        idx = torch.arange(self.length, device=device)
+        return self.mask_mod(device)(None, None, idx[:, None], idx[None, :])
+
+    def block_mask(self, device, block_size: int = 128):
+        """The same mask as a flex-attention ``BlockMask`` (long sequences on a GPU)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask_mod = self.mask_mod(device)
         device = torch.device(device)
         return create_block_mask(mask_mod, 1, None, self.length, self.length, device=device, BLOCK_SIZE=block_size,
                                  _compile=device.type == "cuda")  # compiled as the official code does

@@ -52,6 +52,11 @@ def read_adapter(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     return layers, scale
 
 
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``weight + scale * B @ A``, computed in float32, in the weight's dtype and device."""
+    return (weight.float() + scale * (b.to(weight.device).float() @ a.to(weight.device).float())).to(weight.dtype)
+
+
 @torch.no_grad()
 def merge_adapter(model: nn.Module, path: str | Path, strength: float = 1.0) -> int:
     """Add the adapter's low-rank updates to ``model``'s weights; returns the layers changed."""
@@ -65,6 +70,5 @@ def merge_adapter(model: nn.Module, path: str | Path, strength: float = 1.0) -> 
         if (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise ConfigError(f"the adapter for {name} is {b.shape[0]}x{a.shape[1]}, the layer {tuple(w.shape)}: "
                               "another base model?")
-        delta = (strength * scale) * (b.to(w.device).float() @ a.to(w.device).float())
-        w.copy_((w.float() + delta).to(w.dtype))
+        w.copy_(merged_weight(w, a, b, strength * scale))
     return len(layers)
