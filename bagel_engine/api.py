@@ -29,7 +29,7 @@ from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
 from bagel_engine.runtime.image_generation import GuidanceContexts, denoise
 from bagel_engine.runtime.text_decoding import decode_tokens
 from bagel_engine.runtime.tokenizer import BagelTokenizer
-from bagel_engine.weights.config import ModelConfig, load_model_config
+from bagel_engine.weights.config import ModelConfig, load_model_config, read_task_defaults
 from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, init_random, load_weights,
                                          parse_dtype, resolve_model_dir)
 
@@ -136,8 +136,9 @@ def load(
     tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")
     log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
     set_attention_backend(attention)
+    defaults = P.TaskDefaults.from_dict(read_task_defaults(model_dir), str(model_dir / "task_defaults.json"))
     pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
-                         official_numerics=official_numerics)
+                         official_numerics=official_numerics, task_defaults=defaults)
     if compile:
         pipe.compile()
     return pipe
@@ -184,8 +185,10 @@ class _Job:
 class BagelPipeline:
     def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, config: ModelConfig, *,
                  device: torch.device, dtype: torch.dtype, model_name: str = "bagel",
-                 official_numerics: bool = False):
+                 official_numerics: bool = False, task_defaults: P.TaskDefaults | None = None):
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
+        # The defaults of the task methods: the official app's, or the model directory's task_defaults.json.
+        self.task_defaults = task_defaults or P.TaskDefaults()
         self.device, self.dtype, self.model_name = device, dtype, model_name
         self.official_numerics = official_numerics
         self._decoder_fn = None  # a compiled decoder step (see ``compile``)
@@ -418,7 +421,8 @@ class BagelPipeline:
         merged.update({k: v for k, v in knobs.items() if k in P.TEXT_PARAM_NAMES})
         return merged
 
-    def generate(self, prompt: str | Sequence[str], *, height: int = 1024, width: int = 1024, think: bool = False,
+    def generate(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
+                 think: bool = False,
                  seed: int | Sequence[int] | None = None, noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
                  callback=None, **knobs) -> BagelOutput | list[BagelOutput]:
         """Text to image, with the official app's defaults (cfg 4.0 / 1.5, interval 0.4-1, global renorm).
@@ -426,12 +430,16 @@ class BagelPipeline:
         ``prompt`` may be a list: the images are generated together, every denoising step of all of
         them in one batched forward, and a list of outputs is returned. Their seeds are ``seed + k``
         (or a list of seeds), so each image equals the one generated alone with its seed.
+        ``height`` / ``width`` and knobs left out take ``self.task_defaults`` (the model directory's
+        ``task_defaults.json``, else 1024x1024 and the app's values).
         """
+        height = self.task_defaults.height if height is None else height
+        width = self.task_defaults.width if width is None else width
         if isinstance(prompt, str):
             self._need_prompt(prompt, "prompt")
             self.check_size(height, width)
             return self.interleave([prompt], think=think, image_shapes=(height, width), seed=seed, noise=noise,
-                                   callback=callback, **self._image_knobs(P.TEXT_TO_IMAGE_DEFAULTS, knobs))
+                                   callback=callback, **self._image_knobs(self.task_defaults.t2i, knobs))
         prompts = list(prompt)
         if not prompts:
             raise BagelInputError("prompt list is empty")
@@ -449,7 +457,7 @@ class BagelPipeline:
         noises = [None] * len(prompts) if noise is None else list(noise)
         if len(noises) != len(prompts):
             raise BagelInputError(f"{len(noises)} noise tensors for {len(prompts)} prompts")
-        merged = self._image_knobs(P.TEXT_TO_IMAGE_DEFAULTS, knobs)
+        merged = self._image_knobs(self.task_defaults.t2i, knobs)
         text_params = TextParams(*(merged.pop(k) for k in P.TEXT_PARAM_NAMES))
         merged["cfg_interval"] = tuple(merged["cfg_interval"])
         return self._run([[p] for p in prompts], seeds, noises, understanding_output=False, think=think,
@@ -465,11 +473,13 @@ class BagelPipeline:
             raise BagelInputError("edit needs at least one input image")
         self._need_prompt(prompt, "prompt")
         return self.interleave([*images, prompt], think=think, seed=seed, noise=noise, callback=callback,
-                               **self._image_knobs(P.EDIT_DEFAULTS, knobs))
+                               **self._image_knobs(self.task_defaults.edit, knobs))
 
-    def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int = P.UNDERSTAND_TOKENS_DEFAULT,
+    def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
                    do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None) -> BagelOutput:
-        """Answer a question about one or several images."""
+        """Answer a question about one or several images (``max_new_tokens``: default the model's, else 512)."""
+        if max_new_tokens is None:
+            max_new_tokens = self.task_defaults.understand_tokens
         images = self._as_list(images)
         if not images:
             raise BagelInputError("understand needs at least one input image")
@@ -478,9 +488,11 @@ class BagelPipeline:
                                max_think_token_n=max_new_tokens, do_sample=do_sample,
                                text_temperature=text_temperature, seed=seed)
 
-    def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int = P.UNDERSTAND_TOKENS_DEFAULT,
+    def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int | None = None,
              do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None) -> BagelOutput:
-        """Text in, text out."""
+        """Text in, text out (``max_new_tokens``: default the model's, else 512)."""
+        if max_new_tokens is None:
+            max_new_tokens = self.task_defaults.chat_tokens
         self._need_prompt(prompt, "prompt")
         return self.interleave([prompt], understanding_output=True, think=think, max_think_token_n=max_new_tokens,
                                do_sample=do_sample, text_temperature=text_temperature, seed=seed)

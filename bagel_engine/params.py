@@ -88,6 +88,57 @@ IMAGE_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(ImageParams))
 TEXT_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TextParams))
 
 
+@dataclass(frozen=True)
+class TaskDefaults:
+    """What the task methods use when the caller sets nothing: the official app's values, or those
+    a model directory carries in ``task_defaults.json`` (the demo model ``bagel-shapes`` draws
+    64x64 pictures in 25 steps; the real checkpoint carries none)::
+
+        {"t2i": {"height": 64, "width": 64, "num_timesteps": 25, ...}, "edit": {...},
+         "understand": {"max_new_tokens": 16}, "chat": {"max_new_tokens": 32}}
+    """
+
+    t2i: ImageParams = TEXT_TO_IMAGE_DEFAULTS
+    edit: ImageParams = EDIT_DEFAULTS
+    height: int = 1024
+    width: int = 1024
+    understand_tokens: int = UNDERSTAND_TOKENS_DEFAULT
+    chat_tokens: int = UNDERSTAND_TOKENS_DEFAULT
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "task_defaults.json") -> "TaskDefaults":
+        unknown = sorted(set(data) - {"t2i", "edit", "understand", "chat"})
+        if unknown:
+            raise BagelInputError(f"{source}: unknown task(s) {', '.join(unknown)}; known: t2i, edit, understand, chat")
+        out = cls()
+
+        def image(base: ImageParams, values: dict[str, Any], task: str) -> ImageParams:
+            split_knobs(values, IMAGE_PARAM_NAMES)
+            values = dict(values)
+            if "cfg_interval" in values:
+                values["cfg_interval"] = tuple(values["cfg_interval"])
+            try:
+                return dataclasses.replace(base, **values).validate()
+            except BagelInputError as e:
+                raise BagelInputError(f"{source} ({task}): {e}") from None
+
+        t2i = dict(data.get("t2i", {}))
+        height, width = t2i.pop("height", out.height), t2i.pop("width", out.width)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BagelInputError(f"{source} (t2i): {name} must be a positive integer, got {value!r}")
+        tokens = {}
+        for task in ("understand", "chat"):
+            values = dict(data.get(task, {}))
+            split_knobs(values, ("max_new_tokens",))
+            n = values.get("max_new_tokens", UNDERSTAND_TOKENS_DEFAULT)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise BagelInputError(f"{source} ({task}): max_new_tokens must be a positive integer, got {n!r}")
+            tokens[task] = n
+        return cls(t2i=image(out.t2i, t2i, "t2i"), edit=image(out.edit, dict(data.get("edit", {})), "edit"),
+                   height=height, width=width, understand_tokens=tokens["understand"], chat_tokens=tokens["chat"])
+
+
 def split_knobs(knobs: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(knobs) - set(allowed))
     if unknown:

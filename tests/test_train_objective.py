@@ -178,6 +178,31 @@ def test_block_mask_gives_the_dense_mask_numbers(pipe, photo):
     torch.testing.assert_close(flex.ce, dense.ce, atol=1e-4, rtol=1e-3)
 
 
+def test_attention_sample_by_sample_equals_the_dense_mask_with_gradients(pipe, photo):
+    batch = packer(pipe).pack([edit([photo], "mirror it", photo), text_to_image("a boat", photo),
+                               Sample([Text("q"), Text("an answer", loss=True)])])
+    eps = [fixed_noise(pipe, photo, 5), fixed_noise(pipe, photo, 6)]
+    params = [p for p in pipe.model.parameters()]
+    grads = []
+    for dense in (True, False):
+        pipe.model.zero_grad(set_to_none=True)
+        for p in params:
+            p.requires_grad_(True)
+        losses = training_losses(pipe.model, pipe.vae, batch, timesteps=[0.4, 0.7], noises=eps, dense_mask=dense,
+                                 generator=torch.Generator().manual_seed(1))
+        losses.total().backward()
+        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+        for p in params:
+            p.requires_grad_(False)
+        if dense:
+            reference = losses
+    torch.testing.assert_close(losses.mse, reference.mse, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(losses.ce, reference.ce, atol=1e-5, rtol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in grads[1])
+
+
 def test_positions_routing_and_dropout(pipe, photo):
     sample = edit([photo], "mirror it", photo)
     batch = packer(pipe).pack([sample])

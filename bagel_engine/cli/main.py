@@ -36,7 +36,7 @@ def _register() -> None:
     # Importing a command module registers its commands on ``app``.
     import importlib
 
-    for name in ("inspect_cmd", "jobs", "batch_cmd", "serve_cmd", "bench_cmd", "train_cmd"):
+    for name in ("inspect_cmd", "jobs", "batch_cmd", "serve_cmd", "bench_cmd", "train_cmd", "eval_cmd", "shapes_cmd"):
         try:
             importlib.import_module(f"bagel_engine.cli.{name}")
         except ModuleNotFoundError as e:  # a module not written yet, never a missing dependency

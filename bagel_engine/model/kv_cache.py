@@ -16,6 +16,8 @@ memory. Three layouts cover inference, and one training:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bagel_engine.model.attention import attend, attend_block_mask, attend_dense_mask
@@ -108,9 +110,20 @@ class DecodeKV:
         return attend(q[None], self.k[layer], self.v[layer], mask=self.mask, kv_lens=self.kv_lens)[0]
 
 
+@dataclass(frozen=True)
+class SampleBlocks:
+    """A block-diagonal attention mask: tokens ``start:end`` of each span see only their own span,
+    as ``masks[i]`` (a (n, n) bool tensor) says. Packed training samples never see each other, so
+    attention runs span by span: the cost of the samples' own lengths, not of the whole sequence."""
+
+    spans: tuple[tuple[int, int], ...]
+    masks: tuple[torch.Tensor, ...]
+
+
 class PackedKV:
     """Self-attention over one packed sequence of T tokens; ``mask`` says which keys each query sees:
-    a (T, T) bool tensor (SDPA) or a flex-attention ``BlockMask`` built over the same T."""
+    a (T, T) bool tensor (SDPA), ``SampleBlocks`` (SDPA span by span) or a flex-attention
+    ``BlockMask`` built over the same T."""
 
     def __init__(self, mask):
         self.mask = mask
@@ -122,4 +135,7 @@ class PackedKV:
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if isinstance(self.mask, torch.Tensor):
             return attend_dense_mask(q[None], k[None], v[None], self.mask[None])[0]
+        if isinstance(self.mask, SampleBlocks):
+            return torch.cat([attend_dense_mask(q[None, a:b], k[None, a:b], v[None, a:b], m[None])[0]
+                              for (a, b), m in zip(self.mask.spans, self.mask.masks)])
         return attend_block_mask(q[None], k[None], v[None], self.mask)[0]

@@ -154,7 +154,9 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
     cfg = pipe.config
     step = int(cfg.latent_downsample)
     max_side = int(cfg.max_image_side)
-    default_side = max(step, min(1024, max_side) // step * step)
+    defaults = getattr(pipe, "task_defaults", None)  # the model's own size (task_defaults.json), else 1024
+    default_w, default_h = (max(step, min(side, max_side) // step * step)
+                            for side in ((defaults.width, defaults.height) if defaults else (1024, 1024)))
     created = int(time.time())
 
     @asynccontextmanager
@@ -211,10 +213,10 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
 
     def parse_size(size: str | None, param: str = "size") -> tuple[int, int]:
         if size is None or size.strip().lower() == "auto":
-            return default_side, default_side
+            return default_w, default_h
         m = _SIZE.match(size)
         if not m:
-            raise bad_request(f"size must be 'WIDTHxHEIGHT' such as '{default_side}x{default_side}' (got {size!r})",
+            raise bad_request(f"size must be 'WIDTHxHEIGHT' such as '{default_w}x{default_h}' (got {size!r})",
                               param)
         w, h = int(m.group(1)), int(m.group(2))
         for side, what in ((w, "width"), (h, "height")):

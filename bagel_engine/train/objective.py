@@ -57,10 +57,12 @@ def encode_latents(vae: AutoEncoder, pixels: torch.Tensor, generator: torch.Gene
 
 def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, timestep_shift: float = 1.0,
                     generator: torch.Generator | None = None, timesteps: list[float] | None = None,
-                    noises: list[torch.Tensor] | None = None, block_mask: bool | None = None) -> Losses:
+                    noises: list[torch.Tensor] | None = None, block_mask: bool | None = None,
+                    dense_mask: bool = False) -> Losses:
     """Per-token losses of one packed sequence. ``timesteps`` / ``noises`` (one per target image)
     fix the flow time and the noise instead of drawing them (tests, evaluation). ``block_mask``:
-    use a flex-attention BlockMask (default on CUDA) instead of a dense (T, T) mask."""
+    use a flex-attention BlockMask (default on CUDA) instead of SDPA sample by sample; ``dense_mask``: one
+    SDPA over the whole sequence with the dense (T, T) mask (the reference the others are tested against)."""
     cfg = model.cfg
     device = model.vae2llm.weight.device
     long = lambda t: t.to(device)  # noqa: E731
@@ -100,7 +102,8 @@ def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, times
         latent_times=torch.cat(token_times) if token_times else torch.zeros(0, device=device),
         latent_position_ids=long(batch.latent_position_ids), vae_indexes=vae_rows,
         und_indexes=long(batch.und_indexes()),
-        mask=batch.block_mask(device) if block_mask else batch.dense_mask(device),
+        mask=(batch.dense_mask(device) if dense_mask else batch.block_mask(device) if block_mask
+              else batch.sample_blocks(device)),
         velocity_rows=vae_rows[torch.cat(mse_rows).to(device)] if mse_rows else long(torch.zeros(0, dtype=torch.long)),
         logit_rows=long(batch.ce_indexes))
     pred, logits = model(inputs)

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from bagel_engine.model.kv_cache import SampleBlocks
 from bagel_engine.runtime import image_transforms as T
 from bagel_engine.runtime.context import PreparedImage
 from bagel_engine.runtime.tokenizer import BagelTokenizer
@@ -113,6 +114,18 @@ class PackedBatch:
         """(T, T) bool: which keys (columns) each query (row) sees."""
         idx = torch.arange(self.length, device=device)
         return self.mask_mod(device)(None, None, idx[:, None], idx[None, :])
+
+    def sample_blocks(self, device=None) -> SampleBlocks:
+        """The same mask as one dense block per sample (samples never see each other): attention
+        span by span, much cheaper than the dense (T, T) mask for many short samples (the CPU path)."""
+        full = self.mask_mod(device)
+        spans, masks, start = [], [], 0
+        for n in self.sample_lens:
+            idx = torch.arange(start, start + n, device=device)
+            spans.append((start, start + n))
+            masks.append(full(None, None, idx[:, None], idx[None, :]))
+            start += n
+        return SampleBlocks(tuple(spans), tuple(masks))
 
     def block_mask(self, device, block_size: int = 128):
         """The same mask as a flex-attention ``BlockMask`` (long sequences on a GPU)."""

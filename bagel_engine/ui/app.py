@@ -15,12 +15,10 @@ from typing import Any
 import gradio as gr
 
 from bagel_engine.params import (
-    EDIT_DEFAULTS,
     RENORM_TYPES,
-    TEXT_TO_IMAGE_DEFAULTS,
     THINK_TOKENS_DEFAULT,
-    UNDERSTAND_TOKENS_DEFAULT,
     ImageParams,
+    TaskDefaults,
     TextParams,
 )
 from bagel_engine.serve import tasks
@@ -166,7 +164,8 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
     cfg = pipe.config
     step = int(cfg.latent_downsample)
     max_side = int(cfg.max_image_side)
-    default_side = max(step, min(1024, max_side) // step * step)
+    defaults = getattr(pipe, "task_defaults", None) or TaskDefaults()  # the model's own, else the app's
+    default_w, default_h = (max(step, min(side, max_side) // step * step) for side in (defaults.width, defaults.height))
     name = str(getattr(pipe, "model_name", "") or "BAGEL")
 
     # -- handlers ----------------------------------------------------------------------------
@@ -238,14 +237,14 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
                         t2i_prompt = gr.Textbox(label="Prompt", lines=3, elem_id="t2i-prompt",
                                                 placeholder="A red fox in the snow, watercolor")
                         with gr.Row():
-                            t2i_w = gr.Slider(step, max_side, value=default_side, step=step, label="Width",
+                            t2i_w = gr.Slider(step, max_side, value=default_w, step=step, label="Width",
                                               elem_id="t2i-width")
-                            t2i_h = gr.Slider(step, max_side, value=default_side, step=step, label="Height",
+                            t2i_h = gr.Slider(step, max_side, value=default_h, step=step, label="Height",
                                               elem_id="t2i-height")
                         with gr.Row():
                             t2i_think = gr.Checkbox(False, label="Think first (show the plan)", elem_id="t2i-think")
                             t2i_seed = _seed_box("t2i")
-                        t2i_knobs = _image_knob_controls("t2i", TEXT_TO_IMAGE_DEFAULTS)
+                        t2i_knobs = _image_knob_controls("t2i", defaults.t2i)
                         t2i_text = _text_controls("t2i", THINK_TOKENS_DEFAULT, "Think tokens (max_think_token_n)")
                         t2i_run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                     with gr.Column():
@@ -269,7 +268,7 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
                         with gr.Row():
                             edit_think = gr.Checkbox(False, label="Think first (show the plan)", elem_id="edit-think")
                             edit_seed = _seed_box("edit")
-                        edit_knobs = _image_knob_controls("edit", EDIT_DEFAULTS)
+                        edit_knobs = _image_knob_controls("edit", defaults.edit)
                         edit_text = _text_controls("edit", THINK_TOKENS_DEFAULT, "Think tokens (max_think_token_n)")
                         edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                     with gr.Column():
@@ -291,7 +290,7 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
                         with gr.Row():
                             und_think = gr.Checkbox(False, label="Think first", elem_id="und-think")
                             und_seed = _seed_box("und")
-                        und_text = _text_controls("und", UNDERSTAND_TOKENS_DEFAULT, "Max new tokens")
+                        und_text = _text_controls("und", defaults.understand_tokens, "Max new tokens")
                         und_run = gr.Button("Ask", variant="primary", elem_id="und-run")
                     with gr.Column():
                         und_answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="und-answer")
@@ -309,7 +308,7 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
                     chat_think = gr.Checkbox(False, label="Think first", elem_id="chat-think")
                     chat_seed = _seed_box("chat")
                     chat_clear = gr.Button("New conversation", elem_id="chat-clear")
-                chat_text = _text_controls("chat", UNDERSTAND_TOKENS_DEFAULT, "Max new tokens")
+                chat_text = _text_controls("chat", defaults.chat_tokens, "Max new tokens")
                 chat_box.submit(on_chat, [chat_box, chatbot, chat_turns, chat_think, chat_seed, *chat_text],
                                 [chatbot, chat_turns, chat_box], api_name="chat")
                 chat_clear.click(lambda: ([], [], {"text": "", "files": []}), None, [chatbot, chat_turns, chat_box],

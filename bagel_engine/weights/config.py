@@ -179,6 +179,16 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return cfg
 
 
+TASK_DEFAULTS_FILE = "task_defaults.json"
+
+
+def read_task_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The raw ``task_defaults.json`` of a model directory (``{}`` when it has none): the defaults the
+    task methods use with this model (``bagel_engine.params.TaskDefaults``)."""
+    path = Path(model_dir) / TASK_DEFAULTS_FILE
+    return _read_json(path) if path.exists() else {}
+
+
 def validate(cfg: ModelConfig) -> None:
     llm, vit = cfg.llm, cfg.vit
     if llm.hidden_size % llm.num_attention_heads:

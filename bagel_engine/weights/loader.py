@@ -41,13 +41,23 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
+# Models shipped inside the package, by name (``bagel_engine.load("bagel-shapes")``).
+EMBEDDED_MODELS = {"bagel-shapes": Path(__file__).resolve().parent.parent / "assets" / "bagel-shapes"}
+
+
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id (``owner/name``) fetched through huggingface-hub,
-    which honours ``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``."""
+    """A local directory as is; a name of ``EMBEDDED_MODELS`` (the demo model ``bagel-shapes``); otherwise
+    a hub id (``owner/name``) fetched through huggingface-hub, which honours ``HF_HOME`` /
+    ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     text = str(model)
+    if text in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[text]
+        if not (embedded / MODEL_FILE).exists():
+            raise ConfigError(f"the embedded model {text!r} is missing from this installation ({embedded})")
+        return embedded
     if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise ConfigError(f"model {text!r} is neither a model directory nor a hub id like 'owner/name'")
     from huggingface_hub import snapshot_download
