@@ -16,7 +16,6 @@ from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormType, CfgT
 from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
                                            load_kwargs)
 from bagel_engine.cli.main import app
-from bagel_engine.params import BagelInputError
 
 eval_app = typer.Typer(help="Evaluate a model on a benchmark suite (scores per category; pictures kept with -o).",
                        no_args_is_help=True)
@@ -54,6 +53,8 @@ def shapes(
     output_dir: Annotated[Optional[Path], typer.Option(
         "--output-dir", "-o", help="Write the judged pictures, results.jsonl and summary.json here.")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Text-to-image prompts denoised together.")] = 16,
+    new_color: Annotated[Optional[str], typer.Option(
+        "--new-color", help="Also score t2i prompts naming this extra colour (pink), judged with it in the palette.")] = None,
     cfg_text_scale: CfgTextScale = None,
     cfg_img_scale: CfgImgScale = None,
     cfg_interval: CfgInterval = None,
@@ -77,7 +78,9 @@ def shapes(
     from bagel_engine.eval.shapes import SUITE_TASKS, run_shapes
 
     values = dict(locals())
-    knobs = knob_values(values)
+    from bagel_engine.params import IMAGE_PARAM_NAMES
+
+    knobs = {k: v for k, v in knob_values(values).items() if k in IMAGE_PARAM_NAMES}  # --seed draws the items
     if enable_taylorseer:
         knobs["enable_taylorseer"] = True
     tasks = SUITE_TASKS if task == ShapesTask.all else (task.value,)
@@ -92,8 +95,8 @@ def shapes(
 
     try:
         report = run_shapes(pipe, tasks, n=n, seed=seed, out_dir=output_dir, knobs=knobs, batch=batch,
-                            progress=progress)
-    except BagelInputError as e:
+                            progress=progress, new_color=new_color)
+    except ValueError as e:  # BagelInputError included
         fail(str(e), json_)
     finally:
         bar.close()

@@ -19,6 +19,8 @@ app.add_typer(shapes_app, name="shapes")
 
   bagel shapes data data/shapes --t2i 20000 --edit 10000 --vqa 10000
 
+  bagel shapes data data/pink --t2i 600 --edit 300 --vqa 300 --new-color pink --new-color-rows 1200
+
   bagel train data/shapes/train.jsonl -m bagel-shapes -o runs/more --steps 500   [dim]# train on it[/dim]
 """)
 def data(
@@ -27,12 +29,19 @@ def data(
     edit: Annotated[int, typer.Option("--edit", min=0, help="Edit rows.")] = 12000,
     vqa: Annotated[int, typer.Option("--vqa", min=0, help="Question rows.")] = 12000,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    new_color: Annotated[str, typer.Option(
+        "--new-color", help="An extra colour to teach (pink): --new-color-rows t2i rows name it.")] = "pink",
+    new_color_rows: Annotated[int, typer.Option("--new-color-rows", min=0, help="Rows with the new colour.")] = 0,
 ) -> None:
     """Write rows of the shapes world (pictures as PNG) in the formats `bagel train` reads."""
     from bagel_engine.shapes.data import write_dataset
 
-    path = write_dataset(out, t2i, edit, vqa, seed=seed)
-    typer.echo(f"wrote {path} ({t2i + edit + vqa} rows) and {out / 'eval.jsonl'}")
+    try:
+        path = write_dataset(out, t2i, edit, vqa, seed=seed, new_color=new_color, new_color_rows=new_color_rows)
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path} ({t2i + edit + vqa + new_color_rows} rows) and {out / 'eval.jsonl'}")
 
 
 @shapes_app.command("build", epilog="""
@@ -47,7 +56,7 @@ autoencoder (PSNR in WORK/ae_report.json) -> random init -> bagel train -> WORK/
 """)
 def build(
     work: Annotated[Path, typer.Argument(help="Working folder (data, base model, run, result).", show_default=False)],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps of the model.")] = 6000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps of the model.")] = 4500,
     ae_steps: Annotated[int, typer.Option("--ae-steps", min=1, help="Training steps of the autoencoder.")] = 1200,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,

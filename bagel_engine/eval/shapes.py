@@ -45,6 +45,7 @@ class Item:
 class ShapesReport:
     items: list[Item] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    extra_categories: tuple[str, ...] = ()  # reported apart from overall, like held_out
 
     def scores(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -55,12 +56,14 @@ class ShapesReport:
             cats: dict[str, list[bool]] = {}
             for i in items:
                 cats.setdefault(i.category, []).append(i.correct)
-            in_dist = [i.correct for i in items if i.category != "held_out"]
+            apart = ("held_out", *self.extra_categories)
+            in_dist = [i.correct for i in items if i.category not in apart]
             entry = {"overall": sum(in_dist) / len(in_dist) if in_dist else None, "n": len(in_dist),
-                     "categories": {c: sum(v) / len(v) for c, v in cats.items() if c != "held_out"}}
-            if "held_out" in cats:
-                entry["held_out"] = sum(cats["held_out"]) / len(cats["held_out"])
-                entry["held_out_n"] = len(cats["held_out"])
+                     "categories": {c: sum(v) / len(v) for c, v in cats.items() if c not in apart}}
+            for c in apart:
+                if c in cats:
+                    entry[c] = sum(cats[c]) / len(cats[c])
+                    entry[f"{c}_n"] = len(cats[c])
             out[task] = entry
         return out
 
@@ -74,16 +77,25 @@ class ShapesReport:
             line = f"{task:5s} overall {entry['overall']:.3f} (n={entry['n']})   {cats}"
             if "held_out" in entry:
                 line += f"   | held-out pairs {entry['held_out']:.3f} (n={entry['held_out_n']})"
+            for c in self.extra_categories:
+                if c in entry:
+                    line += f"   | {c} {entry[c]:.3f} (n={entry[f'{c}_n']})"
             lines.append(line)
         return "\n".join(lines)
 
 
-def draw_items(task: str, n: int, seed: int) -> list[tuple[str, Any]]:
-    """``n`` tasks per category of ``task`` (and, for t2i, ``n`` held-out prompts), from ``seed``."""
+def draw_items(task: str, n: int, seed: int, new_color: str | None = None) -> list[tuple[str, Any]]:
+    """``n`` tasks per category of ``task`` (and, for t2i, ``n`` held-out prompts, and ``n`` prompts
+    naming ``new_color`` when given), from ``seed``."""
     rng = random.Random(f"eval-{task}-{seed}")
     if task == "t2i":
         items = [(c, T.t2i_task(rng, c, held_out="exclude")) for c in T.T2I_CATEGORIES for _ in range(n)]
-        return items + [("held_out", T.t2i_task(rng, rng.choice(T.T2I_CATEGORIES), held_out="only")) for _ in range(n)]
+        items += [("held_out", T.t2i_task(rng, rng.choice(T.T2I_CATEGORIES), held_out="only")) for _ in range(n)]
+        if new_color:
+            extra = random.Random(f"eval-{task}-{seed}-{new_color}")
+            items += [(new_color, T.t2i_task(extra, extra.choice(T.T2I_CATEGORIES), new_color=new_color))
+                      for _ in range(n)]
+        return items
     if task == "edit":
         return [(c, T.edit_task(rng, c, held_out="exclude")) for c in T.EDIT_CATEGORIES for _ in range(n)]
     if task == "vqa":
@@ -93,16 +105,22 @@ def draw_items(task: str, n: int, seed: int) -> list[tuple[str, Any]]:
 
 def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: int = 1234,
                out_dir: str | Path | None = None, knobs: dict[str, Any] | None = None, batch: int = 16,
-               progress: Callable[[int, int], None] | None = None) -> ShapesReport:
+               progress: Callable[[int, int], None] | None = None, new_color: str | None = None) -> ShapesReport:
     """Run and judge the suite on ``pipe`` (a ``BagelPipeline``). ``knobs``: image knobs for t2i and
     edit (default: the model's task defaults); ``out_dir``: write every judged picture and
-    ``results.jsonl`` there; ``progress(done, total)`` after each item."""
+    ``results.jsonl`` there; ``progress(done, total)`` after each item. ``new_color`` (pink): a t2i
+    category of prompts naming that extra colour, and every picture judged with it in the palette
+    (reported apart from ``overall``, like the held-out pairs)."""
     knobs = dict(knobs or {})
     out = Path(out_dir) if out_dir else None
-    plan = {task: draw_items(task, n, seed) for task in tasks}
+    extra = (new_color,) if new_color else ()
+    if new_color:
+        W.palette(extra)
+    plan = {task: draw_items(task, n, seed, new_color) for task in tasks}
     total, done = sum(len(v) for v in plan.values()), 0
     report = ShapesReport(params={"tasks": list(tasks), "n": n, "seed": seed, "knobs": knobs,
-                                  "model": getattr(pipe, "model_name", None)})
+                                  "model": getattr(pipe, "model_name", None), "new_color": new_color},
+                          extra_categories=(new_color,) if new_color else ())
 
     def step(k: int = 1) -> None:
         nonlocal done
@@ -126,7 +144,7 @@ def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: in
                 seeds = [seed + start + k for k in range(len(chunk))]
                 outputs = pipe.generate([t.prompt for _, t in chunk], seed=seeds, **knobs)
                 for k, ((cat, t), res) in enumerate(zip(chunk, outputs)):
-                    v = judge_picture(res.image, t.spec)
+                    v = judge_picture(res.image, t.spec, extra)
                     report.items.append(Item(task, cat, t.prompt, v.correct, v.reason, seeds[k],
                                              picture=keep(res.image, task, start + k, v.correct)))
                 step(len(chunk))
@@ -134,7 +152,7 @@ def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: in
             for k, (cat, e) in enumerate(items):
                 s = seed + k
                 res = pipe.edit([W.draw(e.source)], e.instruction, seed=s, **knobs)
-                v = judge_picture(res.image, e.spec)
+                v = judge_picture(res.image, e.spec, extra)
                 report.items.append(Item(task, cat, e.instruction, v.correct, v.reason, s,
                                          picture=keep(res.image, task, k, v.correct)))
                 step()

@@ -60,14 +60,16 @@ def _save_png(objs: list[W.Obj], path: Path, size: int) -> str:
     return f"images/{path.name}"
 
 
-def task_rows(kind: str, count: int, seed: int, images: Path, size: int = W.CANVAS, prefix: str = "") -> list[dict]:
-    """``count`` rows of ``kind`` (t2i / edit / vqa) drawn from ``seed``, their pictures written to ``images``."""
-    rng = random.Random(f"{kind}-{seed}")
+def task_rows(kind: str, count: int, seed: int, images: Path, size: int = W.CANVAS, prefix: str = "",
+              new_color: str | None = None) -> list[dict]:
+    """``count`` rows of ``kind`` (t2i / edit / vqa) drawn from ``seed``, their pictures written to
+    ``images``; ``new_color``: t2i prompts that each name an object of that extra colour."""
+    rng = random.Random(f"{kind}-{seed}" + (f"-{new_color}" if new_color else ""))
     rows = []
     for i in range(count):
-        name = f"{prefix}{kind}_{i:06d}"
+        name = f"{prefix}{kind}{'_' + new_color if new_color else ''}_{i:06d}"
         if kind == "t2i":
-            t = T.t2i_task(rng, held_out="exclude", size=size)
+            t = T.t2i_task(rng, held_out="exclude", size=size, new_color=new_color)
             rows.append({"prompt": t.prompt, "image": _save_png(t.scene, images / f"{name}.png", size),
                          "category": t.category})
         elif kind == "edit":
@@ -93,20 +95,26 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 def write_dataset(out: str | Path, t2i: int, edit: int, vqa: int, seed: int = 0, size: int = W.CANVAS,
-                  eval_rows: int = 30) -> Path:
+                  eval_rows: int = 30, new_color: str | None = None, new_color_rows: int = 0) -> Path:
     """Write ``out/train.jsonl`` (shuffled with ``seed``), ``out/eval.jsonl`` (``eval_rows`` of each
-    kind from another seed) and their pictures; returns ``out/train.jsonl``. Rerunning with the same
+    kind from another seed) and their pictures; returns ``out/train.jsonl``. ``new_color_rows``
+    more t2i rows name an object of ``new_color`` (an extra colour to teach). Rerunning with the same
     arguments does nothing once the files exist."""
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     done = out / "dataset.json"
     want = {"t2i": t2i, "edit": edit, "vqa": vqa, "seed": seed, "size": size, "eval_rows": eval_rows}
+    if new_color_rows:
+        W.palette((new_color,))  # a known extra colour
+        want |= {"new_color": new_color, "new_color_rows": new_color_rows}
     if done.exists() and json.loads(done.read_text()) == want and (out / "train.jsonl").exists():
         return out / "train.jsonl"
     rows = []
     for kind, count in (("t2i", t2i), ("edit", edit), ("vqa", vqa)):
         rows += task_rows(kind, count, seed, images, size)
+    if new_color_rows:
+        rows += task_rows("t2i", new_color_rows, seed, images, size, new_color=new_color)
     random.Random(seed).shuffle(rows)
     _write_jsonl(rows, out / "train.jsonl")
     held = []

@@ -30,8 +30,6 @@ from bagel_engine.shapes import world as W
 from bagel_engine.shapes.tasks import Spec, VQATask, _relation_holds
 
 Kind = tuple[str, str]
-_PALETTE = np.array(list(W.COLORS.values()), np.float32)  # (6, 3)
-_NAMES = list(W.COLORS)
 STRAY_LIMIT = 0.03  # of the picture's area
 STAY_TOLERANCE = 0.10  # of the side: how far an object that "stays" may move
 
@@ -119,12 +117,15 @@ def _shape(box: np.ndarray) -> str | None:
     return None
 
 
-def detect(image: Image.Image) -> Detection:
-    """The objects of a picture (see the module doc)."""
+def detect(image: Image.Image, extra_colors: tuple[str, ...] = ()) -> Detection:
+    """The objects of a picture (see the module doc); ``extra_colors``: names of ``world.EXTRA_COLORS``
+    that may appear too."""
+    colors = W.palette(extra_colors)
+    names, palette = list(colors), np.array(list(colors.values()), np.float32)
     rgb = np.asarray(image.convert("RGB"), np.float32)
     h, w, _ = rgb.shape
     d = 255.0 - rgb.reshape(-1, 3)  # offset from white, (N, 3)
-    line = 255.0 - _PALETTE  # (6, 3): white minus colour
+    line = 255.0 - palette  # (colours, 3): white minus colour
     alpha = (d @ line.T) / (line * line).sum(1)  # (N, 6)
     alpha_c = np.clip(alpha, 0.0, 1.0)
     residual = np.linalg.norm(d[:, None, :] - alpha_c[:, :, None] * line[None], axis=2)  # (N, 6)
@@ -140,7 +141,7 @@ def detect(image: Image.Image) -> Detection:
     min_area = max(4, int(0.1 * 2 * (W.SIZE_RANGE[0] * side) ** 2))  # a tenth of the smallest triangle
     objects: list[Found] = []
     problems: list[str] = []
-    for ci, name in enumerate(_NAMES):
+    for ci, name in enumerate(names):
         mask = (member & (best == ci)).reshape(h, w)
         for comp in _labels(mask):
             if len(comp) < min_area:
@@ -174,9 +175,9 @@ def _kinds_text(kinds: dict[Kind, int]) -> str:
     return ", ".join(f"{n} {c} {s}" for (c, s), n in sorted(kinds.items())) or "nothing"
 
 
-def judge_picture(image: Image.Image, spec: Spec) -> Verdict:
+def judge_picture(image: Image.Image, spec: Spec, extra_colors: tuple[str, ...] = ()) -> Verdict:
     """Whether ``image`` holds exactly the objects of ``spec`` with its position, relation and anchors."""
-    det = detect(image)
+    det = detect(image, extra_colors)
     if not det.valid:
         return Verdict(False, "; ".join(det.problems))
     found = det.kinds()

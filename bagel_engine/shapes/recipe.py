@@ -74,7 +74,7 @@ class Recipe:
     ae_steps: int = 1200
     ae_batch: int = 16
     ae_eval_pictures: int = 256  # held-out pictures for the reconstruction PSNR
-    steps: int = 6000
+    steps: int = 4500
     lr: float = 1e-3
     max_tokens: int = 2048
     threads: int | None = None

@@ -86,19 +86,24 @@ def _pick(rng: random.Random, kinds: list[Kind], n: int = 1) -> list[Kind]:
 
 # ----------------------------------------------------------------------------- text to image
 def t2i_task(rng: random.Random, category: str | None = None, held_out: str = "exclude",
-             size: int = W.CANVAS) -> T2ITask:
-    """A prompt of ``category`` (random when None) and a scene that satisfies it."""
+             size: int = W.CANVAS, new_color: str | None = None) -> T2ITask:
+    """A prompt of ``category`` (random when None) and a scene that satisfies it. ``new_color`` (one of
+    ``world.EXTRA_COLORS``): one object of the prompt has that colour."""
     for _ in range(100):
         cat = category or rng.choice(T2I_CATEGORIES)
-        task = _t2i_attempt(rng, cat, held_out, Placer(rng, size))
+        task = _t2i_attempt(rng, cat, held_out, Placer(rng, size), new_color)
         if task is not None:
             return task
     raise RuntimeError(f"could not place a {category} scene")
 
 
-def _t2i_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer) -> T2ITask | None:
+def _t2i_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer,
+                 new_color: str | None = None) -> T2ITask | None:
     kinds = _kinds(held_out)
-    if held_out == "only":
+    if new_color is not None:
+        a = (new_color, rng.choice(W.SHAPES))
+        b_choices = [k for k in kinds if k != a]
+    elif held_out == "only":
         a = rng.choice(W.HELD_OUT)
         b_choices = [k for k in ALL_KINDS if k != a and k not in W.HELD_OUT]
     else:

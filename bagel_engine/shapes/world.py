@@ -29,6 +29,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 190),
     "orange": (245, 140, 30),
 }
+# Colours outside the world, for teaching a model something new (docs/demo-model.md: a LoRA for pink).
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"pink": (240, 100, 180)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -50,6 +52,14 @@ class Obj:
 
     def box(self) -> tuple[float, float, float, float]:
         return self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r
+
+
+def palette(extra: tuple[str, ...] = ()) -> dict[str, tuple[int, int, int]]:
+    """The world's colours plus the named ``EXTRA_COLORS``."""
+    unknown = [c for c in extra if c not in EXTRA_COLORS and c not in COLORS]
+    if unknown:
+        raise ValueError(f"unknown colour(s) {', '.join(unknown)}; extra colours: {', '.join(EXTRA_COLORS)}")
+    return {**COLORS, **{c: EXTRA_COLORS[c] for c in extra if c in EXTRA_COLORS}}
 
 
 def region_of(cx: float, cy: float, size: int = CANVAS) -> str | None:
@@ -87,7 +97,7 @@ def draw(objects: list[Obj] | tuple[Obj, ...], size: int = CANVAS) -> Image.Imag
             mask = (frac >= 0) & (frac <= 1) & (np.abs(dx) <= o.r * frac)
         else:
             raise ValueError(f"unknown shape {o.shape!r}")
-        canvas[mask] = COLORS[o.color]
+        canvas[mask] = COLORS.get(o.color) or EXTRA_COLORS[o.color]
     return Image.fromarray(canvas, "RGB")
 
 

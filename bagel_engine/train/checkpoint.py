@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -111,7 +112,16 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """(trainer tensor sets by name, trainer state) of a checkpoint written by :func:`save_checkpoint`."""
-    state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=False)
+    """(trainer tensor sets by name, trainer state) of a checkpoint written by :func:`save_checkpoint`.
+
+    The state is read with ``weights_only=True``: tensors, numbers, strings and containers only, so
+    resuming from a folder someone else made cannot run their code."""
+    from bagel_engine.params import BagelInputError
+
+    try:
+        state = torch.load(path / "trainer" / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BagelInputError(f"{path / 'trainer' / 'state.pt'} holds more than tensors and plain values "
+                              f"(refused, nothing of it was run): {str(e).splitlines()[0]}") from None
     tensors = {p.stem: load_file(str(p)) for p in sorted((path / "trainer").glob("*.safetensors"))}
     return tensors, state

@@ -103,12 +103,25 @@ def _turns(value: Any) -> list[tuple[str, str]]:
 
 
 def row_task(row: Row) -> str:
+    """The task of a row under ``--task auto``, or :class:`BagelInputError` when its columns leave it
+    to a guess (a question without an answer, an instruction without its edited image): such a row is
+    bad, never trained as something else; ``--task t2i`` says that it is meant as text to image."""
     if _has(row, CONVERSATIONS):
         return "conversation"
     if _has(row, TARGETS):
         return "edit"
     if _has(row, ANSWERS):
         return "understand" if image_values(row) else "chat"
+    if _has(row, ("question",)):
+        raise BagelInputError("a question without an answer (no column answer / response): nothing to learn; "
+                              "use --task t2i to learn the image from the question")
+    if _has(row, ("instruction",)) and not _has(row, ("prompt", "caption")):
+        raise BagelInputError("an instruction and image(s) without the edited image (no column output_image / "
+                              "target_image / edited_image): an edit without its target? use --task t2i to learn "
+                              "the image from the instruction")
+    if len(image_values(row)) > 1:
+        raise BagelInputError(f"{len(image_values(row))} images and no answer or output image: not a t2i row "
+                              "(one image) nor an edit (needs output_image)")
     return "t2i"
 
 
