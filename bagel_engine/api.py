@@ -189,6 +189,7 @@ class BagelPipeline:
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
         # The defaults of the task methods: the official app's, or the model directory's task_defaults.json.
         self.task_defaults = task_defaults or P.TaskDefaults()
+        self.limits = P.Limits()  # what one request may ask for (a server sets its own)
         self.device, self.dtype, self.model_name = device, dtype, model_name
         self.official_numerics = official_numerics
         self._decoder_fn = None  # a compiled decoder step (see ``compile``)
@@ -297,10 +298,16 @@ class BagelPipeline:
         together in batched forwards."""
         text_params = text_params.validate()
         image_params = None if understanding_output else image_params.validate()
-        builder = ContextBuilder(self.model, self.tokenizer, self._vae_encode, self.device, trace=trace)
+        if image_params is not None:
+            self.limits.check_timesteps(image_params.num_timesteps)
+        builder = ContextBuilder(self.model, self.tokenizer, self._vae_encode, self.device, trace=trace,
+                                 max_len=self.max_model_len)
         jobs = [self._prepare(inputs, seed, builder, understanding_output, think, text_params, image_shapes,
                               sample_posterior, trace)
                 for inputs, seed in zip(requests, seeds)]
+        if understanding_output or think:
+            for job in jobs:
+                self._check_decode_room(job, text_params)
         if understanding_output:
             for job in jobs:
                 t0 = time.perf_counter()
@@ -351,6 +358,19 @@ class BagelPipeline:
             job.timings.update(denoise_s=denoise_s, vae_decode_s=time.perf_counter() - t0)
             job.params.update(asdict(image_params), height=height, width=width)
         return [job.output() for job in jobs]
+
+    @property
+    def max_model_len(self) -> int:
+        """Tokens one request may hold: ``limits.max_model_len``, at most the model's context length."""
+        own = self.config.llm.max_position_embeddings
+        return min(own, self.limits.max_model_len) if self.limits.max_model_len else own
+
+    def _check_decode_room(self, job: "_Job", text_params: TextParams) -> None:
+        room = self.max_model_len - job.gen.length
+        if text_params.max_think_token_n > room:
+            raise BagelInputError(
+                f"max_new_tokens {text_params.max_think_token_n} does not fit: the context already holds "
+                f"{job.gen.length} tokens and the limit is {self.max_model_len} (max_model_len); ask for at most {max(room, 0)}")
 
     def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None) -> int:
         """Decode from the job's full context into ``job.text``; returns the number of new tokens."""

@@ -89,6 +89,21 @@ TEXT_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TextParams))
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, checked before any work (a :class:`BagelInputError` names the
+    limit): ``max_model_len`` tokens in a request's context, prompt, images, think text and answer
+    together (None: the model's ``max_position_embeddings``); ``max_timesteps`` schedule points. They
+    bound a request's memory: its KV cache is at most ``max_model_len`` tokens per layer."""
+
+    max_model_len: int | None = None
+    max_timesteps: int = 1000
+
+    def check_timesteps(self, n: int) -> None:
+        if n > self.max_timesteps:
+            raise BagelInputError(f"num_timesteps {n} is above the limit of {self.max_timesteps} (max_timesteps)")
+
+
+@dataclass(frozen=True)
 class TaskDefaults:
     """What the task methods use when the caller sets nothing: the official app's values, or those
     a model directory carries in ``task_defaults.json`` (the demo model ``bagel-shapes`` draws

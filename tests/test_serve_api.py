@@ -270,6 +270,26 @@ def test_bad_json_requests_are_refused_and_named(client, endpoint, body, status,
     assert err["param"] == param
 
 
+def test_requests_beyond_the_limits_get_a_400_naming_the_limit_and_the_server_stays_up(client):
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("/v1/chat/completions", {**chat, "max_tokens": 2**31}, "max_model_len"),
+        ("/v1/chat/completions", {**chat, "max_completion_tokens": 10**7}, "max_model_len"),
+        ("/v1/images/generations", {"prompt": "x", "num_timesteps": 10000}, "max_timesteps"),
+        # ~45k tokens of prompt: longer than the model's 32,768-token context
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b c " * 15000}]}, "max_model_len"),
+    ]
+    for endpoint, body, word in cases:
+        t0 = time.perf_counter()
+        r = client.post(endpoint, json=body)
+        assert r.status_code == 400, (endpoint, r.status_code, r.text[:300])
+        assert word in r.json()["error"]["message"]
+        assert time.perf_counter() - t0 < 30  # refused before any allocation (the time is generous: CI noise)
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/chat/completions", json={**chat, "max_tokens": 3})
+    assert r.status_code == 200
+
+
 def test_bad_bodies(client):
     r = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -79,6 +79,10 @@ def serve_command(
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 50.0,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest input image, in pixels (width x height).")] = 4096 * 4096,
     max_images: Annotated[int, typer.Option(min=1, help="Most input images per request, and the largest n.")] = 8,
+    max_timesteps: Annotated[int, typer.Option(min=2, help="Most num_timesteps per request.")] = 250,
+    max_model_len: Annotated[Optional[int], typer.Option(
+        min=16, help="Most tokens per request: prompt, images, think text and answer together. "
+                     "\\[default: the model's context length]")] = None,
     allow_local_paths: Annotated[
         Optional[list[Path]],
         typer.Option("--allow-local-paths", exists=True, file_okay=False, dir_okay=True, resolve_path=True,
@@ -112,7 +116,8 @@ def serve_command(
                        err=True)
     settings = ServeSettings(
         queue_size=queue_size, api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
-        max_image_pixels=max_image_pixels, max_images=max_images, allow_local_paths=list(allow_local_paths or []),
+        max_image_pixels=max_image_pixels, max_images=max_images, max_timesteps=max_timesteps,
+        max_model_len=max_model_len, allow_local_paths=list(allow_local_paths or []),
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
         mount_ui=build_ui is not None,
     )

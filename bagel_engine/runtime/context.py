@@ -20,6 +20,7 @@ from PIL import Image
 
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.model.qwen2_mot import KV, Routing
+from bagel_engine.params import BagelInputError
 from bagel_engine.runtime import image_transforms as T
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 
@@ -72,11 +73,19 @@ class ContextBuilder:
     vae_encode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (1,3,H,W), eps -> latent
     device: torch.device
     trace: dict | None = None
+    max_len: int | None = None  # tokens a context may hold (the model's context length); None: no limit
     _memo: dict = field(default_factory=dict)
 
     @property
     def cfg(self):
         return self.model.cfg
+
+    def check_room(self, ctx: Context, n: int, what: str) -> None:
+        """:class:`BagelInputError` before any work when ``n`` more tokens would overflow ``max_len``."""
+        if self.max_len is not None and ctx.length + n > self.max_len:
+            raise BagelInputError(
+                f"{what} of {n} tokens does not fit: the request would hold {ctx.length + n} tokens, more than "
+                f"the limit of {self.max_len} (max_model_len)")
 
     def _run(self, ctx: Context, x: torch.Tensor, positions: torch.Tensor, causal: bool, routing, key) -> Context:
         history = ctx.history + (key,)
@@ -90,6 +99,7 @@ class ContextBuilder:
 
     def add_text(self, ctx: Context, text: str) -> Context:
         ids = self.tokenizer.frame(text)
+        self.check_room(ctx, len(ids), "a text")
         key = ("text", tuple(ids))
         if ctx.history + (key,) in self._memo:
             return self._memo[ctx.history + (key,)]
@@ -107,6 +117,7 @@ class ContextBuilder:
         p = cfg.vit.patch_size
         pixels = image.vit_pixels
         h, w = pixels.shape[1] // p, pixels.shape[2] // p
+        self.check_room(ctx, h * w + 2, "an image (ViT)")
         patches = T.patchify_image(pixels, p).to(self.device)
         pos_ids = T.grid_position_ids(h, w, cfg.bagel.vit_max_num_patch_per_side).to(self.device)
         body = self.model.embed_vit(patches, pos_ids, [h * w])
@@ -123,6 +134,8 @@ class ContextBuilder:
         if ctx.history + (key,) in self._memo:
             return self._memo[ctx.history + (key,)]
         cfg = self.cfg
+        d = cfg.latent_downsample
+        self.check_room(ctx, (image.size_hw[0] // d) * (image.size_hw[1] // d) + 2, "an image (VAE)")
         latent = self.vae_encode(image.vae_pixels.unsqueeze(0), eps)[0]  # (C, H/d, W/d)
         if self.trace is not None:
             self.trace.setdefault("vae_latents", []).append(latent.detach())

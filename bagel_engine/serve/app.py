@@ -146,6 +146,10 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
     ``ui``: a callable ``(worker, pipe, settings) -> gradio.Blocks`` to mount at ``ui_path``
     (``bagel serve`` passes :func:`bagel_engine.ui.build_ui` unless ``--no-ui``)."""
     settings = settings or ServeSettings()
+    if hasattr(pipe, "limits"):  # what one request may ask for, checked by the pipeline before any work
+        from bagel_engine.params import Limits
+
+        pipe.limits = Limits(max_model_len=settings.max_model_len, max_timesteps=settings.max_timesteps)
     metrics = Metrics()
     worker = ModelWorker(pipe, queue_size=settings.queue_size, metrics=metrics)
     names = list(settings.served_model_names) or [str(getattr(pipe, "model_name", None) or "bagel")]

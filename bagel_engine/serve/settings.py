@@ -16,6 +16,8 @@ class ServeSettings:
     max_body_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8  # input images per request, and `n` (output images) per request
+    max_timesteps: int = 250  # num_timesteps per request
+    max_model_len: int | None = None  # tokens per request (prompt, images, think, answer); None: the model's
     # Image references that are neither data: URLs nor uploads. Both are off by default.
     allow_local_paths: list[Path] = field(default_factory=list)  # directories a request may read under
     allow_remote_urls: bool = False
@@ -34,6 +36,8 @@ class ServeSettings:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_image_pixels < 1 or self.max_images < 1:
             raise ValueError("max_image_pixels and max_images must be >= 1")
+        if self.max_timesteps < 2 or (self.max_model_len is not None and self.max_model_len < 16):
+            raise ValueError("max_timesteps must be >= 2 and max_model_len >= 16")
         self.allow_local_paths = [Path(p).resolve() for p in self.allow_local_paths]
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None

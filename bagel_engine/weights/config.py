@@ -31,6 +31,7 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     vocab_size: int = 152064
+    max_position_embeddings: int = 32768  # the context length (tokens)
     # The official app forces these two regardless of the json.
     qk_norm: bool = True
     tie_word_embeddings: bool = False
