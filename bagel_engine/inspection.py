@@ -57,6 +57,8 @@ def inspect_model(model: str | os.PathLike) -> dict[str, Any]:
                 missing=r.missing,
                 unexpected=r.unexpected,
                 wrong_shape={k: {"expected": list(e), "found": list(g)} for k, (e, g) in r.wrong_shape.items()},
+                wrong_dtype=r.wrong_dtype,
+                error=r.error,
                 hints=r.hints,
             )
         report["files"][fname] = entry
@@ -85,6 +87,10 @@ def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
         if not e["present"]:
             lines.append("  not present")
             continue
+        if e.get("error"):
+            lines.append(f"  present: {_gb(e['size_bytes'])}: UNREADABLE")
+            lines.append(f"  error: {e['error']}")
+            continue
         dts = ", ".join(f"{n} x {k}" for k, n in e["dtypes"].items())
         lines.append(f"  present: {_gb(e['size_bytes'])} ({dts}): {'OK' if e['ok'] else 'MISMATCH'}")
         for k in e["missing"]:
@@ -93,6 +99,8 @@ def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
             lines.append(f"  unexpected: {k}")
         for k, v in e["wrong_shape"].items():
             lines.append(f"  wrong shape: {k}: expected {v['expected']}, found {v['found']}")
+        for k, dt in e.get("wrong_dtype", {}).items():
+            lines.append(f"  wrong dtype: {k}: stored as {dt}, a floating-point weight is expected")
         for h in e["hints"]:
             lines.append(f"  hint: {h}")
         if show_tensors:

@@ -31,7 +31,8 @@ TEXT = "Text knobs"
 
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", envvar="BAGEL_MODEL", show_envvar=True, rich_help_panel=RUN,
-    help="Model directory in the official layout, or a hub id such as ByteDance-Seed/BAGEL-7B-MoT.")]
+    help="Model directory in the official layout, a hub id such as ByteDance-Seed/BAGEL-7B-MoT, or bagel-shapes "
+         "(the demo model shipped in the package: any CPU, 64x64).")]
 Device = Annotated[Optional[str], typer.Option(
     "--device", rich_help_panel=RUN, help="cuda, cuda:1 or cpu. \\[default: cuda when available]")]
 Dtype = Annotated[Optional[str], typer.Option(

@@ -12,7 +12,9 @@ from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrengt
                                            load_kwargs)
 from bagel_engine.cli.main import app
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory in the official layout, or a hub id.")]
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", envvar="BAGEL_MODEL", show_envvar=True,
+    help="Model directory in the official layout, a hub id, or bagel-shapes (the demo model, any CPU).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu... (default: the first GPU, else cpu).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="bfloat16 or float32 (default: the engine's choice).")]
 ApiKeyOpt = Annotated[

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,23 +90,41 @@ class FileReport:
     wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (expected, found)
     dtypes: dict[str, int]  # dtype name -> tensor count
     hints: list[str]
+    wrong_dtype: dict[str, str] = field(default_factory=dict)  # name -> stored dtype, where a float is expected
+    error: str | None = None  # the file cannot be read as safetensors at all
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.wrong_shape)
+        return not (self.missing or self.unexpected or self.wrong_shape or self.wrong_dtype or self.error)
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    return (f"{path.name} is not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"{size:,} bytes: truncated (an interrupted download?) or not safetensors. Download it again.")
 
 
 def check_file(path: Path, expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
     found: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, int] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            found[key] = tuple(sl.get_shape())
-            dt = str(sl.get_dtype())
-            dtypes[dt] = dtypes.get(dt, 0) + 1
+    stored: dict[str, str] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                found[key] = tuple(sl.get_shape())
+                dt = str(sl.get_dtype())
+                stored[key] = dt
+                dtypes[dt] = dtypes.get(dt, 0) + 1
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError: all "unreadable"
+        return FileReport([], [], {}, {}, [], error=_unreadable(path, e))
     wrong = {k: (expected[k], found[k]) for k in expected.keys() & found.keys() if expected[k] != found[k]}
-    report = FileReport(sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys()), wrong, dtypes, [])
+    bad_dtype = {k: stored[k] for k in expected.keys() & found.keys() if stored[k] not in _FLOAT_DTYPES}
+    report = FileReport(sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys()), wrong, dtypes, [],
+                        wrong_dtype=bad_dtype)
     report.hints = _hints(report, cfg)
     return report
 
@@ -151,25 +169,36 @@ def load_weights(module: nn.Module, path: Path, device: torch.device, dtype: tor
         raise CheckpointError(f"{path.name} not found in {path.parent}")
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     report = check_file(path, expected, cfg)
+    if report.error:
+        raise CheckpointError(f"{path}: {report.error}")
     if not report.ok:
-        lines = [f"{path.name} does not match the model built from the configs:"]
+        lines = [f"{path} does not match the model built from the configs:"]
         if report.missing:
             lines.append(f"  missing ({len(report.missing)}): {', '.join(report.missing[:8])}{' ...' if len(report.missing) > 8 else ''}")
         if report.unexpected:
             lines.append(f"  unexpected ({len(report.unexpected)}): {', '.join(report.unexpected[:8])}{' ...' if len(report.unexpected) > 8 else ''}")
         for k, (e, g) in list(report.wrong_shape.items())[:8]:
             lines.append(f"  {k}: expected {list(e)}, found {list(g)}")
+        for k, dt in list(report.wrong_dtype.items())[:8]:
+            lines.append(f"  {k}: stored as {dt}, a floating-point weight is expected")
         lines += [f"  hint: {h}" for h in report.hints]
         lines.append("  run `bagel inspect MODEL` for the full report")
         raise CheckpointError("\n".join(lines))
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if t.is_floating_point():
-                t = t.to(dtype)
-            _set_tensor(module, key, t.to(device))
-            if progress is not None:
-                progress(t.numel() * t.element_size())
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    t = t.to(dtype)
+                _set_tensor(module, key, t.to(device))
+                if progress is not None:
+                    progress(t.numel() * t.element_size())
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {_unreadable(path, e)}") from None
     module.eval().requires_grad_(False)
 
 
