@@ -311,7 +311,7 @@ class BagelPipeline:
         if understanding_output:
             for job in jobs:
                 t0 = time.perf_counter()
-                count = self._decode_text(job, text_params, trace)
+                count = self._decode_text(job, text_params, trace, callback)
                 job.timings.update(decode_s=time.perf_counter() - t0, tokens=count)
             return [job.output() for job in jobs]
         sizes = {(job.height, job.width) for job in jobs}
@@ -372,10 +372,19 @@ class BagelPipeline:
                 f"max_new_tokens {text_params.max_think_token_n} does not fit: the context already holds "
                 f"{job.gen.length} tokens and the limit is {self.max_model_len} (max_model_len); ask for at most {max(room, 0)}")
 
-    def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None) -> int:
-        """Decode from the job's full context into ``job.text``; returns the number of new tokens."""
+    def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None, callback=None) -> int:
+        """Decode from the job's full context into ``job.text``; returns the number of new tokens.
+        ``callback(k, max)`` after each token (it may raise to stop the job, as between denoising steps)."""
+        on_token = None
+        if callback is not None:
+            count = [0]
+
+            def on_token(_token: int) -> None:
+                count[0] += 1
+                callback(count[0], text_params.max_think_token_n - 1)
+
         tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
-                               job.sample_gen, trace, decoder_fn=self._decoder_fn)
+                               job.sample_gen, trace, on_token=on_token, decoder_fn=self._decoder_fn)
         job.text = self.tokenizer.decode_generation(tokens)
         return len(tokens) - 1
 
@@ -496,8 +505,10 @@ class BagelPipeline:
                                **self._image_knobs(self.task_defaults.edit, knobs))
 
     def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
-                   do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None) -> BagelOutput:
-        """Answer a question about one or several images (``max_new_tokens``: default the model's, else 512)."""
+                   do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
+                   callback=None) -> BagelOutput:
+        """Answer a question about one or several images (``max_new_tokens``: default the model's, else 512).
+        ``callback(k, max)`` after each answer token (raise in it to stop)."""
         if max_new_tokens is None:
             max_new_tokens = self.task_defaults.understand_tokens
         images = self._as_list(images)
@@ -506,13 +517,14 @@ class BagelPipeline:
         self._need_prompt(question, "question")
         return self.interleave([*images, question], understanding_output=True, think=think,
                                max_think_token_n=max_new_tokens, do_sample=do_sample,
-                               text_temperature=text_temperature, seed=seed)
+                               text_temperature=text_temperature, seed=seed, callback=callback)
 
     def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int | None = None,
-             do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None) -> BagelOutput:
-        """Text in, text out (``max_new_tokens``: default the model's, else 512)."""
+             do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
+             callback=None) -> BagelOutput:
+        """Text in, text out (``max_new_tokens``: default the model's, else 512); ``callback`` as in ``understand``."""
         if max_new_tokens is None:
             max_new_tokens = self.task_defaults.chat_tokens
         self._need_prompt(prompt, "prompt")
         return self.interleave([prompt], understanding_output=True, think=think, max_think_token_n=max_new_tokens,
-                               do_sample=do_sample, text_temperature=text_temperature, seed=seed)
+                               do_sample=do_sample, text_temperature=text_temperature, seed=seed, callback=callback)

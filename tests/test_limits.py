@@ -42,3 +42,22 @@ def test_timesteps_beyond_the_limit_are_refused(pipe):
         assert pipe.generate("a red circle", height=32, width=32, num_timesteps=5).image.size == (32, 32)
     finally:
         pipe.limits = Limits()
+
+
+def test_text_decoding_reports_each_token_and_can_be_stopped(pipe):
+    """The server cancels a chat whose client left through this callback, between two tokens."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def callback(k, total):
+        seen.append((k, total))
+        if k == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe.chat("hi", max_new_tokens=200, callback=callback)
+    assert seen == [(k, 199) for k in range(1, 6)]
+    full = pipe.chat("hi", max_new_tokens=200, callback=lambda k, t: None)
+    assert full.text == pipe.chat("hi", max_new_tokens=200).text

@@ -88,14 +88,16 @@ def text_job(conv: Conversation, *, think: bool = False, seed: int | None = None
     def fn(pipe: Any, callback: Callable[[int, int], None]) -> Any:
         simple = conv.simple()
         if simple is not None and not simple[0]:
-            return pipe.chat(simple[1], think=think, seed=seed, **text_kw)
+            return pipe.chat(simple[1], think=think, seed=seed, callback=callback, **text_kw)
         if simple is not None:
             imgs = simple[0]
-            return pipe.understand(imgs[0] if len(imgs) == 1 else imgs, simple[1], think=think, seed=seed, **text_kw)
+            return pipe.understand(imgs[0] if len(imgs) == 1 else imgs, simple[1], think=think, seed=seed,
+                                   callback=callback, **text_kw)
         kw = dict(text_kw)
         if "max_new_tokens" in kw:  # the official interleave caps answers with max_think_token_n
             kw["max_think_token_n"] = kw.pop("max_new_tokens")
-        return as_output(pipe.interleave(list(conv.items), understanding_output=True, think=think, **_seeded(kw, seed)))
+        return as_output(pipe.interleave(list(conv.items), understanding_output=True, think=think, callback=callback,
+                                         **_seeded(kw, seed)))
 
     return fn
 
