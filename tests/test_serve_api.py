@@ -34,6 +34,7 @@ def server(tmp_path_factory):
     srv = ServerProcess(
         "--no-ui", "--queue-size", "1", "--api-key", KEY, "--max-body-mb", "0.5", "--max-images", "3",
         "--max-image-pixels", "20000", "--allow-local-paths", str(allowed), "--log-level", "warning",
+        "--max-timesteps", "100000",  # the overload and cancel tests make jobs long with many timesteps
         # the thread count of this process: the in-process engine then computes the very same numbers
         env={"OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
@@ -275,7 +276,7 @@ def test_requests_beyond_the_limits_get_a_400_naming_the_limit_and_the_server_st
     cases = [
         ("/v1/chat/completions", {**chat, "max_tokens": 2**31}, "max_model_len"),
         ("/v1/chat/completions", {**chat, "max_completion_tokens": 10**7}, "max_model_len"),
-        ("/v1/images/generations", {"prompt": "x", "num_timesteps": 10000}, "max_timesteps"),
+        ("/v1/images/generations", {"prompt": "x", "num_timesteps": 200000}, "max_timesteps"),
         # ~45k tokens of prompt: longer than the model's 32,768-token context
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b c " * 15000}]}, "max_model_len"),
     ]

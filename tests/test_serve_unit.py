@@ -201,6 +201,7 @@ def test_chat_routes_to_the_right_engine_call(served):
         assert msg["content"] == "a square" and msg["reasoning_content"] == "look"
         name, question, images, kw = fake.calls[-1]
         assert name == "understand" and question == "what?" and isinstance(images, Image.Image)
+        assert callable(kw.pop("callback"))  # the worker's: a cancelled job stops between two tokens
         assert kw == {"think": True, "seed": None, "do_sample": True, "text_temperature": 0.5, "max_new_tokens": 12}
         r = c.post("/v1/chat/completions", json={"messages": [
             {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
@@ -227,8 +228,9 @@ def test_a_disconnected_clients_job_stops(served):
 def test_engine_api_is_the_only_thing_called(fake):
     # the job functions only touch generate / edit / understand / chat / interleave
     job = text_job(Conversation(["hello"]), think=False, seed=None, text_kw={"max_new_tokens": 3})
-    assert job(fake, lambda s, t: None).text == "hi"
-    assert fake.calls == [("chat", "hello", {"think": False, "seed": None, "max_new_tokens": 3})]
+    callback = lambda s, t: None  # noqa: E731
+    assert job(fake, callback).text == "hi"
+    assert fake.calls == [("chat", "hello", {"think": False, "seed": None, "callback": callback, "max_new_tokens": 3})]
 
 
 # -- image references -----------------------------------------------------------------------------

@@ -197,6 +197,7 @@ class Recipe:
         for src in checkpoint.iterdir():
             if src.is_file() and not src.name.startswith("."):
                 shutil.copy2(src, tmp / src.name)
+                (tmp / src.name).chmod(0o644)  # a model to share, not a private file
         (tmp / "task_defaults.json").write_text(json.dumps(TASK_DEFAULTS, indent=2))
         (tmp / "README.md").write_text(MODEL_README.format(steps=self.steps, seed=self.seed))
         shutil.rmtree(self.output, ignore_errors=True)
