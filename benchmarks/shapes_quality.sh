@@ -15,7 +15,7 @@ run() {  # NAME ARGS...
     local json
     json=$(bagel eval shapes --model "$MODEL" --n "$N" --seed "$SEED" --device cpu --json "$@")
     echo "{\"option\": \"$name\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $json}" >> "$OUT"
-    echo "$name: $(echo "$json" | python3 -c 'import json,sys; s=json.load(sys.stdin)["scores"]; print(", ".join(f"{t} {v[\"overall\"]:.3f}" for t, v in s.items()), "| held-out", round(s["t2i"]["held_out"], 3))')"
+    echo "$name done ($(( $(date +%s) - t0 )) s)"
 }
 run float32
 run bfloat16 --dtype bfloat16
@@ -24,3 +24,4 @@ run taylorseer --enable-taylorseer
 run offload-model --offload model
 run offload-layer --offload layer
 echo "wrote $OUT"
+python3 "$(dirname "$0")/shapes_table.py" "$OUT"
