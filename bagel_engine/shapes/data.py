@@ -18,9 +18,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from bagel_engine.runtime.image_transforms import image_to_tensor
 from bagel_engine.shapes import tasks as T
 from bagel_engine.shapes import world as W
 
@@ -37,9 +37,8 @@ def random_scene(rng: random.Random, size: int = W.CANVAS) -> list[W.Obj]:
 
 
 def picture_tensor(objs: list[W.Obj], size: int = W.CANVAS) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1], as the engine feeds images to the VAE."""
-    a = np.asarray(W.draw(objs, size), np.float32)
-    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
+    """(3, size, size) float32 in [-1, 1]: the engine's own image-to-tensor rule, as it feeds the VAE."""
+    return image_to_tensor(W.draw(objs, size))
 
 
 @dataclass
