@@ -4,6 +4,7 @@ with the defaults of each task taken from the official app."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,19 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 
 class BagelInputError(ValueError):
     """Input the engine cannot serve: the message says what is wrong and how to fix it."""
+
+
+class DiskFull(OSError):
+    """No space left (ENOSPC / EDQUOT) while writing results: the work stops, the file being written is
+    removed, what was finished before is kept, and rerunning the same command resumes."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: OSError, what: str, then: str = "free some space and rerun the same command to resume") -> DiskFull:
+    return DiskFull(e.errno, f"no space left on the device while writing {what}: {then}")
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,8 @@ def test_kill_9_mid_batch_then_resume(tmp_path, pipe):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()
+        second = batch(*args)  # a second job on the same folder while the first runs: refused, nothing touched
+        assert second.exit_code == 2 and f"in use by another batch job (pid {proc.pid}" in second.output
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -291,6 +293,7 @@ def test_kill_9_mid_batch_then_resume(tmp_path, pipe):
     done_before = {r["id"] for r in M.read_records(part)}
     assert 5 <= len(done_before) < n
 
+    assert (out / ".bagel-lock-all.json").exists()  # the killed job's lock, stale: the resume takes it over
     r = batch(*args, "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -340,3 +343,56 @@ def test_t2i_batch_size_groups_rows_and_keeps_each_rows_image(tmp_path):
         # The same image up to float rounding of a batched forward (a pixel may move by one level).
         diff = [abs(p - q) for p, q in zip(x.tobytes(), y.tobytes())]
         assert max(diff) <= 1 and sum(d > 0 for d in diff) <= 0.005 * len(diff)
+
+
+# ----------------------------------------------------------------------------- disk full
+def test_disk_full_stops_the_batch_cleanly_and_the_rerun_resumes(tmp_path, monkeypatch):
+    import errno
+
+    n = 6
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": f"r{i}", "prompt": f"picture {i}"} for i in range(n)])
+    out = tmp_path / "out"
+    args = [src, "--task", "t2i", "-o", out, "--height", 32, "--width", 32, "--num-timesteps", 2]
+    real_fsync, full = os.fsync, {"after": 3, "writes": 0}
+
+    def fsync(fd):  # the disk fills up after 3 images: the 4th image's fsync fails with ENOSPC
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(M.TMP_MARK):
+            full["writes"] += 1
+            if full["writes"] > full["after"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(M.os, "fsync", fsync)
+    r = batch(*args)
+    assert r.exit_code == 2 and "no space left on the device" in r.output and "rerun the same command" in r.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["r0.png", "r1.png", "r2.png"]
+    assert leftovers(out) == ["manifest.part-all-r0of1.jsonl"]  # no temp file, no lock: only the finished rows
+    assert [x["id"] for x in M.read_records(out / "manifest.part-all-r0of1.jsonl")] == ["r0", "r1", "r2"]
+    full["after"] = 10**9  # space freed
+    r = batch(*args, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["ok"] == n and summary["skipped"] == 3 and summary["processed"] == 3
+    assert leftovers(out) == []
+
+
+def test_a_record_that_cannot_be_written_leaves_no_half_line(tmp_path, monkeypatch):
+    import errno
+
+    from bagel_engine.params import DiskFull
+
+    part = M.part_path(tmp_path, None, 0, 1)
+    with M.PartWriter(part) as w:
+        w.append({"id": "a", "status": "ok"})
+        real_write = os.write
+
+        def half_then_full(fd, data):
+            real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(M.os, "write", half_then_full)
+        with pytest.raises(DiskFull, match="record of row 'b'"):
+            w.append({"id": "b", "status": "ok", "text": "x" * 100})
+        monkeypatch.setattr(M.os, "write", real_write)
+        w.append({"id": "c", "status": "ok"})
+    assert [x["id"] for x in M.read_records(part)] == ["a", "c"] and part.read_bytes().count(b"\n") == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -187,8 +189,40 @@ def test_atomic_write_and_temp_cleanup(tmp_path):
     M.atomic_write_bytes(target, b"one")
     M.atomic_write_bytes(target, b"two")
     assert target.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
-    (tmp_path / f".y.png.123{M.TMP_MARK}").write_bytes(b"half")
-    assert M.remove_temp_files(tmp_path) == 1 and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    dead = _dead_pid()
+    (tmp_path / f".y.png.{dead}{M.TMP_MARK}").write_bytes(b"half")  # the old name (no host)
+    (tmp_path / f".z.png.{dead}@{M.HOST_TAG}{M.TMP_MARK}").write_bytes(b"half")
+    live = [f".w.png.{os.getppid()}@{M.HOST_TAG}{M.TMP_MARK}", f".v.png.{dead}@elsewhere{M.TMP_MARK}"]
+    for name in live:  # a live writer's, and another host's (whose pids cannot be checked)
+        (tmp_path / name).write_bytes(b"being written")
+    assert M.remove_temp_files(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["x.bin", *live])
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    from bagel_engine.batch.lock import HOST, FolderLock
+
+    first = FolderLock(tmp_path)
+    first.acquire()
+    holder = json.loads(first.path.read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == HOST
+    with pytest.raises(BagelInputError, match=rf"in use by another batch job \(pid {os.getpid()}"):
+        FolderLock(tmp_path).acquire()
+    FolderLock(tmp_path, "s0of2").acquire()  # another shard of the job: its own lock
+    first.release()
+    assert not first.path.exists()
+    first.path.write_text(json.dumps({"pid": _dead_pid(), "host": HOST, "started": 0}))  # a killed job's
+    with FolderLock(tmp_path) as again:
+        assert json.loads(again.path.read_text())["pid"] == os.getpid()
+    first.path.write_text(json.dumps({"pid": 1, "host": "another-machine", "started": 0}))
+    with pytest.raises(BagelInputError, match="another-machine"):
+        FolderLock(tmp_path).acquire()
 
 
 def test_part_writer_cuts_a_truncated_line_and_readers_skip_it(tmp_path):

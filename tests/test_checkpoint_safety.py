@@ -34,3 +34,32 @@ def test_a_plain_state_loads(tmp_path):
     torch.save(state, ckpt / "trainer" / "state.pt")
     _, loaded = C.load_checkpoint(ckpt)
     assert loaded["step"] == 3 and loaded["config"]["betas"] == (0.9, 0.95)
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_and_no_half_one(tmp_path, monkeypatch):
+    import errno
+
+    from bagel_engine.params import DiskFull
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "llm_config.json").write_text("{}")
+    C.save_file({"w": torch.ones(2)}, str(base / "ema.safetensors"))
+    C.save_file({"v": torch.ones(2)}, str(base / "ae.safetensors"))
+    out = tmp_path / "run"
+    first = C.save_checkpoint(out, 1, base, {"w": torch.full((2,), 1.0)}, {"step": 1}, {"model": {"w": torch.ones(2)}})
+    real = C.save_file
+
+    def full(tensors, path, *a, **kw):
+        if path.endswith("model.safetensors"):  # the disk fills up midway through the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(C, "save_file", full)
+    with pytest.raises(DiskFull, match=r"checkpoint-000002 .*the previous checkpoint \(checkpoint-000001\) is intact"):
+        C.save_checkpoint(out, 2, base, {"w": torch.full((2,), 2.0)}, {"step": 2}, {"model": {"w": torch.ones(2)}})
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000001", "latest"]
+    assert C.latest_checkpoint(out) == first
+    monkeypatch.setattr(C, "save_file", real)  # space freed: the next save works
+    assert C.save_checkpoint(out, 2, base, {"w": torch.ones(2)}, {"step": 2}, {"model": {"w": torch.ones(2)}}).name \
+        == "checkpoint-000002"

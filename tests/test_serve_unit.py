@@ -36,7 +36,10 @@ class FakePipe:
 
     def _behave(self, prompt: str, callback) -> None:
         if prompt == "crash":
-            raise RuntimeError("CUDA went sideways")
+            raise RuntimeError("CUDA went sideways at 0x7f3a2c001000 in /opt/secret/build/kernel.cu")
+        if prompt == "oom":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 275000000000 bytes. Error code 12 (Cannot allocate memory)")
         if prompt == "reject":
             raise BagelInputError("the engine says no: prompt too odd")
         if prompt.startswith("slow"):
@@ -161,14 +164,21 @@ def test_a_crashing_job_answers_500_and_the_server_stays_up(served):
         r = c.post("/v1/images/generations", json={"prompt": "crash", "size": "32x32"})
         assert r.status_code == 500
         err = r.json()["error"]
-        assert "RuntimeError: CUDA went sideways" in err["message"] and err["type"] == "server_error"
+        assert err["type"] == "server_error" and err["code"] == "internal_error"
+        assert "RuntimeError" in err["message"] and "incident" in err["message"]
+        for secret in ("sideways", "0x7f3a", "/opt/secret"):  # the log has the detail, the client does not
+            assert secret not in err["message"]
+        r = c.post("/v1/images/generations", json={"prompt": "oom", "size": "32x32"})
+        err = r.json()["error"]
+        assert r.status_code == 500 and err["code"] == "out_of_memory" and "more memory" in err["message"]
+        assert "Allocator" not in err["message"] and "275000000000" not in err["message"]
         r = c.post("/v1/images/generations", json={"prompt": "reject", "size": "32x32"})
         assert r.status_code == 400 and "the engine says no" in r.json()["error"]["message"]
         assert c.get("/health").json()["status"] == "ok"
         r = c.post("/v1/images/generations", json={"prompt": "fine", "size": "32x32"})
         assert r.status_code == 200
         metrics = c.get("/metrics").text
-        assert 'bagel_jobs_total{kind="generate",outcome="error"} 1' in metrics
+        assert 'bagel_jobs_total{kind="generate",outcome="error"} 2' in metrics
         assert 'bagel_jobs_total{kind="generate",outcome="bad_input"} 1' in metrics
 
 
@@ -279,8 +289,21 @@ def test_decode_image_limits():
     s = ServeSettings(max_image_pixels=100)
     with pytest.raises(APIError, match="above the limit of 100"):
         decode_image(png_bytes(20, 20), s, "image")
-    with pytest.raises(APIError, match="could not be read"):
+    with pytest.raises(APIError, match="could not be read") as e:
         decode_image(png_bytes()[:50], ServeSettings(), "image")
+    with pytest.raises(APIError, match="could not be read") as e:
+        decode_image(b"not an image at all", ServeSettings(), "image")
+    assert "0x" not in e.value.message and "object at" not in e.value.message  # PIL names a BytesIO by address
+
+
+def test_public_text_scrubs_addresses_and_exception_paths():
+    from bagel_engine.serve.errors import public_text
+
+    text = "cannot identify image file <_io.BytesIO object at 0x7f1234abcd> read from /srv/data/in.png at 0xdeadbeef12"
+    assert public_text(text) == "cannot identify image file <data> read from /srv/data/in.png at 0x…"
+    assert public_text(text, paths=True) == "cannot identify image file <data> read from <path> at 0x…"
+    assert public_text("size 32x32, ratio 1/2, see https://example.com/a/b") == \
+        "size 32x32, ratio 1/2, see https://example.com/a/b"
     with pytest.raises(APIError, match="empty"):
         decode_image(b"", ServeSettings(), "image")
 

@@ -275,3 +275,33 @@ def test_mixed_precision_runs_attention_in_bfloat16_and_stays_close(pipe, photo,
                                 generator=torch.Generator().manual_seed(3))
     assert seen and set(seen) == {torch.bfloat16}
     assert abs(float(mixed.total()) - float(full.total())) < 0.02 * float(full.total())
+
+
+@torch.no_grad()
+def test_latent_cache_gives_the_same_losses_and_encodes_each_picture_once(pipe, photo):
+    from bagel_engine.train.latent_cache import LatentCache
+
+    other = photo.transpose(Image.FLIP_LEFT_RIGHT)
+    batch = packer(pipe).pack([edit([photo], "make it blue", other), text_to_image("a fox", photo)])
+    plain = training_losses(pipe.model, pipe.vae, batch, generator=torch.Generator().manual_seed(3))
+    cache = LatentCache(max_mb=64)
+    for round_ in range(2):
+        cached = training_losses(pipe.model, pipe.vae, batch, generator=torch.Generator().manual_seed(3),
+                                 latent_cache=cache)
+        assert cached.timesteps == plain.timesteps
+        torch.testing.assert_close(cached.mse, plain.mse, rtol=0, atol=0)
+        torch.testing.assert_close(cached.ce, plain.ce, rtol=0, atol=0)
+    # three VAE pictures in the batch, two distinct (the photo twice): encoded twice, then all hits
+    assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 4 and cache.stats()["entries"] == 2
+
+
+def test_latent_cache_bound_keeps_nothing_beyond_it():
+    from bagel_engine.train.latent_cache import LatentCache
+
+    cache, calls = LatentCache(max_mb=1 / 1024), []  # 1 KB: room for one 16x16 float32 moment map
+    encode = lambda px: calls.append(1) or px[:1].repeat(1, 1, 1) * 2  # noqa: E731
+    a, b = torch.zeros(3, 16, 16), torch.ones(3, 16, 16)
+    for px in (a, b, a, b):
+        cache.moments(px, encode)
+    assert cache.stats()["entries"] == 1 and len(calls) == 3  # a kept, b re-encoded
+    torch.testing.assert_close(cache.moments(a, encode), a[:1] * 2)

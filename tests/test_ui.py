@@ -83,6 +83,25 @@ def test_ui_is_mounted_and_guarded(server):
     assert httpx.get(server.base_url + "/ui/config").status_code in (401, 403)
 
 
+def test_every_ui_route_needs_the_login_and_no_other_origin_is_served(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert c.get("/ui/gradio_api/startup-events").status_code == 401  # gradio itself leaves it open
+        assert c.post("/ui/gradio_api/cancel", json={}).status_code == 401
+        assert c.post("/ui/login", data={"username": "u", "password": "wrong"}).status_code >= 400
+        assert c.post("/ui/login", data={"username": "u", "password": KEY}).status_code == 200
+        assert c.get("/ui/gradio_api/startup-events").status_code == 200
+        assert c.get("/ui/config").status_code == 200
+        # a page of another origin (another local app) gets nothing, logged in or not, preflight included
+        for origin in ("http://localhost:1", "http://127.0.0.1:9", "null"):
+            r = c.get("/ui/config", headers={"Origin": origin})
+            assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+            r = c.options("/ui/gradio_api/queue/join", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+            assert r.status_code == 403 and "access-control-allow-credentials" not in r.headers
+        own = server.base_url.rstrip("/")
+        assert c.get("/ui/config", headers={"Origin": own}).status_code == 200
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
 @needs_chromium
 def test_text_to_image_in_the_browser(page):
     page.click("button[role=tab]:has-text('Text to image')")

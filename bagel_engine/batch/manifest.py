@@ -20,11 +20,16 @@ import io
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from bagel_engine.params import DiskFull, disk_full, is_disk_full
+
 TMP_MARK = ".bagel-tmp"
+HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())  # temp names: .<name>.<pid>@<host>.bagel-tmp
+TMP_RE = re.compile(r"\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?" + re.escape(TMP_MARK) + "$")
 PART_RE = re.compile(r"^manifest\.part-(?P<tag>[A-Za-z0-9]+)-r(?P<rank>\d+)of(?P<world>\d+)\.jsonl$")
 CSV_COLUMNS = ("id", "index", "status", "output", "text", "error", "seed", "prompt", "inputs", "params",
                "timings", "source", "rank", "finished_at")
@@ -47,18 +52,20 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_MARK}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST_TAG}{TMP_MARK}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise disk_full(e, str(path)) from e
         raise
     _fsync_dir(path.parent)
 
@@ -70,9 +77,14 @@ def save_image(image, path: Path) -> None:
 
 
 def remove_temp_files(folder: Path) -> int:
-    """Delete temp files a killed job left behind; returns how many."""
+    """Delete the temp files that killed jobs left behind (never a live writer's); returns how many."""
+    from bagel_engine.batch.lock import HOST, holder_alive
+
     count = 0
     for f in Path(folder).glob(f".*{TMP_MARK}"):
+        m = TMP_RE.search(f.name)
+        if m and holder_alive(HOST if m["host"] in (None, HOST_TAG) else m["host"], int(m["pid"])):
+            continue
         try:
             f.unlink()
             count += 1
@@ -161,11 +173,18 @@ class PartWriter:
 
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
+        size = os.fstat(self._fd).st_size
         view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError as e:  # no half line left behind: the row is simply not recorded
+            os.ftruncate(self._fd, size)
+            if is_disk_full(e):
+                raise disk_full(e, f"the record of row {record.get('id')!r} to {self.path}") from e
+            raise
 
     def close(self) -> None:
         if self._fd is not None:

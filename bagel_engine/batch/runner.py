@@ -18,9 +18,10 @@ from typing import Any, Callable, Mapping
 from bagel_engine.batch import dist as D
 from bagel_engine.batch import knobs as K
 from bagel_engine.batch import manifest as M
+from bagel_engine.batch.lock import FolderLock
 from bagel_engine.batch.reader import read_rows
 from bagel_engine.batch.request import Plan, build_call, plan_rows
-from bagel_engine.params import BagelInputError
+from bagel_engine.params import BagelInputError, DiskFull, disk_full, is_disk_full
 
 DEFAULT_BASE_SEED = 0
 POLL_S = 0.5
@@ -174,9 +175,21 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     K.check_task(job.task)
     out_dir = Path(job.output_dir)
     dist = D.setup(job.device)
+    lock = FolderLock(out_dir, M.shard_tag(job.shard))
     try:
+        refusal = None
+        if dist.is_main:  # one job per folder (and shard); the ranks of this one share it
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+            except BagelInputError as e:
+                refusal = str(e)
+        refusal = dist.broadcast(refusal)
+        if refusal:
+            raise BagelInputError(refusal)
         return _run(job, load, dist, out_dir, t_start)
     finally:
+        lock.release()
         dist.close()
 
 
@@ -200,8 +213,7 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
     others = [M.part_path(out_dir, job.shard, r, dist.world) for r in range(dist.world) if r != dist.rank]
     run_id = dist.broadcast(f"{int(time.time())}-{secrets.token_hex(4)}" if dist.is_main else None)
     if dist.is_main:
-        if job.shard is None:
-            M.remove_temp_files(out_dir)
+        M.remove_temp_files(out_dir)  # only those of dead writers: the shards of a job may share the folder
         for path in [part, *others]:
             if path.exists():
                 M.PartWriter(path).close()  # cut a line a killed writer left unfinished
@@ -312,6 +324,8 @@ def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_di
         out = getattr(pipe, call.method)(*call.args, **kwargs)
         _finish(record, out, call, plan, job, out_dir)
     except Exception as e:  # noqa: BLE001 - a bad row fails alone; the job goes on
+        if is_disk_full(e):  # not the row's fault: stop, every finished row is kept
+            raise e if isinstance(e, DiskFull) else disk_full(e, f"the output of row {plan.key!r}") from e
         record.update(status="failed", error=_error_text(e))
     return _close(record, t0)
 
@@ -353,6 +367,8 @@ def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_s
             try:
                 _finish(record, out, call, plan, job, out_dir)
             except Exception as e:  # noqa: BLE001
+                if is_disk_full(e):
+                    raise e if isinstance(e, DiskFull) else disk_full(e, f"the output of row {plan.key!r}") from e
                 record.update(status="failed", error=_error_text(e))
             results[plan.key] = _close(record, t0)
     return [(plan, results[plan.key]) for plan in plans]

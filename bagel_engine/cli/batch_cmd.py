@@ -44,7 +44,8 @@ base, default 0) and the row id, so rerunning a row gives the same image; a seed
 
 [bold]Resume[/bold] is the default: run the same command again and finished rows are skipped, unfinished ones
 redone. --retry-failed also redoes failed rows; --overwrite redoes everything. Exit status: 0 all rows ok,
-3 some rows failed (see the summary and the manifest), 2 the job could not start.
+3 some rows failed (see the summary and the manifest), 2 the job could not start or stopped (disk full:
+free space and rerun to resume).
 
 [bold]Examples[/bold]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +12,7 @@ from bagel_engine.cli.main import app
 shapes_app = typer.Typer(help="The shapes world of the demo model bagel-shapes: data and the training recipe.",
                          no_args_is_help=True)
 app.add_typer(shapes_app, name="shapes")
+RECIPE = "\\[default: the shipped model's recipe]"
 
 
 @shapes_app.command("data", epilog="""
@@ -25,9 +26,9 @@ app.add_typer(shapes_app, name="shapes")
 """)
 def data(
     out: Annotated[Path, typer.Argument(help="Folder for train.jsonl, eval.jsonl and images/.", show_default=False)],
-    t2i: Annotated[int, typer.Option("--t2i", min=0, help="Text-to-image rows.")] = 24000,
-    edit: Annotated[int, typer.Option("--edit", min=0, help="Edit rows.")] = 12000,
-    vqa: Annotated[int, typer.Option("--vqa", min=0, help="Question rows.")] = 12000,
+    t2i: Annotated[Optional[int], typer.Option("--t2i", min=0, help=f"Text-to-image rows. {RECIPE}")] = None,
+    edit: Annotated[Optional[int], typer.Option("--edit", min=0, help=f"Edit rows. {RECIPE}")] = None,
+    vqa: Annotated[Optional[int], typer.Option("--vqa", min=0, help=f"Question rows. {RECIPE}")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     new_color: Annotated[str, typer.Option(
         "--new-color", help="An extra colour to teach (pink): --new-color-rows t2i rows name it.")] = "pink",
@@ -35,7 +36,10 @@ def data(
 ) -> None:
     """Write rows of the shapes world (pictures as PNG) in the formats `bagel train` reads."""
     from bagel_engine.shapes.data import write_dataset
+    from bagel_engine.shapes.recipe import Recipe
 
+    t2i, edit, vqa = (Recipe.t2i_rows if t2i is None else t2i, Recipe.edit_rows if edit is None else edit,
+                      Recipe.vqa_rows if vqa is None else vqa)
     try:
         path = write_dataset(out, t2i, edit, vqa, seed=seed, new_color=new_color, new_color_rows=new_color_rows)
     except ValueError as e:
@@ -56,8 +60,9 @@ autoencoder (PSNR in WORK/ae_report.json) -> random init -> bagel train -> WORK/
 """)
 def build(
     work: Annotated[Path, typer.Argument(help="Working folder (data, base model, run, result).", show_default=False)],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps of the model.")] = 4500,
-    ae_steps: Annotated[int, typer.Option("--ae-steps", min=1, help="Training steps of the autoencoder.")] = 1200,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"Training steps of the model. {RECIPE}")] = None,
+    ae_steps: Annotated[Optional[int], typer.Option(
+        "--ae-steps", min=1, help=f"Training steps of the autoencoder. {RECIPE}")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -65,5 +70,6 @@ def build(
     """Make the demo model bagel-shapes from an empty folder (the recipe of the shipped model)."""
     from bagel_engine.shapes.recipe import Recipe
 
-    out = Recipe(work, seed=seed, steps=steps, ae_steps=ae_steps, threads=threads or None, progress=progress).run()
+    given = {k: v for k, v in (("steps", steps), ("ae_steps", ae_steps)) if v is not None}
+    out = Recipe(work, seed=seed, threads=threads or None, progress=progress, **given).run()
     typer.echo(f"done: bagel eval shapes --model {out}")

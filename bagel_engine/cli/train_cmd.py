@@ -109,6 +109,11 @@ def train(
                                                help="Chance of dropping a conditioning image's ViT tokens.")] = 0.4,
     vae_dropout: Annotated[float, typer.Option("--vae-dropout", rich_help_panel=DATA, min=0, max=1,
                                                help="Chance of dropping a conditioning image's VAE latents.")] = 0.1,
+    latent_cache_mb: Annotated[float, typer.Option(
+        "--latent-cache-mb", rich_help_panel=DATA, min=0,
+        help="Keep the frozen VAE's encoding of each picture (up to this many MB) instead of re-encoding it every "
+             "epoch: the same latents, a faster step when pictures repeat. The real VAE's takes 128 KB a 256x256 "
+             "picture. \\[default: 0, off]")] = 0.0,
     eval_data: Annotated[Optional[Path], typer.Option(
         "--eval-data", rich_help_panel=DATA,
         help="Rows to evaluate on (same formats): losses at fixed flow times and noise, logged as eval_mse / eval_ce.")] = None,
@@ -180,7 +185,7 @@ def train(
             model=model, data=str(data), output_dir=str(output_dir), task=task.value, steps=steps, lr=lr,
             min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule.value, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, max_tokens=max_tokens, grad_accum=grad_accum, max_image_side=max_image_side,
-            timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight,
+            timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight, latent_cache_mb=latent_cache_mb,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,

@@ -14,7 +14,9 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import tasks
 from ._engine import INPUT_ERRORS
-from .errors import APIError, bad_request, describe_validation_errors, error_body
+from .errors import APIError, bad_request, describe_validation_errors, error_body, internal_error, public_text
 from .images import data_url, decode_image, encode_image, read_image_ref
 from .metrics import Metrics
 from .schemas import (
@@ -57,22 +59,27 @@ class BodyTooLarge(Exception):
 # The gate: metrics, bearer auth and the body size limit, in front of every route.
 # ---------------------------------------------------------------------------------------------
 class _Gate:
-    def __init__(self, app: Any, settings: ServeSettings, metrics: Metrics, ui_path: str | None) -> None:
+    def __init__(self, app: Any, settings: ServeSettings, metrics: Metrics, ui_path: str | None,
+                 ui_user: Any = None) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
         self.ui_path = ui_path
+        self.ui_user = ui_user  # scope -> whether the request carries a live UI login
 
     def _is_ui(self, path: str) -> bool:
         return self.ui_path is not None and (path == self.ui_path or path.startswith(self.ui_path + "/"))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        if self._is_ui(path) or (path == "/" and self.ui_path is not None):
-            await self.app(scope, receive, send)  # the UI has its own login and upload limits
+        if self._is_ui(path):
+            await self._ui(scope, receive, send, path[len(self.ui_path):])
+            return
+        if scope["type"] != "http" or (path == "/" and self.ui_path is not None):
+            await self.app(scope, receive, send)
             return
         endpoint = path if path in ENDPOINTS else "other"
         status = [500]
@@ -110,11 +117,48 @@ class _Gate:
             self.metrics.inc("bagel_requests_total", endpoint=endpoint, status=str(status[0]))
             self.metrics.observe("bagel_request_duration_seconds", time.perf_counter() - started, endpoint=endpoint)
 
+    async def _ui(self, scope: dict, receive: Any, send: Any, sub: str) -> None:
+        """The web UI: same-origin requests only (gradio would answer credentialed requests from other
+        local origins), and with an API key every route but the login page's own behind the login."""
+        refusal = None
+        if not _same_origin(scope):
+            refusal = (403, "cross-origin requests to the web UI are refused", "cross_origin")
+        elif self.settings.api_key and not _ui_open_path(sub) and not (self.ui_user and self.ui_user(scope)):
+            refusal = (401, "log in to the web UI first (any user name, the API key as the password)", "login_required")
+        if refusal is None:
+            await self.app(scope, receive, send)  # gradio has its own login and upload limits
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await _send_json(send, refusal[0], error_body(refusal[0], refusal[1], code=refusal[2]))
+
     def _authorized(self, scope: dict) -> bool:
         value = _header(scope, b"authorization") or ""
         scheme, _, token = value.partition(" ")
         key = self.settings.api_key or ""
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+# What the UI's login page itself loads (everything else under the UI needs a login when a key is set).
+_UI_OPEN = {"", "/", "/login", "/logout", "/config", "/user", "/token", "/theme.css", "/favicon.ico", "/robots.txt",
+            "/manifest.json", "/info", "/app_id"}
+_UI_OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon", "/custom_component/")
+
+
+def _ui_open_path(sub: str) -> bool:
+    if sub.startswith("/gradio_api/") or sub == "/gradio_api":
+        sub = sub[len("/gradio_api"):]
+    return sub.rstrip("/") in _UI_OPEN or sub in _UI_OPEN or sub.startswith(_UI_OPEN_PREFIXES)
+
+
+def _same_origin(scope: dict) -> bool:
+    """No Origin header (not a browser's cross-site request), or one naming this very host."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    netloc = urlsplit(origin).netloc.lower()
+    hosts = {(_header(scope, b"host") or "").lower(), (_header(scope, b"x-forwarded-host") or "").lower()}
+    return bool(netloc) and netloc in hosts - {""}
 
 
 def _header(scope: dict, name: bytes) -> str | None:
@@ -181,6 +225,7 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
     # -- errors --------------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        e.message = public_text(e.message)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(BodyTooLarge)
@@ -268,8 +313,9 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
         except WorkerStopped as e:
             raise APIError(503, str(e), code="shutting_down") from None
         except Exception as e:  # noqa: BLE001 - a failing job answers 500, the server stays up
-            raise APIError(500, f"the model failed on this request: {type(e).__name__}: {e}",
-                           code="internal_error") from None
+            error, incident = internal_error(e)
+            log.error("%s job failed (incident %s)", kind, incident, exc_info=e)
+            raise error from None
 
     def image_knobs(req: Any) -> dict[str, Any]:
         return req.given(IMAGE_KNOBS + THINK_KNOBS)
@@ -471,14 +517,16 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
             "timings": dict(getattr(out, "timings", {}) or {}),
         }
 
-    if ui is not None:
-        _mount_ui(app, ui, worker, pipe, settings, ui_path)
-    app.add_middleware(_Gate, settings=settings, metrics=metrics, ui_path=ui_path if ui is not None else None)
+    ui_user = _mount_ui(app, ui, worker, pipe, settings, ui_path) if ui is not None else None
+    app.add_middleware(_Gate, settings=settings, metrics=metrics, ui_path=ui_path if ui is not None else None,
+                       ui_user=ui_user)
     return app
 
 
-def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Any, settings: ServeSettings, path: str) -> None:
+def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Any, settings: ServeSettings, path: str) -> Any:
+    """Mount the gradio UI at ``path``; returns ``scope -> bool``: whether a request carries a live UI login."""
     import gradio as gr
+    from starlette.routing import Mount
 
     blocks = ui(worker, pipe, settings)
     auth = None
@@ -496,6 +544,19 @@ def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Any, settings: S
     @app.get("/", include_in_schema=False)
     async def _root() -> Response:
         return RedirectResponse(path + "/")
+
+    gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == path)
+
+    def logged_in(scope: dict) -> bool:
+        cookies = SimpleCookie()
+        try:
+            cookies.load(_header(scope, b"cookie") or "")
+        except CookieError:
+            return False
+        names = (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}")
+        return any(n in cookies and cookies[n].value in gradio_app.tokens for n in names)
+
+    return logged_in
 
 
 def _validation_error(e: ValidationError) -> APIError:

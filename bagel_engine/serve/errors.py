@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from typing import Any
+
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+_SERVER_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.+-]+){2,}/?")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -50,6 +56,32 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
             "code": code,
         }
     }
+
+
+def public_text(text: str, paths: bool = False) -> str:
+    """``text`` as a client may read it: no object reprs or memory addresses; with ``paths`` (text that
+    came from an exception, not from the request) no absolute paths either."""
+    text = _ADDRESS.sub("0x…", _OBJECT_REPR.sub("<data>", text))
+    return _SERVER_PATH.sub("<path>", text) if paths else text
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                         or "tried to allocate" in text))
+
+
+def internal_error(e: BaseException) -> tuple[APIError, str]:
+    """The 500 a failed job answers, and the incident id that the server log files the detail under:
+    the client learns the kind of failure, never the allocator's text, addresses or paths."""
+    incident = uuid.uuid4().hex[:12]
+    if is_out_of_memory(e):
+        message = (f"the request needed more memory than this server has (incident {incident}); ask for fewer or "
+                   "smaller images, fewer tokens or fewer steps")
+        return APIError(500, message, code="out_of_memory"), incident
+    message = f"the model failed on this request ({type(e).__name__}); the server log has the details (incident {incident})"
+    return APIError(500, message, code="internal_error"), incident
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, public_text
 from .settings import ServeSettings
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
@@ -42,7 +42,8 @@ def decode_image(data: bytes, settings: ServeSettings, what: str) -> Image.Image
         raise bad_request(f"{what} has more pixels than the limit of {settings.max_image_pixels} per image "
                           "(server flag --max-image-pixels)", param=what, code="image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError) as e:
-        raise bad_request(f"{what} could not be read as an image ({type(e).__name__}: {e})", param=what,
+        detail = public_text(str(e), paths=True)
+        raise bad_request(f"{what} could not be read as an image ({type(e).__name__}: {detail})", param=what,
                           code="invalid_image") from None
     return img
 

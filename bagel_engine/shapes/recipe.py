@@ -32,17 +32,17 @@ log = logging.getLogger(__name__)
 
 # The demo model's architecture: the official topology, small.
 LLM_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "hidden_act": "silu", "hidden_size": 128,
-    "initializer_range": 0.02, "intermediate_size": 384, "max_position_embeddings": 4096,
-    "max_window_layers": 4, "model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 4,
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "hidden_act": "silu", "hidden_size": 160,
+    "initializer_range": 0.02, "intermediate_size": 480, "max_position_embeddings": 4096,
+    "max_window_layers": 6, "model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 6,
     "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 4096,
     "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 512,
 }
-VIT_CONFIG = {  # the official loader drops the last layer: 4 here -> 3 run
-    "hidden_act": "gelu_pytorch_tanh", "hidden_size": 96, "image_size": 64, "intermediate_size": 256,
+VIT_CONFIG = {  # the official loader drops the last layer: 5 here -> 4 run
+    "hidden_act": "gelu_pytorch_tanh", "hidden_size": 128, "image_size": 64, "intermediate_size": 320,
     "layer_norm_eps": 1e-6, "model_type": "siglip_vision_model", "num_attention_heads": 4, "num_channels": 3,
-    "num_hidden_layers": 4, "patch_size": 8,
+    "num_hidden_layers": 5, "patch_size": 8,
 }
 AE_CONFIG = {"resolution": 64, "in_channels": 3, "ch": 32, "out_ch": 3, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
              "z_channels": 8, "scale_factor": 1.0, "shift_factor": 0.0}
@@ -67,17 +67,18 @@ TASK_DEFAULTS = {
 class Recipe:
     work: Path
     seed: int = 0
-    t2i_rows: int = 24000
-    edit_rows: int = 12000
-    vqa_rows: int = 12000
+    t2i_rows: int = 32000
+    edit_rows: int = 16000
+    vqa_rows: int = 16000
     eval_rows: int = 30  # per kind, for the validation losses of the training log
     vocab_size: int = 512
     ae_steps: int = 1200
     ae_batch: int = 16
     ae_eval_pictures: int = 256  # held-out pictures for the reconstruction PSNR
-    steps: int = 4500
+    steps: int = 16000
     lr: float = 1e-3
     max_tokens: int = 2048
+    latent_cache_mb: float = 3000.0  # every picture's VAE moments (16 KB each) kept after its first encode
     threads: int | None = None
     progress: bool = True
     timings: dict = field(default_factory=dict)
@@ -175,9 +176,9 @@ class Recipe:
 
         return TrainConfig(
             model=str(self.base), data=str(self.data / "train.jsonl"), output_dir=str(self.run_dir),
-            steps=self.steps, lr=self.lr, min_lr=self.lr / 50, warmup_steps=200, schedule="cosine",
-            weight_decay=0.01, max_tokens=self.max_tokens, ema=0.998, seed=self.seed, save_every=500, keep=2,
-            eval_data=str(self.data / "eval.jsonl"), eval_every=500, log_every=25, device="cpu",
+            steps=self.steps, lr=self.lr, min_lr=self.lr / 50, warmup_steps=300, schedule="cosine",
+            weight_decay=0.01, max_tokens=self.max_tokens, ema=0.999, seed=self.seed, save_every=500, keep=2,
+            latent_cache_mb=self.latent_cache_mb, eval_data=str(self.data / "eval.jsonl"), eval_every=1000, log_every=25, device="cpu",
             progress=self.progress)
 
     def train_model(self) -> Path:

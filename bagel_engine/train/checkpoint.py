@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from bagel_engine.params import disk_full, is_disk_full
+
 WEIGHTS = ("ema.safetensors", "ae.safetensors")
 PREFIX = "checkpoint-"
 
@@ -65,6 +67,31 @@ def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[s
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / (final.name + ".tmp")
+    try:
+        _write_checkpoint(tmp, base_dir, weights, trainer_state, trainer_tensors, dtype, adapter)
+    except BaseException as e:  # a crash or a full disk: no half checkpoint left, the previous one intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            before = latest_checkpoint(output_dir)
+            raise disk_full(e, f"{final.name} in {output_dir}", (
+                f"the previous checkpoint ({before.name}) is intact; free some space and rerun the same command "
+                "to resume from it" if before else "free some space and rerun the same command")) from e
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = output_dir / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, output_dir / "latest")
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, base_dir: Path, weights: dict[str, torch.Tensor], trainer_state: dict,
+                      trainer_tensors: dict[str, dict[str, torch.Tensor]] | None, dtype: torch.dtype | None,
+                      adapter: dict | None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for src in base_dir.iterdir():
@@ -85,16 +112,6 @@ def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[s
     (state_dir / "summary.json").write_text(json.dumps(
         {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool, dict, list))
          and k not in ("optimizer", "data", "rng")}, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = output_dir / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, output_dir / "latest")
-    if keep:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.bagel import Bagel, PackedInputs
 from bagel_engine.runtime import image_transforms as T
+from bagel_engine.train.latent_cache import LatentCache
 from bagel_engine.train.packing import PackedBatch
 
 
@@ -47,9 +48,12 @@ def shifted_time(n: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def encode_latents(vae: AutoEncoder, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(3, H, W) -> (C, H/d, W/d), a posterior sample (float32 draw on the generator's device)."""
-    moments = vae.encode_moments(pixels[None].to(vae.dtype))
+def encode_latents(vae: AutoEncoder, pixels: torch.Tensor, generator: torch.Generator | None,
+                   cache: LatentCache | None = None) -> torch.Tensor:
+    """(3, H, W) -> (C, H/d, W/d), a posterior sample (float32 draw on the generator's device);
+    ``cache`` keeps the encoder's moments of each picture (the draw is new every time)."""
+    encode = lambda px: vae.encode_moments(px[None].to(vae.dtype))  # noqa: E731
+    moments = cache.moments(pixels, encode) if cache is not None else encode(pixels)
     eps = torch.randn(moments.shape[0], moments.shape[1] // 2, *moments.shape[2:], generator=generator,
                       device=generator.device if generator is not None else "cpu", dtype=torch.float32)
     return vae.latent_from_moments(moments, eps.to(moments.device, moments.dtype))[0]
@@ -58,11 +62,12 @@ def encode_latents(vae: AutoEncoder, pixels: torch.Tensor, generator: torch.Gene
 def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, timestep_shift: float = 1.0,
                     generator: torch.Generator | None = None, timesteps: list[float] | None = None,
                     noises: list[torch.Tensor] | None = None, block_mask: bool | None = None,
-                    dense_mask: bool = False) -> Losses:
+                    dense_mask: bool = False, latent_cache: LatentCache | None = None) -> Losses:
     """Per-token losses of one packed sequence. ``timesteps`` / ``noises`` (one per target image)
     fix the flow time and the noise instead of drawing them (tests, evaluation). ``block_mask``:
     use a flex-attention BlockMask (default on CUDA) instead of SDPA sample by sample; ``dense_mask``: one
-    SDPA over the whole sequence with the dense (T, T) mask (the reference the others are tested against)."""
+    SDPA over the whole sequence with the dense (T, T) mask (the reference the others are tested against);
+    ``latent_cache``: the frozen VAE's moments kept per picture (``bagel_engine.train.latent_cache``)."""
     cfg = model.cfg
     device = model.vae2llm.weight.device
     long = lambda t: t.to(device)  # noqa: E731
@@ -71,7 +76,7 @@ def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, times
     offset, k = 0, 0
     for image in batch.vae_images:
         with torch.no_grad():
-            latent = encode_latents(vae, image.pixels.to(device), generator)
+            latent = encode_latents(vae, image.pixels.to(device), generator, latent_cache)
         clean = T.patchify_latent(latent.float(), ps).to(device)
         n = clean.shape[0]
         t = 0.0

@@ -34,6 +34,7 @@ from bagel_engine.train import parallel as DP
 from bagel_engine.train.data import TASKS, DataStream, Prefetcher, pack_in_order
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
 from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales, merge_adapters
+from bagel_engine.train.latent_cache import LatentCache
 from bagel_engine.train.objective import training_losses
 from bagel_engine.train.packing import SequencePacker
 from bagel_engine.train.sample import Dropout
@@ -74,6 +75,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
     strategy: str = "ddp"  # data parallelism: "ddp" (replicated) or "fsdp" (sharded; see train.parallel)
     random_weights: bool = False  # build the model from the configs with random weights (benchmarks)
+    latent_cache_mb: float = 0.0  # keep the frozen VAE's moments of each picture, up to this many MB (0: off)
     prefetch: int = 2  # sequences packed ahead in a background thread (0: in the loop)
     pad_to_max_tokens: bool | None = None  # pad every sequence to max_tokens (static shapes); default: on CUDA
     seed: int = 0
@@ -98,6 +100,8 @@ class TrainConfig:
             raise BagelInputError("eval_every must be >= 1")
         if self.prefetch < 0:
             raise BagelInputError("prefetch must be >= 0")
+        if self.latent_cache_mb < 0:
+            raise BagelInputError("latent_cache_mb must be >= 0 (0: off)")
         if self.grad_accum < 1:
             raise BagelInputError("grad_accum must be >= 1")
         if self.steps < 1 or self.max_tokens < 2 or self.save_every < 1 or self.log_every < 1 or self.keep < 1:
@@ -192,6 +196,7 @@ class Trainer:
         self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
                                          rank=self.dist.rank, world=self.dist.world)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.latent_cache = LatentCache(cfg.latent_cache_mb) if cfg.latent_cache_mb > 0 else None
         self.batches: Prefetcher | None = None
         self.eval_batches, self.eval_bad = [], []
         if cfg.eval_data:
@@ -339,7 +344,7 @@ class Trainer:
         for batch in batches:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
-                                         generator=self.generator)
+                                         generator=self.generator, latent_cache=self.latent_cache)
             # each micro-batch's share of the global token means: the accumulated gradient is theirs
             losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world).backward()
             mse_sum += float(losses.mse.detach().sum()) if losses.mse is not None else 0.0
@@ -379,7 +384,7 @@ class Trainer:
             generator = torch.Generator(self.device).manual_seed(10_000 + (index if real else 0))
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
-                                         generator=generator)
+                                         generator=generator, latent_cache=self.latent_cache)
             if real:
                 if losses.mse is not None:
                     sums[0] += float(losses.mse.sum())
