@@ -55,6 +55,11 @@ class BagelOutput:
     seed: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # text answers: tokens of the context the answer was decoded from, tokens written, and why it
+    # stopped ("stop": the end token; "length": max_new_tokens ran out), as OpenAI's usage reports them
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 def _default_device() -> torch.device:
@@ -175,11 +180,15 @@ class _Job:
     latents: torch.Tensor | None = None
     params: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
     def output(self) -> BagelOutput:
         self.timings["total_s"] = time.perf_counter() - self.t_start
         return BagelOutput(text=self.text, image=self.image, latents=self.latents, seed=self.seed,
-                           params=self.params, timings=self.timings)
+                           params=self.params, timings=self.timings, prompt_tokens=self.prompt_tokens,
+                           completion_tokens=self.completion_tokens, finish_reason=self.finish_reason)
 
 
 class BagelPipeline:
@@ -269,6 +278,7 @@ class BagelPipeline:
         enable_taylorseer: bool = False,
         sample_posterior: bool = True,
         callback: Callable[[int, int], None] | None = None,
+        on_text: Callable[[str], None] | None = None,
         trace: dict | None = None,
     ) -> BagelOutput:
         """The official ``interleave_inference``: ``inputs`` is an ordered list of texts and images.
@@ -278,6 +288,8 @@ class BagelPipeline:
         the starting latent (shape as ``BagelOutput.latents``). ``sample_posterior=False`` uses the
         VAE posterior mean for input images instead of a sample (deterministic, not official).
         ``enable_taylorseer`` turns on the official TaylorSeer step cache (fewer decoder forwards).
+        ``callback(k, total)`` after each denoising step or text token (raise in it to stop);
+        ``on_text(delta)`` with each new piece of the answer or think text as it is written.
         ``trace`` (a dict) collects intermediate tensors for debugging.
         """
         if not inputs:
@@ -287,12 +299,13 @@ class BagelPipeline:
             text_params=TextParams(max_think_token_n, do_sample, text_temperature),
             image_params=ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
                                      cfg_renorm_min, timestep_shift, num_timesteps, enable_taylorseer),
-            image_shapes=tuple(image_shapes), sample_posterior=sample_posterior, callback=callback, trace=trace,
+            image_shapes=tuple(image_shapes), sample_posterior=sample_posterior, callback=callback,
+            on_text=on_text, trace=trace,
         )[0]
 
     def _run(self, requests: list[list], seeds: list[int | None], noises: list[torch.Tensor | None], *,
              understanding_output: bool, think: bool, text_params: TextParams, image_params: ImageParams,
-             image_shapes: tuple[int, int], sample_posterior: bool = True, callback=None,
+             image_shapes: tuple[int, int], sample_posterior: bool = True, callback=None, on_text=None,
              trace: dict | None = None) -> list[BagelOutput]:
         """Run several requests with the same parameters; their images (all of one size) are denoised
         together in batched forwards."""
@@ -311,7 +324,7 @@ class BagelPipeline:
         if understanding_output:
             for job in jobs:
                 t0 = time.perf_counter()
-                count = self._decode_text(job, text_params, trace, callback)
+                count = self._decode_text(job, text_params, trace, callback, on_text)
                 job.timings.update(decode_s=time.perf_counter() - t0, tokens=count)
             return [job.output() for job in jobs]
         sizes = {(job.height, job.width) for job in jobs}
@@ -322,7 +335,7 @@ class BagelPipeline:
         if think:
             for job in jobs:
                 t0 = time.perf_counter()
-                self._decode_text(job, text_params, trace)
+                self._decode_text(job, text_params, trace, on_text=on_text)
                 job.gen = builder.add_text(job.gen, job.text)  # re-tokenized, as the official code does
                 job.timings["think_s"] = time.perf_counter() - t0
         ps, z = self.config.bagel.latent_patch_size, self.config.vae.z_channels
@@ -372,20 +385,32 @@ class BagelPipeline:
                 f"max_new_tokens {text_params.max_think_token_n} does not fit: the context already holds "
                 f"{job.gen.length} tokens and the limit is {self.max_model_len} (max_model_len); ask for at most {max(room, 0)}")
 
-    def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None, callback=None) -> int:
+    def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None, callback=None,
+                     on_text=None) -> int:
         """Decode from the job's full context into ``job.text``; returns the number of new tokens.
-        ``callback(k, max)`` after each token (it may raise to stop the job, as between denoising steps)."""
-        on_token = None
-        if callback is not None:
-            count = [0]
+        ``callback(k, max)`` after each token (it may raise to stop the job, as between denoising steps);
+        ``on_text(delta)`` with each new piece of text as it is written (the pieces add up to ``job.text``)."""
+        cap = text_params.max_think_token_n - 1  # tokens an answer may hold (the start token counts)
+        calls, ids, shown = [0], [self.tokenizer.special.bos], [""]
 
-            def on_token(_token: int) -> None:
-                count[0] += 1
-                callback(count[0], text_params.max_think_token_n - 1)
+        def on_token(token: int) -> None:
+            calls[0] += 1  # the token after the last kept one is seen too: calls > cap means it was cut
+            if callback is not None:
+                callback(calls[0], cap)
+            if on_text is not None and calls[0] <= cap:
+                ids.append(token)
+                text = self.tokenizer.decode_generation(ids)
+                if not text.endswith("\ufffd") and text.startswith(shown[0]) and len(text) > len(shown[0]):
+                    on_text(text[len(shown[0]):])  # (a multi-byte character waits for its last byte)
+                    shown[0] = text
 
         tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
                                job.sample_gen, trace, on_token=on_token, decoder_fn=self._decoder_fn)
         job.text = self.tokenizer.decode_generation(tokens)
+        if on_text is not None and job.text.startswith(shown[0]) and len(job.text) > len(shown[0]):
+            on_text(job.text[len(shown[0]):])
+        job.prompt_tokens, job.completion_tokens = job.gen.length, len(tokens) - 1
+        job.finish_reason = "length" if calls[0] > cap else "stop"
         return len(tokens) - 1
 
     def _prepare(self, inputs: list, seed: int | None, builder: ContextBuilder, understanding_output: bool,
@@ -506,9 +531,10 @@ class BagelPipeline:
 
     def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
                    do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
-                   callback=None) -> BagelOutput:
+                   callback=None, on_text=None) -> BagelOutput:
         """Answer a question about one or several images (``max_new_tokens``: default the model's, else 512).
-        ``callback(k, max)`` after each answer token (raise in it to stop)."""
+        ``callback(k, max)`` after each answer token (raise in it to stop); ``on_text(delta)`` with each new
+        piece of the answer as it is written (streaming; the pieces add up to ``text``)."""
         if max_new_tokens is None:
             max_new_tokens = self.task_defaults.understand_tokens
         images = self._as_list(images)
@@ -517,14 +543,16 @@ class BagelPipeline:
         self._need_prompt(question, "question")
         return self.interleave([*images, question], understanding_output=True, think=think,
                                max_think_token_n=max_new_tokens, do_sample=do_sample,
-                               text_temperature=text_temperature, seed=seed, callback=callback)
+                               text_temperature=text_temperature, seed=seed, callback=callback, on_text=on_text)
 
     def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int | None = None,
              do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
-             callback=None) -> BagelOutput:
-        """Text in, text out (``max_new_tokens``: default the model's, else 512); ``callback`` as in ``understand``."""
+             callback=None, on_text=None) -> BagelOutput:
+        """Text in, text out (``max_new_tokens``: default the model's, else 512); ``callback`` and
+        ``on_text`` as in ``understand``."""
         if max_new_tokens is None:
             max_new_tokens = self.task_defaults.chat_tokens
         self._need_prompt(prompt, "prompt")
         return self.interleave([prompt], understanding_output=True, think=think, max_think_token_n=max_new_tokens,
-                               do_sample=do_sample, text_temperature=text_temperature, seed=seed, callback=callback)
+                               do_sample=do_sample, text_temperature=text_temperature, seed=seed, callback=callback,
+                               on_text=on_text)

@@ -184,6 +184,54 @@ def test_chat_understanding_text_and_think(oai, pipe):
     assert msg.model_extra["reasoning_content"] == (plan or "")
 
 
+def test_chat_reports_usage_and_why_it_stopped(oai, pipe):
+    cut = oai.chat.completions.create(model="bagel", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    ref = pipe.chat("Hello", max_new_tokens=4)
+    assert cut.choices[0].finish_reason == ref.finish_reason
+    assert cut.usage.completion_tokens == ref.completion_tokens and cut.usage.prompt_tokens == ref.prompt_tokens
+    assert cut.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens and ref.prompt_tokens > 1
+    # the tiny random model never writes its end token: a cap always cuts it
+    assert ref.finish_reason == "length" and ref.completion_tokens == 3
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_streamed_chat_assembles_to_the_whole_answer(oai, think):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    whole = oai.chat.completions.create(model="bagel", messages=msgs, max_tokens=12, extra_body={"think": think})
+    stream = oai.chat.completions.create(model="bagel", messages=msgs, max_tokens=12, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"think": think})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content
+    assert reasoning == (whole.choices[0].message.model_extra.get("reasoning_content") or "")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c for c in chunks if c.choices and (c.choices[0].delta.content or
+                                                  (c.choices[0].delta.model_extra or {}).get("reasoning_content"))]
+    if not think:  # (with think on, text that never opens a think block waits for the end: it may still be one)
+        assert len(pieces) > 1  # it came in pieces, not in one block at the end
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_a_streamed_chat_whose_client_leaves_is_cancelled(server, client):
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    for _ in range(200):  # the worker is free again long before 3000 tokens
+        if client.get("/health").json().get("busy") is False:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the streamed job went on after its client left")
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200
+
+
 def test_chat_multi_turn_uses_the_whole_conversation(oai):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Draw?"}]
@@ -244,8 +292,10 @@ BAD_JSON = [
      ["200x200", "--max-image-pixels"], "image[0]"),
     ("/v1/images/edits", {"prompt": "x", "image": data_url(png_bytes()), "size": "64x64"}, 400, ["'auto'"], "size"),
     ("/v1/chat/completions", {"messages": []}, 400, ["messages"], "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400,
-     ["stream"], "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "modalities": ["image"]}, 400, ["stream applies to text"], "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "stream_options": {"include_usage": True}}, 400, ["only with stream"], None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0.5}, 400,
      ["unknown", "'top_p'"], "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "audio", "data": "x"}]}]}, 400,

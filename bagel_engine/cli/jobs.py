@@ -174,10 +174,17 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
     """Load, call one task method, save or print the result."""
     knobs = K.cli_knobs(knob_values(values), task)
     pipe = load_pipeline(model, device, dtype, as_json, **load_kwargs(values))
-    bar = None
+    bar, streamed = None, False
     if task in K.IMAGE_TASKS:
         bar = StepBar("denoising")
         knobs["callback"] = bar
+    elif not as_json and output is None:  # the answer (and think text) printed as the model writes it
+
+        def show(delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        knobs["on_text"], streamed = show, True
     t0 = time.perf_counter()
     try:
         out = getattr(pipe, K.TASK_METHODS[task])(*pipe_args, **knobs)
@@ -216,6 +223,8 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
             typer.echo(out.text.strip())
         w, h = out.image.size
         typer.echo(f"wrote {written} ({w}x{h}, seed {out.seed}, {elapsed:.1f} s)")
+    elif streamed:
+        typer.echo("")
     else:
         typer.echo(out.text or "")
         if written:

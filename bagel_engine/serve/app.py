@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -306,16 +306,8 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
             raise
         try:
             return fut.result()
-        except INPUT_ERRORS as e:
-            raise APIError(400, str(e), code="invalid_input") from None
-        except JobCancelled as e:
-            raise APIError(499, f"the job was cancelled ({e})", code="cancelled") from None
-        except WorkerStopped as e:
-            raise APIError(503, str(e), code="shutting_down") from None
         except Exception as e:  # noqa: BLE001 - a failing job answers 500, the server stays up
-            error, incident = internal_error(e)
-            log.error("%s job failed (incident %s)", kind, incident, exc_info=e)
-            raise error from None
+            raise _job_error(e, kind) from None
 
     def image_knobs(req: Any) -> dict[str, Any]:
         return req.given(IMAGE_KNOBS + THINK_KNOBS)
@@ -442,7 +434,7 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
             await form.close()
 
     @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
-    async def chat_completions(request: Request) -> dict[str, Any]:
+    async def chat_completions(request: Request) -> Any:
         req: ChatCompletionRequest = await parse_json(ChatCompletionRequest, await request.body())
         check_model(req.model)
         modality = (req.modalities or ["text"])[0]
@@ -472,6 +464,8 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
             limit = _one_of(req, ("max_new_tokens", "max_completion_tokens", "max_tokens"))
             if limit is not None:
                 text_kw["max_new_tokens"] = limit
+            if req.stream:
+                return stream_chat(request, req, conv, text_kw)
             fn = tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw)
             out = await run_job(request, "chat", fn)
             reasoning, answer = tasks.split_think(out.text) if req.think else (None, out.text or "")
@@ -479,6 +473,9 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
                 reasoning = reasoning or ""  # think asked: always report it, even when the model wrote none
             message: dict[str, Any] = {"role": "assistant", "content": answer}
         else:
+            if req.stream:
+                raise bad_request("stream applies to text answers; for a picture forming step by step use "
+                                  "/v1/images/generations", "stream")
             if req.max_new_tokens is not None:
                 raise bad_request("'max_new_tokens' applies to text answers; for the think text of an image use "
                                   "'max_think_token_n' (or max_tokens)", "max_new_tokens")
@@ -511,11 +508,85 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
             "object": "chat.completion",
             "created": int(time.time()),
             "model": req.model or names[0],
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
-            "usage": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": getattr(out, "finish_reason", None) or "stop"}],
+            "usage": _usage(out),
             "seed": getattr(out, "seed", None),
             "timings": dict(getattr(out, "timings", {}) or {}),
         }
+
+    def stream_chat(request: Request, req: ChatCompletionRequest, conv: Any, text_kw: dict) -> StreamingResponse:
+        """The answer as server-sent events in OpenAI's chunk format: a first chunk with the role, then
+        ``delta.reasoning_content`` (think text) and ``delta.content`` as the model writes them, a last
+        chunk with ``finish_reason``, the usage chunk when asked, ``data: [DONE]``. The job is queued
+        before the response starts, so a full queue is still a 429; a client that goes away cancels it."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        splitter = tasks.ThinkStream(req.think)
+        fn = tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw,
+                            on_text=lambda delta: loop.call_soon_threadsafe(pieces.put_nowait, delta))
+        try:
+            job = worker.submit("chat", fn)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+        except WorkerStopped as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        fut = asyncio.wrap_future(job.future)
+        fut.add_done_callback(_consume)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": req.model or names[0]}
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            body = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def deltas(parts: list[tuple[str, str]]) -> list[str]:
+            return [chunk({"reasoning_content" if kind == "reasoning" else "content": text}) for kind, text in parts]
+
+        async def events() -> Any:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                getter = None
+                while True:
+                    getter = getter or asyncio.ensure_future(pieces.get())
+                    done, _ = await asyncio.wait({getter, fut}, timeout=settings.disconnect_poll_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        for event in deltas(splitter.feed(getter.result())):
+                            yield event
+                        getter = None
+                        continue
+                    if fut.done():
+                        break
+                    if await request.is_disconnected():
+                        job.cancel()
+                        log.info("client disconnected: streamed chat job cancelled")
+                        return
+                if getter is not None:
+                    getter.cancel()
+                while not pieces.empty():  # pieces put just before the job ended
+                    for event in deltas(splitter.feed(pieces.get_nowait())):
+                        yield event
+                try:
+                    out = fut.result()
+                except Exception as e:  # noqa: BLE001 - the stream has started: the error is its last event
+                    error = _job_error(e)
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                for event in deltas(splitter.finish()):
+                    yield event
+                yield chunk({}, getattr(out, "finish_reason", None) or "stop")
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(out)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not fut.done():
+                    job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     ui_user = _mount_ui(app, ui, worker, pipe, settings, ui_path) if ui is not None else None
     app.add_middleware(_Gate, settings=settings, metrics=metrics, ui_path=ui_path if ui is not None else None,
@@ -557,6 +628,27 @@ def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Any, settings: S
         return any(n in cookies and cookies[n].value in gradio_app.tokens for n in names)
 
     return logged_in
+
+
+def _job_error(e: BaseException, kind: str = "chat") -> APIError:
+    """The HTTP error for a job that raised ``e`` (500s are logged with their incident id)."""
+    if isinstance(e, INPUT_ERRORS):
+        return APIError(400, str(e), code="invalid_input")
+    if isinstance(e, JobCancelled):
+        return APIError(499, f"the job was cancelled ({e})", code="cancelled")
+    if isinstance(e, WorkerStopped):
+        return APIError(503, str(e), code="shutting_down")
+    error, incident = internal_error(e)
+    log.error("%s job failed (incident %s)", kind, incident, exc_info=e)
+    return error
+
+
+def _usage(out: Any) -> dict[str, int] | None:
+    """OpenAI's usage of a text answer: tokens of the context it was decoded from, and tokens written."""
+    prompt, completion = getattr(out, "prompt_tokens", None), getattr(out, "completion_tokens", None)
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _validation_error(e: ValidationError) -> APIError:

@@ -148,6 +148,10 @@ class ChatMessage(Strict):
         return [{"type": "text", "text": v}] if isinstance(v, str) else v
 
 
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BagelKnobs):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
@@ -159,17 +163,17 @@ class ChatCompletionRequest(BagelKnobs):
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int | None = Field(None, ge=1, le=1, description="only 1")
-    stream: bool | None = None
+    stream: bool | None = Field(None, description="text answers as server-sent events (OpenAI's chunks)")
+    stream_options: StreamOptions | None = None
     size: str | None = None
     output_format: OutputFormat | None = None
     user: str | None = None
 
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("streaming is not supported; leave stream unset or false")
-        return v
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "ChatCompletionRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' applies only with stream: true")
+        return self
 
     @field_validator("modalities")
     @classmethod

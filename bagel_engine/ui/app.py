@@ -23,7 +23,7 @@ from bagel_engine.params import (
 )
 from bagel_engine.serve import tasks
 from bagel_engine.serve._engine import INPUT_ERRORS
-from bagel_engine.serve.errors import APIError
+from bagel_engine.serve.errors import APIError, internal_error
 from bagel_engine.serve.images import decode_image
 from bagel_engine.serve.settings import ServeSettings
 from bagel_engine.serve.worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
@@ -35,13 +35,18 @@ CSS = """
 
 
 # -- running a job from a gradio handler ------------------------------------------------------
-def _run(worker: ModelWorker, kind: str, fn: Any, progress: Any, desc: str) -> Any:
+def _submit(worker: ModelWorker, kind: str, fn: Any) -> Any:
     try:
-        job = worker.submit(kind, fn)
+        return worker.submit(kind, fn)
     except QueueFull as e:
         raise gr.Error(f"The model is busy ({e}).") from None
     except WorkerStopped as e:
         raise gr.Error(str(e)) from None
+
+
+def _poll(job: Any, worker: ModelWorker, progress: Any, desc: str) -> Any:
+    """Wait for ``job``, reporting its steps to the progress bar; a generator that yields every 0.1 s
+    while the job runs (so a streaming handler can show what it has) and returns the job's result."""
     last = None
     progress(0, desc="waiting for the model" if worker.busy else desc)
     while True:
@@ -58,8 +63,40 @@ def _run(worker: ModelWorker, kind: str, fn: Any, progress: Any, desc: str) -> A
             raise gr.Error(str(e)) from None
         except JobCancelled as e:
             raise gr.Error(f"cancelled ({e})") from None
-        except Exception as e:  # noqa: BLE001 - show the failure, keep the app up
-            raise gr.Error(f"The model failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - show the failure (not its text: the log has it), keep the app up
+            raise gr.Error(internal_error(e)[0].message) from None
+        yield
+
+
+def _run(worker: ModelWorker, kind: str, fn: Any, progress: Any, desc: str) -> Any:
+    poll = _poll(_submit(worker, kind, fn), worker, progress, desc)
+    while True:
+        try:
+            next(poll)
+        except StopIteration as done:
+            return done.value
+
+
+def _stream_text(worker: ModelWorker, kind: str, conv: Any, think: bool, seed: Any, text_kw: dict, progress: Any):
+    """Run a text job and yield ``(plan, answer, out)`` as the text is written (``out`` is None until the
+    end, then the finished output)."""
+    written: list[str] = []  # appended by the worker thread, read here
+    fn = tasks.text_job(conv, think=think, seed=seed, text_kw=text_kw, on_text=written.append)
+    poll = _poll(_submit(worker, kind, fn), worker, progress, "answering")
+    shown = 0
+    while True:
+        try:
+            next(poll)
+        except StopIteration as done:
+            out = done.value
+            plan, answer = tasks.split_think(out.text) if think else (None, out.text or "")
+            yield plan or "", answer, out
+            return
+        if len(written) != shown:
+            shown = len(written)
+            text = "".join(written[:shown])
+            plan, answer = tasks.split_think(text) if think else (None, text)
+            yield plan or "", answer, None
 
 
 def _seed(value: Any) -> int | None:
@@ -194,12 +231,10 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
             raise gr.Error("Ask a question first.")
         images = _open_images(_gallery_paths(gallery), settings)
         conv = tasks.conversation_from_turns([(images, question)])
-        fn = tasks.text_job(conv, think=bool(think), seed=_seed(seed),
-                            text_kw=dict(max_new_tokens=int(tokens), do_sample=bool(do_sample),
-                                         text_temperature=float(temperature)))
-        out = _run(worker, "ui_understand", fn, progress, "answering")
-        plan, answer = tasks.split_think(out.text) if think else (None, out.text or "")
-        return answer, plan or "", _info([out])
+        text_kw = dict(max_new_tokens=int(tokens), do_sample=bool(do_sample), text_temperature=float(temperature))
+        for plan, answer, out in _stream_text(worker, "ui_understand", conv, bool(think), _seed(seed), text_kw,
+                                              progress):
+            yield answer, plan, _info([out]) if out is not None else "answering..."
 
     def on_chat(message, history, turns, think, seed, tokens, do_sample, temperature, progress=gr.Progress()):
         message = message or {}
@@ -210,20 +245,20 @@ def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = No
         images = _open_images([f for f in files if f], settings)
         new_turns = list(turns or []) + [(images, text)]
         conv = tasks.conversation_from_turns(new_turns)
-        fn = tasks.text_job(conv, think=bool(think), seed=_seed(seed),
-                            text_kw=dict(max_new_tokens=int(tokens), do_sample=bool(do_sample),
-                                         text_temperature=float(temperature)))
-        out = _run(worker, "ui_chat", fn, progress, "answering")
-        plan, answer = tasks.split_think(out.text) if think else (None, out.text or "")
+        text_kw = dict(max_new_tokens=int(tokens), do_sample=bool(do_sample), text_temperature=float(temperature))
         history = list(history or [])
         for f in files:
             history.append({"role": "user", "content": {"path": f}})
         history.append({"role": "user", "content": text})
-        if plan:
-            history.append({"role": "assistant", "content": plan, "metadata": {"title": "Think"}})
-        history.append({"role": "assistant", "content": answer})
-        new_turns.append(([], answer))
-        return history, new_turns, {"text": "", "files": []}
+        for plan, answer, out in _stream_text(worker, "ui_chat", conv, bool(think), _seed(seed), text_kw, progress):
+            shown = list(history)
+            if plan:
+                shown.append({"role": "assistant", "content": plan, "metadata": {"title": "Think"}})
+            shown.append({"role": "assistant", "content": answer})
+            if out is None:  # the answer so far
+                yield shown, turns, {"text": "", "files": []}
+            else:
+                yield shown, new_turns + [([], answer)], {"text": "", "files": []}
 
     # -- layout ------------------------------------------------------------------------------
     # delete_cache: uploads and results gradio keeps on disk go after an hour (checked every 30 min)
