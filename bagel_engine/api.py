@@ -135,7 +135,7 @@ def load(
 
             quantize_model(bagel, quantize)
         if offload:
-            from bagel_engine.runtime.offload import apply_offload
+            from bagel_engine.weights.offload import apply_offload
 
             apply_offload(bagel, offload, device)
     tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")

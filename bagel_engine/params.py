@@ -15,6 +15,10 @@ class BagelInputError(ValueError):
     """Input the engine cannot serve: the message says what is wrong and how to fix it."""
 
 
+class ConfigError(ValueError):
+    """A model directory's configuration is missing, unreadable or inconsistent."""
+
+
 class DiskFull(OSError):
     """No space left (ENOSPC / EDQUOT) while writing results: the work stops, the file being written is
     removed, what was finished before is kept, and rerunning the same command resumes."""

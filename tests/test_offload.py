@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bagel_engine
-from bagel_engine.runtime.offload import EXPERT_MODULES, apply_offload, move_param, remove_offload
+from bagel_engine.weights.offload import EXPERT_MODULES, apply_offload, move_param, remove_offload
 from golden import MODEL_DIR, cases, inputs
 
 MODES = ("model", "layer")
@@ -129,7 +129,7 @@ def test_move_param_copies_on_request():
 def test_masters_replaced_by_pinned_copies_stay_streamed(ref, monkeypatch):
     """On a GPU the CPU masters are replaced by pinned copies before the rest moves to the device;
     emulated here (pinning needs CUDA) with a copying stand-in."""
-    from bagel_engine.runtime import offload
+    from bagel_engine.weights import offload
 
     pinned = []
 

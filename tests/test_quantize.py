@@ -150,7 +150,7 @@ def test_nf4_mechanics_on_cpu(monkeypatch):
     kw = dict(height=32, width=32, seed=1, num_timesteps=5)
     a, b = ref.generate("a green square", **kw), pipe.generate("a green square", **kw)
     assert b.latents.shape == a.latents.shape and torch.isfinite(b.latents).all() and _cos(a.latents, b.latents) > 0.5
-    from bagel_engine.runtime.offload import apply_offload
+    from bagel_engine.weights.offload import apply_offload
 
     apply_offload(pipe.model, "model", torch.device("cpu"))
     c = pipe.generate("a green square", **kw)

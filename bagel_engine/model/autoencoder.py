@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bagel_engine.weights.config import VAEConfig
+from bagel_engine.model.config import VAEConfig
 
 __all__ = ["AutoEncoder", "Encoder", "Decoder", "ResnetBlock", "AttnBlock", "Downsample", "Upsample"]
 

@@ -20,7 +20,7 @@ from torch import nn
 from bagel_engine.model.kv_cache import PackedKV
 from bagel_engine.model.qwen2_mot import Qwen2MoTForCausalLM, Routing
 from bagel_engine.model.siglip import SiglipVisionModel
-from bagel_engine.weights.config import ModelConfig
+from bagel_engine.model.config import ModelConfig
 
 TIME_FREQUENCY_DIM = 256
 

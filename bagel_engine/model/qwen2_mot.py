@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from bagel_engine.model.kv_cache import KV, AppendKV  # noqa: F401  (KV re-exported)
-from bagel_engine.weights.config import LLMConfig
+from bagel_engine.model.config import LLMConfig
 
 
 class RMSNorm(nn.Module):

@@ -224,7 +224,7 @@ def _nf4_linear(lin: nn.Linear, device: torch.device) -> nn.Module:
 
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """Move a (possibly quantized) linear layer, parameter by parameter."""
-    from bagel_engine.runtime.offload import move_param
+    from bagel_engine.weights.offload import move_param
 
     for name, p in list(module._parameters.items()):
         if p is not None and p.device != device:
