@@ -41,3 +41,22 @@ def test_clear_rows_keep_their_task(tmp_path):
     assert len(row_sample(t2i).segments) == 2
     assert len(row_sample(edit).segments) == 4
     assert row_sample(vqa).segments[-1].text == "red"
+
+
+def test_the_stream_shuffles_once_per_epoch_and_keeps_the_order(tmp_path, monkeypatch):
+    import random
+
+    from bagel_engine.batch.reader import Row
+    from bagel_engine.train.data import DataStream
+
+    rows = [Row(position=i, source=Path("x.jsonl"), line=i + 1, data={"text": f"row {i}"}) for i in range(50)]
+    shuffles = []
+    real = random.Random.shuffle
+    monkeypatch.setattr(random.Random, "shuffle", lambda self, x: shuffles.append(1) or real(self, x))
+    stream = DataStream(rows, packer=None, max_tokens=64, seed=3, rank=1, world=2)
+    first = [stream._share(0) for _ in range(10)]
+    expected = list(range(50))
+    real(random.Random(3), expected)
+    assert [r.position for r in first[0]] == expected[1::2] and all(s is first[0] for s in first)
+    stream._share(1)
+    assert len(shuffles) == 2  # one per epoch, however many samples are drawn

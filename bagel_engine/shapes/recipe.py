@@ -75,7 +75,7 @@ class Recipe:
     ae_steps: int = 1200
     ae_batch: int = 16
     ae_eval_pictures: int = 256  # held-out pictures for the reconstruction PSNR
-    steps: int = 16000
+    steps: int = 9000
     lr: float = 1e-3
     max_tokens: int = 2048
     latent_cache_mb: float = 3000.0  # every picture's VAE moments (16 KB each) kept after its first encode

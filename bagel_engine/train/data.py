@@ -204,6 +204,7 @@ class DataStream:
     cursor: int = 0  # rows of this epoch's share already taken
     bad: list[BadRow] = field(default_factory=list)
     _bad_seen: set = field(default_factory=set)
+    _shares: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_path(cls, path: str | Path, packer: SequencePacker, max_tokens: int, **kw) -> "DataStream":
@@ -213,9 +214,15 @@ class DataStream:
         return cls(rows, packer, max_tokens, **kw)
 
     def _share(self, epoch: int) -> list[Row]:
-        order = list(range(len(self.rows)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return [self.rows[i] for i in order[self.rank::self.world]]
+        """This rank's rows of ``epoch``, in order (shuffled once per epoch, not once per sample: a
+        shuffle of 64,000 rows per sample cost more than the training step of a small model)."""
+        cached = self._shares.get(epoch)
+        if cached is None:
+            order = list(range(len(self.rows)))
+            random.Random(self.seed + epoch).shuffle(order)
+            cached = [self.rows[i] for i in order[self.rank::self.world]]
+            self._shares = {epoch: cached}
+        return cached
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "packer_rng": self.packer.rng.getstate()}
