@@ -8,7 +8,6 @@ methods) and nothing below it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import time
@@ -110,17 +109,10 @@ def load_pipeline(model: str | None, device: str | None, dtype: str | None, as_j
         fail("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL", as_json)
     import bagel_engine
 
-    load = bagel_engine.load
-    extra = {}
-    try:
-        if "progress" in inspect.signature(load).parameters and sys.stderr.isatty():
-            extra["progress"] = True
-    except (TypeError, ValueError):
-        pass
     t0 = time.perf_counter()
     typer.echo(f"loading {model} ...", err=True)
     try:
-        pipe = load(model, device=device, dtype=dtype, **options, **extra)
+        pipe = bagel_engine.load(model, device=device, dtype=dtype, progress=sys.stderr.isatty(), **options)
     except (ValueError, OSError) as e:  # BagelInputError and the loader's ConfigError are ValueErrors
         fail(f"cannot load model {model!r}: {e}", as_json)
     typer.echo(f"loaded in {time.perf_counter() - t0:.1f} s", err=True)

@@ -37,11 +37,7 @@ def _register() -> None:
     import importlib
 
     for name in ("inspect_cmd", "jobs", "batch_cmd", "serve_cmd", "bench_cmd", "train_cmd", "eval_cmd", "shapes_cmd"):
-        try:
-            importlib.import_module(f"bagel_engine.cli.{name}")
-        except ModuleNotFoundError as e:  # a module not written yet, never a missing dependency
-            if e.name != f"bagel_engine.cli.{name}":
-                raise
+        importlib.import_module(f"bagel_engine.cli.{name}")
 
 
 def main() -> None:
