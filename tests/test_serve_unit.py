@@ -346,3 +346,13 @@ def test_cli_lists_the_flags():
         assert flag in out, flag
     out = CliRunner().invoke(app, ["ui", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
     assert "--model" in out and "--port" in out
+
+
+def test_the_real_pipeline_and_the_fake_meet_the_front_ends_protocol():
+    import bagel_engine
+    from bagel_engine.engine_protocol import Pipeline
+    from golden import MODEL_DIR
+
+    assert isinstance(bagel_engine.load(MODEL_DIR, device="cpu"), Pipeline)
+    assert isinstance(FakePipe(), Pipeline)
+    assert not isinstance(object(), Pipeline)

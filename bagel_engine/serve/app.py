@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bagel_engine.engine_protocol import Pipeline
 from . import tasks
 from ._engine import INPUT_ERRORS
 from .errors import APIError, bad_request, describe_validation_errors, error_body, internal_error, public_text
@@ -184,7 +185,7 @@ async def _send_json(send: Any, status: int, body: dict, headers: dict[str, str]
 # ---------------------------------------------------------------------------------------------
 # The app.
 # ---------------------------------------------------------------------------------------------
-def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = None, ui_path: str = "/ui") -> FastAPI:
+def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any = None, ui_path: str = "/ui") -> FastAPI:
     """Build the server around a loaded pipeline.
 
     ``ui``: a callable ``(worker, pipe, settings) -> gradio.Blocks`` to mount at ``ui_path``
@@ -594,7 +595,7 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, *, ui: Any = No
     return app
 
 
-def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Any, settings: ServeSettings, path: str) -> Any:
+def _mount_ui(app: FastAPI, ui: Any, worker: ModelWorker, pipe: Pipeline, settings: ServeSettings, path: str) -> Any:
     """Mount the gradio UI at ``path``; returns ``scope -> bool``: whether a request carries a live UI login."""
     import gradio as gr
     from starlette.routing import Mount

@@ -11,8 +11,10 @@ from typing import Any, Callable, Sequence, Union
 
 from PIL import Image
 
+from bagel_engine.engine_protocol import Pipeline
+
 Item = Union[str, Image.Image]
-JobFn = Callable[[Any, Callable[[int, int], None]], Any]
+JobFn = Callable[[Pipeline, Callable[[int, int], None]], Any]
 
 
 def _seed(seed: int | None, i: int) -> int | None:
@@ -25,7 +27,7 @@ def generate_job(prompt: str, *, width: int, height: int, n: int = 1, think: boo
     denoised together (one batched forward per step for all of them)."""
     knobs = dict(knobs or {})
 
-    def fn(pipe: Any, callback: Callable[[int, int], None]) -> list[Any]:
+    def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> list[Any]:
         if n == 1:
             return [pipe.generate(prompt, height=height, width=width, think=think, seed=seed, callback=callback,
                                   **knobs)]
@@ -41,7 +43,7 @@ def edit_job(images: Sequence[Image.Image], prompt: str, *, n: int = 1, think: b
     knobs = dict(knobs or {})
     images = list(images)
 
-    def fn(pipe: Any, callback: Callable[[int, int], None]) -> list[Any]:
+    def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> list[Any]:
         arg: Any = images[0] if len(images) == 1 else images
         return [pipe.edit(arg, prompt, think=think, seed=_seed(seed, i), callback=callback, **knobs) for i in range(n)]
 
@@ -88,7 +90,7 @@ def text_job(conv: Conversation, *, think: bool = False, seed: int | None = None
     if on_text is not None:
         text_kw["on_text"] = on_text
 
-    def fn(pipe: Any, callback: Callable[[int, int], None]) -> Any:
+    def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> Any:
         simple = conv.simple()
         if simple is not None and not simple[0]:
             return pipe.chat(simple[1], think=think, seed=seed, callback=callback, **text_kw)
@@ -110,7 +112,7 @@ def image_job(conv: Conversation, *, width: int | None, height: int | None, thin
     """An image answer: ``generate`` for one text, ``edit`` for images + one text, ``interleave`` otherwise."""
     knobs = dict(knobs or {})
 
-    def fn(pipe: Any, callback: Callable[[int, int], None]) -> Any:
+    def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> Any:
         simple = conv.simple()
         if simple is not None and not simple[0]:
             size = {} if width is None else {"width": width, "height": height}

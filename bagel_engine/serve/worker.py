@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from bagel_engine.engine_protocol import Pipeline
 from .metrics import Metrics
 
 log = logging.getLogger("bagel_engine.serve")
@@ -71,7 +72,7 @@ _STOP = object()
 class ModelWorker:
     """Runs jobs one at a time on a dedicated thread; at most ``queue_size`` jobs wait."""
 
-    def __init__(self, pipe: Any, *, queue_size: int = 8, metrics: Metrics | None = None) -> None:
+    def __init__(self, pipe: Pipeline, *, queue_size: int = 8, metrics: Metrics | None = None) -> None:
         self.pipe = pipe
         self.queue_size = queue_size
         self.metrics = metrics or Metrics()

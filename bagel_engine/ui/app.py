@@ -14,6 +14,8 @@ from typing import Any
 
 import gradio as gr
 
+from bagel_engine.engine_protocol import Pipeline
+
 from bagel_engine.params import (
     RENORM_TYPES,
     THINK_TOKENS_DEFAULT,
@@ -196,7 +198,7 @@ def _seed_box(prefix: str) -> Any:
 
 
 # -- the app -----------------------------------------------------------------------------------
-def build_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings | None = None) -> gr.Blocks:
+def build_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings | None = None) -> gr.Blocks:
     settings = settings or ServeSettings()
     cfg = pipe.config
     step = int(cfg.latent_downsample)
@@ -364,7 +366,7 @@ def ui_auth(settings: ServeSettings):
     return check
 
 
-def launch_ui(worker: ModelWorker, pipe: Any, settings: ServeSettings, *, host: str = "127.0.0.1",
+def launch_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings, *, host: str = "127.0.0.1",
               port: int = 7860, prevent_thread_lock: bool = False) -> Any:
     demo = build_ui(worker, pipe, settings)
     demo.queue()
