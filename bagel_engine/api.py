@@ -62,6 +62,28 @@ class BagelOutput:
     finish_reason: str | None = None
 
 
+@dataclass
+class StepPreview:
+    """What one denoising step predicts for one image of the call (``index``): the clean latent
+    ``x0 = x_t - t v`` and, on request, that latent through the VAE decoder (one VAE decode per call:
+    ask for a few, e.g. every tenth step). Given to ``on_step`` after each step."""
+
+    step: int
+    total: int
+    index: int
+    tokens: torch.Tensor = field(repr=False)  # (h*w, p*p*C) latent tokens
+    _unpatchify: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+    _decode: Callable[[torch.Tensor], Image.Image] = field(repr=False)
+
+    def latent(self) -> torch.Tensor:
+        """(z_channels, H/d, W/d): the predicted clean latent, as the VAE decoder takes it."""
+        return self._unpatchify(self.tokens)
+
+    def image(self) -> Image.Image:
+        """The predicted clean latent decoded: the picture as this step sees it."""
+        return self._decode(self.latent())
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -279,6 +301,7 @@ class BagelPipeline:
         sample_posterior: bool = True,
         callback: Callable[[int, int], None] | None = None,
         on_text: Callable[[str], None] | None = None,
+        on_step: Callable[[StepPreview], None] | None = None,
         trace: dict | None = None,
     ) -> BagelOutput:
         """The official ``interleave_inference``: ``inputs`` is an ordered list of texts and images.
@@ -289,7 +312,8 @@ class BagelPipeline:
         VAE posterior mean for input images instead of a sample (deterministic, not official).
         ``enable_taylorseer`` turns on the official TaylorSeer step cache (fewer decoder forwards).
         ``callback(k, total)`` after each denoising step or text token (raise in it to stop);
-        ``on_text(delta)`` with each new piece of the answer or think text as it is written.
+        ``on_text(delta)`` with each new piece of the answer or think text as it is written;
+        ``on_step(preview)`` after each denoising step with a :class:`StepPreview` (live previews).
         ``trace`` (a dict) collects intermediate tensors for debugging.
         """
         if not inputs:
@@ -300,13 +324,13 @@ class BagelPipeline:
             image_params=ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
                                      cfg_renorm_min, timestep_shift, num_timesteps, enable_taylorseer),
             image_shapes=tuple(image_shapes), sample_posterior=sample_posterior, callback=callback,
-            on_text=on_text, trace=trace,
+            on_text=on_text, on_step=on_step, trace=trace,
         )[0]
 
     def _run(self, requests: list[list], seeds: list[int | None], noises: list[torch.Tensor | None], *,
              understanding_output: bool, think: bool, text_params: TextParams, image_params: ImageParams,
              image_shapes: tuple[int, int], sample_posterior: bool = True, callback=None, on_text=None,
-             trace: dict | None = None) -> list[BagelOutput]:
+             on_step=None, trace: dict | None = None) -> list[BagelOutput]:
         """Run several requests with the same parameters; their images (all of one size) are denoised
         together in batched forwards."""
         text_params = text_params.validate()
@@ -353,24 +377,35 @@ class BagelPipeline:
         if trace is not None:
             job = jobs[0]
             trace["contexts"] = {"gen": job.gen, "cfg_text": job.cfg_text, "cfg_img": job.cfg_img}
+        unpatchify = lambda tokens: T.unpatchify_latent(tokens.float(), h, w, ps, z)  # noqa: E731
+        preview = None
+        if on_step is not None:
+            def preview(step: int, total: int, x0: torch.Tensor) -> None:
+                for j in range(x0.shape[0]):
+                    on_step(StepPreview(step, total, j, x0[j], unpatchify, lambda lat: self._decode_latent(lat)[1]))
+
         t0 = time.perf_counter()
         latent_tokens = denoise(
             self.model, self.tokenizer.special, [GuidanceContexts(j.gen, j.cfg_text, j.cfg_img) for j in jobs],
             (h, w), torch.stack(starts).to(self.latent_device), image_params, self.device, callback,
-            trace, decoder_fn=self._decoder_fn,
+            trace, decoder_fn=self._decoder_fn, preview=preview,
         )
         denoise_s = time.perf_counter() - t0
         for job, tokens in zip(jobs, latent_tokens):
-            latents = T.unpatchify_latent(tokens.float(), h, w, ps, z)
+            latents = unpatchify(tokens)
             t0 = time.perf_counter()
-            decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
+            decoded, job.image = self._decode_latent(latents)
             if trace is not None:
                 trace["decode_output"] = decoded.detach()
-            job.image = T.tensor_to_image(decoded[0].float().cpu())
             job.latents = latents.cpu()
             job.timings.update(denoise_s=denoise_s, vae_decode_s=time.perf_counter() - t0)
             job.params.update(asdict(image_params), height=height, width=width)
         return [job.output() for job in jobs]
+
+    def _decode_latent(self, latents: torch.Tensor) -> tuple[torch.Tensor, Image.Image]:
+        """(z, H/d, W/d) latent -> (the VAE's output tensor, the picture)."""
+        decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
+        return decoded, T.tensor_to_image(decoded[0].float().cpu())
 
     @property
     def max_model_len(self) -> int:
@@ -478,14 +513,15 @@ class BagelPipeline:
     def generate(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
                  think: bool = False,
                  seed: int | Sequence[int] | None = None, noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                 callback=None, **knobs) -> BagelOutput | list[BagelOutput]:
+                 callback=None, on_step=None, **knobs) -> BagelOutput | list[BagelOutput]:
         """Text to image, with the official app's defaults (cfg 4.0 / 1.5, interval 0.4-1, global renorm).
 
         ``prompt`` may be a list: the images are generated together, every denoising step of all of
         them in one batched forward, and a list of outputs is returned. Their seeds are ``seed + k``
         (or a list of seeds), so each image equals the one generated alone with its seed.
         ``height`` / ``width`` and knobs left out take ``self.task_defaults`` (the model directory's
-        ``task_defaults.json``, else 1024x1024 and the app's values).
+        ``task_defaults.json``, else 1024x1024 and the app's values). ``on_step(preview)`` after each
+        denoising step (a :class:`StepPreview` per image: the predicted clean latent and its picture).
         """
         height = self.task_defaults.height if height is None else height
         width = self.task_defaults.width if width is None else width
@@ -493,7 +529,8 @@ class BagelPipeline:
             self._need_prompt(prompt, "prompt")
             self.check_size(height, width)
             return self.interleave([prompt], think=think, image_shapes=(height, width), seed=seed, noise=noise,
-                                   callback=callback, **self._image_knobs(self.task_defaults.t2i, knobs))
+                                   callback=callback, on_step=on_step,
+                                   **self._image_knobs(self.task_defaults.t2i, knobs))
         prompts = list(prompt)
         if not prompts:
             raise BagelInputError("prompt list is empty")
@@ -516,10 +553,10 @@ class BagelPipeline:
         merged["cfg_interval"] = tuple(merged["cfg_interval"])
         return self._run([[p] for p in prompts], seeds, noises, understanding_output=False, think=think,
                          text_params=text_params, image_params=ImageParams(**merged),
-                         image_shapes=(height, width), callback=callback)
+                         image_shapes=(height, width), callback=callback, on_step=on_step)
 
     def edit(self, images, prompt: str, *, think: bool = False, seed: int | None = None,
-             noise: torch.Tensor | None = None, callback=None, **knobs) -> BagelOutput:
+             noise: torch.Tensor | None = None, callback=None, on_step=None, **knobs) -> BagelOutput:
         """Edit one or several images (the output has the last image's resized size); app defaults
         (cfg 4.0 / 2.0, interval 0-1, text_channel renorm)."""
         images = self._as_list(images)
@@ -527,7 +564,7 @@ class BagelPipeline:
             raise BagelInputError("edit needs at least one input image")
         self._need_prompt(prompt, "prompt")
         return self.interleave([*images, prompt], think=think, seed=seed, noise=noise, callback=callback,
-                               **self._image_knobs(self.task_defaults.edit, knobs))
+                               on_step=on_step, **self._image_knobs(self.task_defaults.edit, knobs))
 
     def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
                    do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,

@@ -3,8 +3,10 @@ httpx and by the official openai client. Checks answers against the engine calle
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
+import json
 import statistics
 import time
 
@@ -230,6 +232,53 @@ def test_a_streamed_chat_whose_client_leaves_is_cancelled(server, client):
         pytest.fail("the streamed job went on after its client left")
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert r.status_code == 200
+
+
+def _sse(response) -> list[tuple[str | None, dict | str]]:
+    """(event name, data) of each server-sent event."""
+    out, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append((name, data if data == "[DONE]" else json.loads(data)))
+            name = None
+    return out
+
+
+def test_streamed_generation_sends_previews_then_the_image(client, pipe):
+    body = {"prompt": "a red fox", "size": "32x32", "seed": 9, "num_timesteps": 9, "stream": True,
+            "partial_images": 2}
+    with client.stream("POST", "/v1/images/generations", json=body) as r:
+        assert r.status_code == 200, r.read()
+        events = _sse(r)
+    names = [n for n, _ in events]
+    assert names == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    partial, final = [d for _, d in events[:2]], events[-1][1]
+    assert [p["partial_image_index"] for p in partial] == [0, 1] and partial[0]["step"] < partial[1]["step"] < 8
+    ref = pipe.generate("a red fox", height=32, width=32, seed=9, num_timesteps=9)
+    done = Image.open(io.BytesIO(base64.b64decode(final["b64_json"])))
+    assert _same_image(done, ref.image) and final["size"] == "32x32"
+    previews = [Image.open(io.BytesIO(base64.b64decode(p["b64_json"]))) for p in partial]
+    assert all(im.size == (32, 32) for im in previews) and not _same_image(previews[0], ref.image)
+    edit = {"prompt": "make it blue", "image": data_url(png_bytes(32, 32)), "num_timesteps": 5, "stream": True,
+            "partial_images": 1}
+    with client.stream("POST", "/v1/images/edits", json=edit) as r:
+        assert r.status_code == 200, r.read()
+        assert [n for n, _ in _sse(r)] == ["image_edit.partial_image", "image_edit.completed"]
+    # the rules: previews need stream, stream draws one image
+    for bad in ({"partial_images": 1}, {"stream": True, "n": 2}, {"stream": True, "partial_images": 4}):
+        r = client.post("/v1/images/generations", json={"prompt": "x", "size": "32x32", **bad})
+        assert r.status_code == 400, r.text
+
+
+def test_the_api_previews_each_step_and_the_last_is_the_result(pipe):
+    seen = []
+    out = pipe.generate("a fox", height=32, width=32, seed=2, num_timesteps=4, on_step=seen.append)
+    assert [(p.step, p.total, p.index) for p in seen] == [(1, 3, 0), (2, 3, 0), (3, 3, 0)]
+    torch.testing.assert_close(seen[-1].latent(), out.latents)  # the last step predicts the final latent
+    assert seen[0].image().size == (32, 32)
 
 
 def test_chat_multi_turn_uses_the_whole_conversation(oai):

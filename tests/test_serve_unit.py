@@ -51,6 +51,9 @@ class FakePipe:
                     callback(i + 1, total)
 
     def generate(self, prompt, *, height=1024, width=1024, think=False, seed=None, callback=None, **knobs):
+        if not isinstance(prompt, str):  # several prompts drawn together: one output each
+            return [self.generate(p, height=height, width=width, think=think, seed=seed, callback=callback, **knobs)
+                    for p in prompt]
         self.calls.append(("generate", prompt, height, width, think, seed, knobs))
         self._behave(prompt, callback)
         return SimpleNamespace(text="plan" if think else None, image=Image.new("RGB", (width, height)),

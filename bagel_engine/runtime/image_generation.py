@@ -84,12 +84,15 @@ def denoise(
     callback: StepCallback | None = None,
     trace: dict | None = None,
     decoder_fn: Callable | None = None,
+    preview: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run the flow from ``noise`` at t = 1 to t = 0 for one or several images of the same size.
 
     ``noise``: (n, p*p*C) for one image or (P, n, p*p*C) for ``P`` images, float32, on the device
     where the latent lives (the CPU in official-numerics mode). Returns the final latent tokens in
     the same shape. ``decoder_fn`` replaces ``model.decoder`` for the step (a compiled one).
+    ``preview(step, total, x0)`` after each step gets the clean latent tokens the step predicts,
+    ``x0 = x_t - t v`` (shape ``(P, n, p*p*C)``), for live previews.
     """
     single = isinstance(contexts, GuidanceContexts)
     images = [contexts] if single else list(contexts)
@@ -159,6 +162,8 @@ def denoise(
             if num_images == 1:  # one image: records without the image dimension
                 record = {k: (val[0] if isinstance(val, torch.Tensor) else val) for k, val in record.items()}
             trace.setdefault("steps", []).append(record)
+        if preview is not None:
+            preview(i + 1, total, x - float(ts[i]) * v)
         x = euler_step(x, v, dts[i])
         if callback is not None:
             callback(i + 1, total)

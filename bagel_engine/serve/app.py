@@ -350,12 +350,16 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
         return {"id": model_id, "object": "model", "created": created, "owned_by": "bagel-engine"}
 
     @app.post("/v1/images/generations", openapi_extra=body_schema(ImageGenerationRequest))
-    async def images_generations(request: Request) -> dict[str, Any]:
+    async def images_generations(request: Request) -> Any:
         req: ImageGenerationRequest = await parse_json(ImageGenerationRequest, await request.body())
         check_model(req.model)
         check_n(req.n)
         width, height = parse_size(req.size)
         fmt = req.output_format or "png"
+        if req.stream:
+            return stream_image(request, "generate", "image_generation", req, fmt, lambda on_step: tasks.generate_job(
+                req.prompt, width=width, height=height, think=req.think, seed=req.seed, knobs=image_knobs(req),
+                on_step=on_step))
         fn = tasks.generate_job(req.prompt, width=width, height=height, n=req.n, think=req.think, seed=req.seed,
                                 knobs=image_knobs(req))
         outs = await run_job(request, "generate", fn)
@@ -363,7 +367,7 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
         return await run_in_threadpool(images_response, outs, fmt, req.think)
 
     @app.post("/v1/images/edits", openapi_extra=body_schema(ImageEditJSONRequest))
-    async def images_edits(request: Request) -> dict[str, Any]:
+    async def images_edits(request: Request) -> Any:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             req, images = await _read_edit_form(request)
@@ -379,6 +383,9 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
         check_model(req.model)
         check_n(req.n)
         fmt = req.output_format or "png"
+        if req.stream:
+            return stream_image(request, "edit", "image_edit", req, fmt, lambda on_step: tasks.edit_job(
+                images, req.prompt, think=req.think, seed=req.seed, knobs=image_knobs(req), on_step=on_step))
         fn = tasks.edit_job(images, req.prompt, n=req.n, think=req.think, seed=req.seed, knobs=image_knobs(req))
         outs = await run_job(request, "edit", fn)
         metrics.inc("bagel_images_generated_total", len(outs))
@@ -516,45 +523,35 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
             "timings": dict(getattr(out, "timings", {}) or {}),
         }
 
-    def stream_chat(request: Request, req: ChatCompletionRequest, conv: Any, text_kw: dict) -> StreamingResponse:
-        """The answer as server-sent events in OpenAI's chunk format: a first chunk with the role, then
-        ``delta.reasoning_content`` (think text) and ``delta.content`` as the model writes them, a last
-        chunk with ``finish_reason``, the usage chunk when asked, ``data: [DONE]``. The job is queued
-        before the response starts, so a full queue is still a 429; a client that goes away cancels it."""
+    def stream_job(request: Request, kind: str, make_fn: Any, opening: list[str], item_events: Any,
+                   final_events: Any) -> StreamingResponse:
+        """A job whose progress goes out as server-sent events. ``make_fn(push)`` builds the job, ``push(item)``
+        being called in the worker thread; ``item_events(item)`` and ``await final_events(out)`` give the
+        events. The job is queued before the response starts (a full queue is still a 429); an error after
+        the start is the stream's last event; a client that goes away cancels the job."""
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        splitter = tasks.ThinkStream(req.think)
-        fn = tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw,
-                            on_text=lambda delta: loop.call_soon_threadsafe(pieces.put_nowait, delta))
+        items: asyncio.Queue = asyncio.Queue()
+        fn = make_fn(lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
         try:
-            job = worker.submit("chat", fn)
+            job = worker.submit(kind, fn)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
         except WorkerStopped as e:
             raise APIError(503, str(e), code="shutting_down") from None
         fut = asyncio.wrap_future(job.future)
         fut.add_done_callback(_consume)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": req.model or names[0]}
-
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-            body = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                    **extra}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        def deltas(parts: list[tuple[str, str]]) -> list[str]:
-            return [chunk({"reasoning_content" if kind == "reasoning" else "content": text}) for kind, text in parts]
 
         async def events() -> Any:
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                for event in opening:
+                    yield event
                 getter = None
                 while True:
-                    getter = getter or asyncio.ensure_future(pieces.get())
+                    getter = getter or asyncio.ensure_future(items.get())
                     done, _ = await asyncio.wait({getter, fut}, timeout=settings.disconnect_poll_s,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
-                        for event in deltas(splitter.feed(getter.result())):
+                        for event in item_events(getter.result()):
                             yield event
                         getter = None
                         continue
@@ -562,32 +559,87 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
                         break
                     if await request.is_disconnected():
                         job.cancel()
-                        log.info("client disconnected: streamed chat job cancelled")
+                        log.info("client disconnected: streamed %s job cancelled", kind)
                         return
                 if getter is not None:
                     getter.cancel()
-                while not pieces.empty():  # pieces put just before the job ended
-                    for event in deltas(splitter.feed(pieces.get_nowait())):
+                while not items.empty():  # items pushed just before the job ended
+                    for event in item_events(items.get_nowait()):
                         yield event
                 try:
                     out = fut.result()
                 except Exception as e:  # noqa: BLE001 - the stream has started: the error is its last event
-                    error = _job_error(e)
-                    yield f"data: {json.dumps(error.body())}\n\n"
+                    yield f"data: {json.dumps(_job_error(e, kind).body())}\n\n"
                     yield "data: [DONE]\n\n"
                     return
-                for event in deltas(splitter.finish()):
+                for event in await final_events(out):
                     yield event
-                yield chunk({}, getattr(out, "finish_reason", None) or "stop")
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(out)})}\n\n"
-                yield "data: [DONE]\n\n"
             finally:
                 if not fut.done():
                     job.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def stream_chat(request: Request, req: ChatCompletionRequest, conv: Any, text_kw: dict) -> StreamingResponse:
+        """The answer in OpenAI's chunk format: a first chunk with the role, then ``delta.reasoning_content``
+        (think text) and ``delta.content`` as the model writes them, a last chunk with ``finish_reason``,
+        the usage chunk when asked, ``data: [DONE]``."""
+        splitter = tasks.ThinkStream(req.think)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": req.model or names[0]}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def deltas(parts: list[tuple[str, str]]) -> list[str]:
+            return [chunk({"reasoning_content" if kind == "reasoning" else "content": text}) for kind, text in parts]
+
+        async def final(out: Any) -> list[str]:
+            events = deltas(splitter.finish()) + [chunk({}, getattr(out, "finish_reason", None) or "stop")]
+            if req.stream_options is not None and req.stream_options.include_usage:
+                events.append(f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(out)})}\n\n")
+            return events + ["data: [DONE]\n\n"]
+
+        return stream_job(
+            request, "chat",
+            lambda push: tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw, on_text=push),
+            [chunk({"role": "assistant", "content": ""})], lambda delta: deltas(splitter.feed(delta)), final)
+
+    def stream_image(request: Request, kind: str, event_prefix: str, req: Any, fmt: str, make_job: Any) -> StreamingResponse:
+        """One image drawn with live previews (OpenAI's image streaming): ``partial_images`` events
+        ``{event_prefix}.partial_image`` with the picture the step predicts, at evenly spaced steps, then
+        ``{event_prefix}.completed`` with the image."""
+        count = req.partial_images or 0
+
+        def make_fn(push: Any) -> Any:
+            taken: list[int] = []
+
+            def on_step(preview: Any) -> None:  # in the worker thread: decode and encode there
+                if len(taken) < count and preview.step in tasks.preview_steps(preview.total, count):
+                    taken.append(preview.step)
+                    push((len(taken) - 1, preview.step, preview.total, encode_image(preview.image(), fmt)))
+
+            return make_job(on_step if count else None)
+
+        def event(name: str, body: dict) -> str:
+            return f"event: {name}\ndata: {json.dumps({'type': name, 'created_at': int(time.time()), **body})}\n\n"
+
+        def partial(item: tuple) -> list[str]:
+            index, step, total, b64 = item
+            return [event(f"{event_prefix}.partial_image", {"b64_json": b64, "partial_image_index": index,
+                                                            "output_format": fmt, "step": step, "total_steps": total})]
+
+        async def final(outs: Any) -> list[str]:
+            out = outs[0]
+            metrics.inc("bagel_images_generated_total")
+            b64 = await run_in_threadpool(encode_image, out.image, fmt)
+            w, h = out.image.size
+            return [event(f"{event_prefix}.completed", {"b64_json": b64, "output_format": fmt, "size": f"{w}x{h}",
+                                                        "seed": getattr(out, "seed", None)})]
+
+        return stream_job(request, kind, make_fn, [], partial, final)
 
     ui_user = _mount_ui(app, ui, worker, pipe, settings, ui_path) if ui is not None else None
     app.add_middleware(_Gate, settings=settings, metrics=metrics, ui_path=ui_path if ui is not None else None,

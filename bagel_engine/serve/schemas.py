@@ -78,8 +78,19 @@ class ImageRequest(BagelKnobs):
     output_format: OutputFormat | None = None
     user: str | None = Field(None, description="an end-user id (OpenAI field); accepted, does not change the result")
 
+    stream: bool | None = Field(None, description="server-sent events: partial images, then the completed one")
+    partial_images: int | None = Field(None, ge=0, le=3, description="previews sent while drawing (with stream)")
+
     _prompt = field_validator("prompt")(_non_empty)
     _fmt = field_validator("response_format", mode="before")(_b64_only)
+
+    @model_validator(mode="after")
+    def _stream_rules(self) -> "ImageRequest":
+        if self.partial_images is not None and not self.stream:
+            raise ValueError("'partial_images' applies only with stream: true")
+        if self.stream and self.n != 1:
+            raise ValueError("stream: true draws one image (n = 1)")
+        return self
 
 
 class ImageGenerationRequest(ImageRequest):

@@ -22,10 +22,13 @@ def _seed(seed: int | None, i: int) -> int | None:
 
 
 def generate_job(prompt: str, *, width: int, height: int, n: int = 1, think: bool = False, seed: int | None = None,
-                 knobs: dict[str, Any] | None = None) -> JobFn:
+                 knobs: dict[str, Any] | None = None, on_step: Callable[[Any], None] | None = None) -> JobFn:
     """Text to image; ``n`` images use seeds ``seed, seed+1, ...`` (or engine-picked seeds) and are
-    denoised together (one batched forward per step for all of them)."""
+    denoised together (one batched forward per step for all of them). ``on_step(preview)`` after
+    each denoising step (live previews)."""
     knobs = dict(knobs or {})
+    if on_step is not None:
+        knobs["on_step"] = on_step
 
     def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> list[Any]:
         if n == 1:
@@ -38,9 +41,12 @@ def generate_job(prompt: str, *, width: int, height: int, n: int = 1, think: boo
 
 
 def edit_job(images: Sequence[Image.Image], prompt: str, *, n: int = 1, think: bool = False,
-             seed: int | None = None, knobs: dict[str, Any] | None = None) -> JobFn:
+             seed: int | None = None, knobs: dict[str, Any] | None = None,
+             on_step: Callable[[Any], None] | None = None) -> JobFn:
     """Editing with one or several input images (the output takes the last image's size)."""
     knobs = dict(knobs or {})
+    if on_step is not None:
+        knobs["on_step"] = on_step
     images = list(images)
 
     def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> list[Any]:
@@ -210,6 +216,11 @@ class ThinkStream:
 
     def finish(self) -> list[tuple[str, str]]:
         return self._emit(final=True)
+
+
+def preview_steps(total: int, count: int) -> set[int]:
+    """The steps (1..total-1) at which ``count`` partial images are taken, evenly spaced."""
+    return {max(1, min(total - 1, round(total * (k + 1) / (count + 1)))) for k in range(count)} if total > 1 else set()
 
 
 def split_think(text: str | None) -> tuple[str | None, str]:
