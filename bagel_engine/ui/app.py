@@ -208,14 +208,35 @@ def build_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings | None
     name = str(getattr(pipe, "model_name", "") or "BAGEL")
 
     # -- handlers ----------------------------------------------------------------------------
+    def _draw(make_job, kind: str, think: Any, progress: Any):
+        """Run an image job, yielding (picture, think text, info): the picture forming (the predicted clean
+        image, decoded about every fifth of the way), then the result."""
+        previews: list[Any] = []  # appended by the worker thread
+
+        def on_step(preview: Any) -> None:
+            if preview.step < preview.total and preview.step % max(1, preview.total // 5) == 0:
+                previews.append(preview.image())
+
+        poll = _poll(_submit(worker, kind, make_job(on_step)), worker, progress, "denoising")
+        shown = 0
+        while True:
+            try:
+                next(poll)
+            except StopIteration as done:
+                outs = done.value
+                yield outs[0].image, (outs[0].text or "") if think else "", _info(outs)
+                return
+            if len(previews) != shown:
+                shown = len(previews)
+                yield previews[shown - 1], "", f"denoising... (preview {shown}: the picture the current step predicts)"
+
     def on_generate(prompt, width, height, think, seed, *rest, progress=gr.Progress()):
         if not (prompt or "").strip():
             raise gr.Error("Write a prompt first.")
         knobs = _knobs(*rest)
-        fn = tasks.generate_job(prompt, width=int(width), height=int(height), think=bool(think), seed=_seed(seed),
-                                knobs=knobs)
-        outs = _run(worker, "ui_generate", fn, progress, "denoising")
-        return outs[0].image, (outs[0].text or "") if think else "", _info(outs)
+        yield from _draw(lambda on_step: tasks.generate_job(
+            prompt, width=int(width), height=int(height), think=bool(think), seed=_seed(seed), knobs=knobs,
+            on_step=on_step), "ui_generate", think, progress)
 
     def on_edit(gallery, prompt, think, seed, *rest, progress=gr.Progress()):
         paths = _gallery_paths(gallery)
@@ -224,9 +245,9 @@ def build_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings | None
         if not (prompt or "").strip():
             raise gr.Error("Write an instruction first.")
         images = _open_images(paths, settings)
-        fn = tasks.edit_job(images, prompt, think=bool(think), seed=_seed(seed), knobs=_knobs(*rest))
-        outs = _run(worker, "ui_edit", fn, progress, "denoising")
-        return outs[0].image, (outs[0].text or "") if think else "", _info(outs)
+        knobs = _knobs(*rest)
+        yield from _draw(lambda on_step: tasks.edit_job(images, prompt, think=bool(think), seed=_seed(seed),
+                                                        knobs=knobs, on_step=on_step), "ui_edit", think, progress)
 
     def on_understand(gallery, question, think, seed, tokens, do_sample, temperature, progress=gr.Progress()):
         if not (question or "").strip():
