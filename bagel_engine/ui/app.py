@@ -273,15 +273,21 @@ def build_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings | None
         for f in files:
             history.append({"role": "user", "content": {"path": f}})
         history.append({"role": "user", "content": text})
-        for plan, answer, out in _stream_text(worker, "ui_chat", conv, bool(think), _seed(seed), text_kw, progress):
-            shown = list(history)
-            if plan:
-                shown.append({"role": "assistant", "content": plan, "metadata": {"title": "Think"}})
-            shown.append({"role": "assistant", "content": answer})
-            if out is None:  # the answer so far
-                yield shown, turns, {"text": "", "files": []}
-            else:
-                yield shown, new_turns + [([], answer)], {"text": "", "files": []}
+        empty = {"text": "", "files": []}
+        try:
+            for plan, answer, out in _stream_text(worker, "ui_chat", conv, bool(think), _seed(seed), text_kw,
+                                                  progress):
+                shown = list(history)
+                if plan:
+                    shown.append({"role": "assistant", "content": plan, "metadata": {"title": "Think"}})
+                shown.append({"role": "assistant", "content": answer})
+                if out is None:  # the answer so far; the box waits (a message typed now would be lost)
+                    yield shown, turns, gr.update(value=empty, interactive=False)
+                else:
+                    yield shown, new_turns + [([], answer)], gr.update(value=empty, interactive=True)
+        except gr.Error:
+            yield history, turns, gr.update(value=message, interactive=True)  # the message back, to retry
+            raise
 
     # -- layout ------------------------------------------------------------------------------
     # delete_cache: uploads and results gradio keeps on disk go after an hour (checked every 30 min)
