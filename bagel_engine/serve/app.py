@@ -286,7 +286,8 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
             raise bad_request(f"{count} input images is above this server's limit of {settings.max_images} per "
                               "request (server flag --max-images)", param, code="too_many_images")
 
-    async def run_job(request: Request, kind: str, fn: Any) -> Any:
+    def submit(kind: str, fn: Any) -> tuple[Any, "asyncio.Future[Any]"]:
+        """Queue a job (429 when the queue is full, 503 when shutting down); the job and its future."""
         try:
             job = worker.submit(kind, fn)
         except QueueFull as e:
@@ -295,6 +296,10 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
             raise APIError(503, str(e), code="shutting_down") from None
         fut = asyncio.wrap_future(job.future)
         fut.add_done_callback(_consume)
+        return job, fut
+
+    async def run_job(request: Request, kind: str, fn: Any) -> Any:
+        job, fut = submit(kind, fn)
         try:
             while not fut.done():
                 await asyncio.wait({fut}, timeout=settings.disconnect_poll_s)
@@ -532,14 +537,7 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         fn = make_fn(lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
-        try:
-            job = worker.submit(kind, fn)
-        except QueueFull as e:
-            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
-        except WorkerStopped as e:
-            raise APIError(503, str(e), code="shutting_down") from None
-        fut = asyncio.wrap_future(job.future)
-        fut.add_done_callback(_consume)
+        job, fut = submit(kind, fn)
 
         async def events() -> Any:
             try:
