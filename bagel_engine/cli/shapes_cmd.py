@@ -63,6 +63,8 @@ def build(
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"Training steps of the model. {RECIPE}")] = None,
     ae_steps: Annotated[Optional[int], typer.Option(
         "--ae-steps", min=1, help=f"Training steps of the autoencoder. {RECIPE}")] = None,
+    refine_steps: Annotated[Optional[int], typer.Option(
+        "--refine-steps", min=0, help=f"Training steps of stage 2 (0: ship stage 1). {RECIPE}")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -70,6 +72,7 @@ def build(
     """Make the demo model bagel-shapes from an empty folder (the recipe of the shipped model)."""
     from bagel_engine.shapes.recipe import Recipe
 
-    given = {k: v for k, v in (("steps", steps), ("ae_steps", ae_steps)) if v is not None}
+    given = {k: v for k, v in (("steps", steps), ("ae_steps", ae_steps), ("refine_steps", refine_steps))
+             if v is not None}
     out = Recipe(work, seed=seed, threads=threads or None, progress=progress, **given).run()
     typer.echo(f"done: bagel eval shapes --model {out}")

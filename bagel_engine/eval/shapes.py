@@ -164,6 +164,7 @@ def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: in
                 report.items.append(Item(task, cat, q.question, v.correct, v.reason, s, output=res.text))
                 step()
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)  # a questions-only run writes no picture folder
         with (out / "results.jsonl").open("w") as f:
             for item in report.items:
                 f.write(json.dumps(item.__dict__) + "\n")

@@ -11,8 +11,15 @@ Stages (each skipped when its output exists; an interrupted stage continues wher
    (``bagel_engine.train.autoencoder``); its latent mean and spread become the shift and scale
    factors of ``ae_config.json``; held-out reconstruction PSNR in ``WORK/ae_report.json``.
 4. ``WORK/base/ema.safetensors``: random initial weights of the MoT decoder, ViT and glue.
-5. ``WORK/run``: ``bagel train`` on the mixed rows (every part learns but the VAE).
-6. ``WORK/bagel-shapes``: the last checkpoint without its trainer state, plus ``task_defaults.json``.
+5. ``WORK/run``: ``bagel train`` on the mixed rows (every part learns but the VAE), exported to
+   ``WORK/stage1`` (the model shipped as v2).
+6. ``WORK/data-refine``, ``WORK/run-refine``: a second ``bagel train`` from stage 1's (EMA) weights with a
+   fresh optimizer, on new rows (another seed) with three times the question rows.
+7. ``WORK/bagel-shapes``: the last checkpoint without its trainer state, plus ``task_defaults.json``.
+
+The two stages are the steps of one recipe, not an afterthought: stage 1 is cut where its cosine ends, and
+stage 2 starts from the weights stage 1 exports (the EMA), as a pre-training followed by a second phase
+with another mix would.
 """
 
 from __future__ import annotations
@@ -77,6 +84,11 @@ class Recipe:
     ae_eval_pictures: int = 256  # held-out pictures for the reconstruction PSNR
     steps: int = 9000
     lr: float = 1e-3
+    refine_steps: int = 12000  # stage 2 (0: ship stage 1)
+    refine_lr: float = 6e-4
+    refine_t2i_rows: int = 32000
+    refine_edit_rows: int = 16000
+    refine_vqa_rows: int = 48000  # questions learn slowest: three times stage 1's share
     max_tokens: int = 2048
     latent_cache_mb: float = 3000.0  # every picture's VAE moments (16 KB each) kept after its first encode
     threads: int | None = None
@@ -95,6 +107,18 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return self.work / "run"
+
+    @property
+    def stage1(self) -> Path:
+        return self.work / "stage1"
+
+    @property
+    def refine_data(self) -> Path:
+        return self.work / "data-refine"
+
+    @property
+    def refine_dir(self) -> Path:
+        return self.work / "run-refine"
 
     @property
     def output(self) -> Path:
@@ -181,19 +205,36 @@ class Recipe:
             latent_cache_mb=self.latent_cache_mb, eval_data=str(self.data / "eval.jsonl"), eval_every=1000, log_every=25, device="cpu",
             progress=self.progress)
 
-    def train_model(self) -> Path:
+    def refine_config(self):
+        """Stage 2: from stage 1's exported weights, a fresh optimizer, new rows with more questions."""
+        from dataclasses import replace
+
+        return replace(self.train_config(), model=str(self.stage1), data=str(self.refine_data / "train.jsonl"),
+                       output_dir=str(self.refine_dir), steps=self.refine_steps, lr=self.refine_lr,
+                       min_lr=self.refine_lr / 50, warmup_steps=200,
+                       eval_data=str(self.refine_data / "eval.jsonl"))
+
+    def make_refine_data(self) -> None:
+        from bagel_engine.shapes.data import write_dataset
+
+        write_dataset(self.refine_data, self.refine_t2i_rows, self.refine_edit_rows, self.refine_vqa_rows,
+                      seed=self.seed + 1, eval_rows=self.eval_rows)
+
+    def train_model(self, config=None) -> Path:
         from bagel_engine.train import Trainer
         from bagel_engine.train import checkpoint as C
 
-        latest = C.latest_checkpoint(self.run_dir)
-        if latest is not None and int(latest.name.split("-")[-1]) >= self.steps:
+        config = config or self.train_config()
+        latest = C.latest_checkpoint(Path(config.output_dir))
+        if latest is not None and int(latest.name.split("-")[-1]) >= config.steps:
             return latest
-        trainer = Trainer(self.train_config())
+        trainer = Trainer(config)
         return trainer.run()
 
-    def export(self, checkpoint: Path) -> Path:
+    def export(self, checkpoint: Path, output: Path | None = None, steps: str | None = None) -> Path:
         """The checkpoint as the shipped model: its model files (not ``trainer/``) and the task defaults."""
-        tmp = self.output.with_name(self.output.name + ".tmp")
+        output = output or self.output
+        tmp = output.with_name(output.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for src in checkpoint.iterdir():
@@ -201,31 +242,43 @@ class Recipe:
                 shutil.copy2(src, tmp / src.name)
                 (tmp / src.name).chmod(0o644)  # a model to share, not a private file
         (tmp / "task_defaults.json").write_text(json.dumps(TASK_DEFAULTS, indent=2))
-        (tmp / "README.md").write_text(MODEL_README.format(steps=self.steps, seed=self.seed))
-        shutil.rmtree(self.output, ignore_errors=True)
-        tmp.rename(self.output)
-        return self.output
+        (tmp / "README.md").write_text(MODEL_README.format(steps=steps or self.steps_text(), seed=self.seed))
+        shutil.rmtree(output, ignore_errors=True)
+        tmp.rename(output)
+        return output
+
+    def steps_text(self) -> str:
+        if not self.refine_steps:
+            return f"{self.steps} steps"
+        return f"{self.steps} + {self.refine_steps} steps in two stages"
 
     def run(self) -> Path:
         """Every stage in order (each skipped when done); returns the exported model directory."""
         if self.threads:
             torch.set_num_threads(self.threads)
         self.work.mkdir(parents=True, exist_ok=True)
-        stages = [("data", self.make_data), ("base", self.make_base), ("autoencoder", self.train_autoencoder),
-                  ("init", self.init_weights)]
-        for name, stage in stages:
-            t0 = time.perf_counter()
-            log.info("stage %s", name)
-            print(f"[bagel-shapes] {name} ...", flush=True)
-            stage()
-            self._timed(name, t0)
-        t0 = time.perf_counter()
-        print("[bagel-shapes] train ...", flush=True)
-        checkpoint = self.train_model()
-        self._timed("train", t0)
-        out = self.export(checkpoint)
+        if not (self.stage1 / "ema.safetensors").exists():
+            for name, stage in [("data", self.make_data), ("base", self.make_base),
+                                ("autoencoder", self.train_autoencoder), ("init", self.init_weights)]:
+                self._stage(name, stage)
+            checkpoint = self._stage("train", self.train_model)
+            self.export(checkpoint, self.stage1, steps=f"{self.steps} steps, stage 1")
+        if not self.refine_steps:
+            out = self.export(self.stage1)  # an export is a model directory: exported again with its defaults
+        else:
+            self._stage("refine data", self.make_refine_data)
+            checkpoint = self._stage("refine", lambda: self.train_model(self.refine_config()))
+            out = self.export(checkpoint)
         print(f"[bagel-shapes] model written to {out}", flush=True)
         return out
+
+    def _stage(self, name: str, stage):
+        t0 = time.perf_counter()
+        log.info("stage %s", name)
+        print(f"[bagel-shapes] {name} ...", flush=True)
+        result = stage()
+        self._timed(name, t0)
+        return result
 
     def _timed(self, name: str, t0: float) -> None:
         path = self.work / "timings.json"
