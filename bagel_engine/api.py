@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
 
-from bagel_engine import params as P
+from bagel_engine import params
 from bagel_engine.model.autoencoder import AutoEncoder
-from bagel_engine.model.attention import set_backend as set_attention_backend
+from bagel_engine.model.attention import check_backend
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.params import BagelInputError, ImageParams, TextParams
-from bagel_engine.runtime import image_transforms as T
-from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
-from bagel_engine.runtime.image_generation import GuidanceContexts, denoise
-from bagel_engine.runtime.text_decoding import decode_tokens
+from bagel_engine.runtime.context import PreparedImage
+from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelOutput, Engine,
+                                         ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.weights.config import ModelConfig, load_model_config, read_task_defaults
 from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, init_random, load_weights,
@@ -35,54 +32,8 @@ from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, ini
 
 log = logging.getLogger("bagel_engine")
 
-GEN_THINK_SYSTEM_PROMPT = (
-    "You should first think about the planning process in the mind and then generate the image. \n"
-    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here"
-)
-VLM_THINK_SYSTEM_PROMPT = (
-    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
-    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here"
-)
-
-ImageInput = Image.Image | str | os.PathLike | bytes
-
-
-@dataclass
-class BagelOutput:
-    text: str | None = None  # the answer; for image output with think, the think text
-    image: Image.Image | None = None
-    latents: torch.Tensor | None = None  # (z_channels, H/d, W/d): what the VAE decoder received
-    seed: int | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    # text answers: tokens of the context the answer was decoded from, tokens written, and why it
-    # stopped ("stop": the end token; "length": max_new_tokens ran out), as OpenAI's usage reports them
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
-class StepPreview:
-    """What one denoising step predicts for one image of the call (``index``): the clean latent
-    ``x0 = x_t - t v`` and, on request, that latent through the VAE decoder (one VAE decode per call:
-    ask for a few, e.g. every tenth step). Given to ``on_step`` after each step."""
-
-    step: int
-    total: int
-    index: int
-    tokens: torch.Tensor = field(repr=False)  # (h*w, p*p*C) latent tokens
-    _unpatchify: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
-    _decode: Callable[[torch.Tensor], Image.Image] = field(repr=False)
-
-    def latent(self) -> torch.Tensor:
-        """(z_channels, H/d, W/d): the predicted clean latent, as the VAE decoder takes it."""
-        return self._unpatchify(self.tokens)
-
-    def image(self) -> Image.Image:
-        """The predicted clean latent decoded: the picture as this step sees it."""
-        return self._decode(self.latent())
-
+__all__ = ["load", "BagelPipeline", "BagelOutput", "StepPreview", "Request", "ImageInput",
+           "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT"]
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +78,7 @@ def load(
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
     if offload is not None and offload not in OFFLOAD_MODES:
         raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+    check_backend(attention)
     model_dir = resolve_model_dir(model)
     cfg = load_model_config(model_dir)
     device = torch.device(device) if device is not None else _default_device()
@@ -162,10 +114,9 @@ def load(
             apply_offload(bagel, offload, device)
     tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")
     log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
-    set_attention_backend(attention)
-    defaults = P.TaskDefaults.from_dict(read_task_defaults(model_dir), str(model_dir / "task_defaults.json"))
+    defaults = params.TaskDefaults.from_dict(read_task_defaults(model_dir), str(model_dir / "task_defaults.json"))
     pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
-                         official_numerics=official_numerics, task_defaults=defaults)
+                         official_numerics=official_numerics, task_defaults=defaults, attention=attention)
     if compile:
         pipe.compile()
     return pipe
@@ -180,101 +131,66 @@ def _byte_bar(model_dir: Path, enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
 
 
-def _new_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-@dataclass
-class _Job:
-    """One request on its way through the pipeline."""
-
-    seed: int
-    t_start: float
-    cpu_gen: torch.Generator
-    sample_gen: torch.Generator | None = None
-    gen: Context = field(default_factory=Context)
-    cfg_text: Context = field(default_factory=Context)
-    cfg_img: Context = field(default_factory=Context)
-    height: int = 0
-    width: int = 0
-    text: str | None = None
-    image: Image.Image | None = None
-    latents: torch.Tensor | None = None
-    params: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-
-    def output(self) -> BagelOutput:
-        self.timings["total_s"] = time.perf_counter() - self.t_start
-        return BagelOutput(text=self.text, image=self.image, latents=self.latents, seed=self.seed,
-                           params=self.params, timings=self.timings, prompt_tokens=self.prompt_tokens,
-                           completion_tokens=self.completion_tokens, finish_reason=self.finish_reason)
-
-
 class BagelPipeline:
+    """The public face of a loaded model: the official ``interleave`` and the task methods. Each call
+    builds its :class:`Request` (params once, from the task defaults and the caller's knobs) and hands
+    it to the engine (``bagel_engine.runtime.engine``), which owns the request's stages."""
+
     def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, config: ModelConfig, *,
                  device: torch.device, dtype: torch.dtype, model_name: str = "bagel",
-                 official_numerics: bool = False, task_defaults: P.TaskDefaults | None = None):
+                 official_numerics: bool = False, task_defaults: params.TaskDefaults | None = None,
+                 attention: str = "auto"):
+        self.engine = Engine(model, vae, tokenizer, config, device=device, official_numerics=official_numerics,
+                             attention=attention)
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
         # The defaults of the task methods: the official app's, or the model directory's task_defaults.json.
-        self.task_defaults = task_defaults or P.TaskDefaults()
-        self.limits = P.Limits()  # what one request may ask for (a server sets its own)
+        self.task_defaults = task_defaults or params.TaskDefaults()
         self.device, self.dtype, self.model_name = device, dtype, model_name
         self.official_numerics = official_numerics
-        self._decoder_fn = None  # a compiled decoder step (see ``compile``)
+
+    @property
+    def limits(self) -> params.Limits:
+        """What one request may ask for (a server sets its own)."""
+        return self.engine.limits
+
+    @limits.setter
+    def limits(self, value: params.Limits) -> None:
+        self.engine.limits = value
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vae_device(self) -> torch.device:
+        return self.engine.vae_device
+
+    @property
+    def latent_device(self) -> torch.device:
+        return self.engine.latent_device
+
+    def check_size(self, height: int, width: int) -> None:
+        self.engine.check_size(height, width)
+
+    def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None) -> PreparedImage:
+        return self.engine.prepare_image(image, key, max_side)
+
+    def start_batching(self, max_batch: int = 8) -> "BagelPipeline":
+        """From now on, calls from several threads (a server's clients) are batched step by step by one
+        scheduler thread: at most ``max_batch`` requests at once, each joining within one step."""
+        self.engine.start(max_batch)
+        return self
+
+    def stop_batching(self) -> None:
+        self.engine.stop()
 
     def compile(self, mode: str | None = None) -> "BagelPipeline":
         """Compile the decoder for the denoising and decoding steps (torch.compile, static shapes).
         Default mode: "reduce-overhead" (CUDA graphs) on a GPU, the default mode elsewhere."""
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self._decoder_fn = torch.compile(self.model.decoder, dynamic=False, mode=mode)
+        self.engine.decoder_fn = torch.compile(self.model.decoder, dynamic=False, mode=mode)
         return self
-
-    # ----------------------------------------------------------------------------- helpers
-    @property
-    def vae_device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def latent_device(self) -> torch.device:
-        """Where the denoised latent lives: the CPU in official-numerics mode, else the model device."""
-        return torch.device("cpu") if self.official_numerics else self.device
-
-    def check_size(self, height: int, width: int) -> None:
-        d, top = self.config.latent_downsample, self.config.max_image_side
-        for name, side in (("height", height), ("width", width)):
-            if not isinstance(side, int) or isinstance(side, bool):
-                raise BagelInputError(f"{name} must be an integer (got {side!r})")
-            if side < d or side > top or side % d:
-                raise BagelInputError(
-                    f"{name} {side} is not supported: use a multiple of {d} between {d} and {top} "
-                    f"(the model's latent position table covers {top} px per side)"
-                )
-
-    def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None) -> PreparedImage:
-        """An input image through the official VAE and ViT resize rules. ``max_side`` caps the VAE
-        size's long side (and the short-side minimum with it), e.g. to fine-tune at 512 px."""
-        img = T.to_rgb(T.check_image(image))
-        vae_max, vae_min, vae_stride = self.config.bagel.vae_transform
-        vit_max, vit_min, vit_stride = self.config.bagel.vit_transform
-        if max_side is not None:
-            vae_max, vae_min = min(vae_max, max_side), min(vae_min, max_side)
-        resized = T.resize_image(img, vae_max, vae_min, vae_stride)
-        vit_img = T.resize_image(resized, vit_max, vit_min, vit_stride)
-        return PreparedImage(key=key, vae_image=resized, vae_pixels=T.image_to_tensor(resized),
-                             vit_pixels=T.image_to_tensor(vit_img))
-
-    def _vae_encode(self, pixels: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        dev = self.vae_device
-        moments = self.vae.encode_moments(pixels.to(dev, self.vae.dtype))
-        return self.vae.latent_from_moments(moments, None if eps is None else eps.to(dev, moments.dtype))
-
-    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        d = self.config.vae.downsample
-        return self.config.vae.z_channels, height // d, width // d
 
     # ----------------------------------------------------------------------------- official API
     @torch.inference_mode()
@@ -316,177 +232,12 @@ class BagelPipeline:
         ``on_step(preview)`` after each denoising step with a :class:`StepPreview` (live previews).
         ``trace`` (a dict) collects intermediate tensors for debugging.
         """
-        if not inputs:
-            raise BagelInputError("inputs is empty: give at least one text or image")
-        return self._run(
-            [list(inputs)], [seed], [noise], understanding_output=understanding_output, think=think,
-            text_params=TextParams(max_think_token_n, do_sample, text_temperature),
-            image_params=ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type,
-                                     cfg_renorm_min, timestep_shift, num_timesteps, enable_taylorseer),
-            image_shapes=tuple(image_shapes), sample_posterior=sample_posterior, callback=callback,
-            on_text=on_text, on_step=on_step, trace=trace,
-        )[0]
-
-    def _run(self, requests: list[list], seeds: list[int | None], noises: list[torch.Tensor | None], *,
-             understanding_output: bool, think: bool, text_params: TextParams, image_params: ImageParams,
-             image_shapes: tuple[int, int], sample_posterior: bool = True, callback=None, on_text=None,
-             on_step=None, trace: dict | None = None) -> list[BagelOutput]:
-        """Run several requests with the same parameters; their images (all of one size) are denoised
-        together in batched forwards."""
-        text_params = text_params.validate()
-        image_params = None if understanding_output else image_params.validate()
-        if image_params is not None:
-            self.limits.check_timesteps(image_params.num_timesteps)
-        builder = ContextBuilder(self.model, self.tokenizer, self._vae_encode, self.device, trace=trace,
-                                 max_len=self.max_model_len)
-        jobs = [self._prepare(inputs, seed, builder, understanding_output, think, text_params, image_shapes,
-                              sample_posterior, trace)
-                for inputs, seed in zip(requests, seeds)]
-        if understanding_output or think:
-            for job in jobs:
-                self._check_decode_room(job, text_params)
-        if understanding_output:
-            for job in jobs:
-                t0 = time.perf_counter()
-                count = self._decode_text(job, text_params, trace, callback, on_text)
-                job.timings.update(decode_s=time.perf_counter() - t0, tokens=count)
-            return [job.output() for job in jobs]
-        sizes = {(job.height, job.width) for job in jobs}
-        if len(sizes) > 1:
-            raise BagelInputError(f"images generated together must have one size, got {sorted(sizes)}")
-        height, width = sizes.pop()
-        self.check_size(height, width)
-        if think:
-            for job in jobs:
-                t0 = time.perf_counter()
-                self._decode_text(job, text_params, trace, on_text=on_text)
-                job.gen = builder.add_text(job.gen, job.text)  # re-tokenized, as the official code does
-                job.timings["think_s"] = time.perf_counter() - t0
-        ps, z = self.config.bagel.latent_patch_size, self.config.vae.z_channels
-        z_shape = self._latent_shape(height, width)
-        h, w = height // self.config.latent_downsample, width // self.config.latent_downsample
-        starts = []
-        for job, noise in zip(jobs, noises):
-            if noise is not None:
-                if tuple(noise.shape) != z_shape:
-                    raise BagelInputError(
-                        f"noise must have shape {z_shape} for a {width}x{height} image, got {tuple(noise.shape)}")
-                starts.append(T.patchify_latent(noise.float().cpu(), ps))
-            else:
-                starts.append(torch.randn((h * w, ps * ps * z), generator=job.cpu_gen))
-        if trace is not None:
-            job = jobs[0]
-            trace["contexts"] = {"gen": job.gen, "cfg_text": job.cfg_text, "cfg_img": job.cfg_img}
-        unpatchify = lambda tokens: T.unpatchify_latent(tokens.float(), h, w, ps, z)  # noqa: E731
-        preview = None
-        if on_step is not None:
-            def preview(step: int, total: int, x0: torch.Tensor) -> None:
-                for j in range(x0.shape[0]):
-                    on_step(StepPreview(step, total, j, x0[j], unpatchify, lambda lat: self._decode_latent(lat)[1]))
-
-        t0 = time.perf_counter()
-        latent_tokens = denoise(
-            self.model, self.tokenizer.special, [GuidanceContexts(j.gen, j.cfg_text, j.cfg_img) for j in jobs],
-            (h, w), torch.stack(starts).to(self.latent_device), image_params, self.device, callback,
-            trace, decoder_fn=self._decoder_fn, preview=preview,
-        )
-        denoise_s = time.perf_counter() - t0
-        for job, tokens in zip(jobs, latent_tokens):
-            latents = unpatchify(tokens)
-            t0 = time.perf_counter()
-            decoded, job.image = self._decode_latent(latents)
-            if trace is not None:
-                trace["decode_output"] = decoded.detach()
-            job.latents = latents.cpu()
-            job.timings.update(denoise_s=denoise_s, vae_decode_s=time.perf_counter() - t0)
-            job.params.update(asdict(image_params), height=height, width=width)
-        return [job.output() for job in jobs]
-
-    def _decode_latent(self, latents: torch.Tensor) -> tuple[torch.Tensor, Image.Image]:
-        """(z, H/d, W/d) latent -> (the VAE's output tensor, the picture)."""
-        decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
-        return decoded, T.tensor_to_image(decoded[0].float().cpu())
-
-    @property
-    def max_model_len(self) -> int:
-        """Tokens one request may hold: ``limits.max_model_len``, at most the model's context length."""
-        own = self.config.llm.max_position_embeddings
-        return min(own, self.limits.max_model_len) if self.limits.max_model_len else own
-
-    def _check_decode_room(self, job: "_Job", text_params: TextParams) -> None:
-        room = self.max_model_len - job.gen.length
-        if text_params.max_think_token_n > room:
-            raise BagelInputError(
-                f"max_new_tokens {text_params.max_think_token_n} does not fit: the context already holds "
-                f"{job.gen.length} tokens and the limit is {self.max_model_len} (max_model_len); ask for at most {max(room, 0)}")
-
-    def _decode_text(self, job: "_Job", text_params: TextParams, trace: dict | None, callback=None,
-                     on_text=None) -> int:
-        """Decode from the job's full context into ``job.text``; returns the number of new tokens.
-        ``callback(k, max)`` after each token (it may raise to stop the job, as between denoising steps);
-        ``on_text(delta)`` with each new piece of text as it is written (the pieces add up to ``job.text``)."""
-        cap = text_params.max_think_token_n - 1  # tokens an answer may hold (the start token counts)
-        calls, ids, shown = [0], [self.tokenizer.special.bos], [""]
-
-        def on_token(token: int) -> None:
-            calls[0] += 1  # the token after the last kept one is seen too: calls > cap means it was cut
-            if callback is not None:
-                callback(calls[0], cap)
-            if on_text is not None and calls[0] <= cap:
-                ids.append(token)
-                text = self.tokenizer.decode_generation(ids)
-                if not text.endswith("\ufffd") and text.startswith(shown[0]) and len(text) > len(shown[0]):
-                    on_text(text[len(shown[0]):])  # (a multi-byte character waits for its last byte)
-                    shown[0] = text
-
-        tokens = decode_tokens(self.model, self.tokenizer.special, job.gen, text_params, self.device,
-                               job.sample_gen, trace, on_token=on_token, decoder_fn=self._decoder_fn)
-        job.text = self.tokenizer.decode_generation(tokens)
-        if on_text is not None and job.text.startswith(shown[0]) and len(job.text) > len(shown[0]):
-            on_text(job.text[len(shown[0]):])
-        job.prompt_tokens, job.completion_tokens = job.gen.length, len(tokens) - 1
-        job.finish_reason = "length" if calls[0] > cap else "stop"
-        return len(tokens) - 1
-
-    def _prepare(self, inputs: list, seed: int | None, builder: ContextBuilder, understanding_output: bool,
-                 think: bool, text_params: TextParams, image_shapes: tuple[int, int], sample_posterior: bool,
-                 trace: dict | None) -> "_Job":
-        """Build the three contexts of one request the way ``interleave_inference`` does."""
-        t_start = time.perf_counter()
-        seed = _new_seed() if seed is None else int(seed)
-        job = _Job(seed=seed, t_start=t_start, cpu_gen=torch.Generator("cpu").manual_seed(seed))
-        if text_params.do_sample:
-            job.sample_gen = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(seed)
-        prepared = [item if isinstance(item, str) else self.prepare_image(item, key=(id(job), i))
-                    for i, item in enumerate(inputs)]
-        gen = cfg_text = cfg_img = Context()
-        if think:
-            system = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
-            gen = builder.add_text(gen, system)
-            cfg_img = builder.add_text(cfg_img, system)
-        height, width = image_shapes
-        for item in prepared:
-            if isinstance(item, str):
-                cfg_text = gen
-                gen = builder.add_text(gen, item)
-                cfg_img = builder.add_text(cfg_img, item)
-            else:
-                if not understanding_output:
-                    eps = None
-                    if sample_posterior:
-                        eps = torch.randn((1, *self._latent_shape(*item.size_hw)), generator=job.cpu_gen)
-                    gen = builder.add_vae_image(gen, item, eps)
-                gen = builder.add_vit_image(gen, item)
-                height, width = item.size_hw
-                cfg_text = gen
-        job.gen, job.cfg_text, job.cfg_img = gen, cfg_text, cfg_img
-        job.height, job.width = int(height), int(width)
-        job.timings["prefill_s"] = time.perf_counter() - t_start
-        job.params = {"seed": seed, "understanding_output": understanding_output, "think": think,
-                      **asdict(text_params)}
-        if trace is not None:
-            trace["contexts"] = {"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}
-        return job
+        image = ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min,
+                            timestep_shift, num_timesteps, enable_taylorseer)
+        text = TextParams(max_think_token_n, do_sample, text_temperature)
+        return self.engine.run([Request(
+            list(inputs), understanding_output, think, text, image, tuple(image_shapes), seed, noise,
+            sample_posterior, callback, on_text, on_step, trace)])[0]
 
     # ----------------------------------------------------------------------------- task methods
     @staticmethod
@@ -503,68 +254,72 @@ class BagelPipeline:
             return list(images)
         return [images]
 
-    def _image_knobs(self, defaults: ImageParams, knobs: dict) -> dict:
-        P.split_knobs(knobs, P.IMAGE_PARAM_NAMES + P.TEXT_PARAM_NAMES)
-        merged = {**asdict(defaults), **{k: v for k, v in knobs.items() if k in P.IMAGE_PARAM_NAMES}}
-        merged.update(max_think_token_n=P.THINK_TOKENS_DEFAULT, do_sample=False, text_temperature=0.3)
-        merged.update({k: v for k, v in knobs.items() if k in P.TEXT_PARAM_NAMES})
-        return merged
+    @staticmethod
+    def _params(defaults: ImageParams, knobs: dict, image_params: ImageParams | None,
+                text_params: TextParams | None) -> tuple[ImageParams, TextParams]:
+        """The call's params, built once: the given (or default) ones with the caller's knobs replaced."""
+        params.split_knobs(knobs, params.IMAGE_PARAM_NAMES + params.TEXT_PARAM_NAMES)
+        image = {k: v for k, v in knobs.items() if k in params.IMAGE_PARAM_NAMES}
+        if "cfg_interval" in image and isinstance(image["cfg_interval"], (list, tuple)):
+            image["cfg_interval"] = tuple(image["cfg_interval"])
+        text = {k: v for k, v in knobs.items() if k in params.TEXT_PARAM_NAMES}
+        base_text = text_params or TextParams(params.THINK_TOKENS_DEFAULT, False, 0.3)
+        return replace(image_params or defaults, **image), replace(base_text, **text)
 
     def generate(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
                  think: bool = False,
                  seed: int | Sequence[int] | None = None, noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                 callback=None, on_step=None, **knobs) -> BagelOutput | list[BagelOutput]:
+                 callback=None, on_step=None, image_params: ImageParams | None = None,
+                 text_params: TextParams | None = None, **knobs) -> BagelOutput | list[BagelOutput]:
         """Text to image, with the official app's defaults (cfg 4.0 / 1.5, interval 0.4-1, global renorm).
 
         ``prompt`` may be a list: the images are generated together, every denoising step of all of
         them in one batched forward, and a list of outputs is returned. Their seeds are ``seed + k``
         (or a list of seeds), so each image equals the one generated alone with its seed.
         ``height`` / ``width`` and knobs left out take ``self.task_defaults`` (the model directory's
-        ``task_defaults.json``, else 1024x1024 and the app's values). ``on_step(preview)`` after each
-        denoising step (a :class:`StepPreview` per image: the predicted clean latent and its picture).
+        ``task_defaults.json``, else 1024x1024 and the app's values); ``image_params`` / ``text_params``
+        replace those defaults (knobs still apply on top). ``on_step(preview)`` after each denoising step
+        (a :class:`StepPreview` per image: the predicted clean latent and its picture).
         """
         height = self.task_defaults.height if height is None else height
         width = self.task_defaults.width if width is None else width
-        if isinstance(prompt, str):
-            self._need_prompt(prompt, "prompt")
-            self.check_size(height, width)
-            return self.interleave([prompt], think=think, image_shapes=(height, width), seed=seed, noise=noise,
-                                   callback=callback, on_step=on_step,
-                                   **self._image_knobs(self.task_defaults.t2i, knobs))
-        prompts = list(prompt)
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise BagelInputError("prompt list is empty")
         for p in prompts:
-            self._need_prompt(p, "every prompt")
+            self._need_prompt(p, "prompt" if single else "every prompt")
         self.check_size(height, width)
-        if seed is None:
-            seeds = [None] * len(prompts)
+        if seed is None or single:
+            seeds = [seed] * len(prompts)
         elif isinstance(seed, int):
             seeds = [seed + k for k in range(len(prompts))]
         else:
             seeds = list(seed)
             if len(seeds) != len(prompts):
                 raise BagelInputError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        noises = [None] * len(prompts) if noise is None else list(noise)
+        noises = [noise] if single else [None] * len(prompts) if noise is None else list(noise)
         if len(noises) != len(prompts):
             raise BagelInputError(f"{len(noises)} noise tensors for {len(prompts)} prompts")
-        merged = self._image_knobs(self.task_defaults.t2i, knobs)
-        text_params = TextParams(*(merged.pop(k) for k in P.TEXT_PARAM_NAMES))
-        merged["cfg_interval"] = tuple(merged["cfg_interval"])
-        return self._run([[p] for p in prompts], seeds, noises, understanding_output=False, think=think,
-                         text_params=text_params, image_params=ImageParams(**merged),
-                         image_shapes=(height, width), callback=callback, on_step=on_step)
+        image, text = self._params(self.task_defaults.t2i, knobs, image_params, text_params)
+        outs = self.engine.run([
+            Request([p], think=think, text=text, image=image, image_shape=(height, width), seed=s, noise=n,
+                    callback=callback if k == 0 else None, on_step=on_step, index=k)  # they step in lockstep
+            for k, (p, s, n) in enumerate(zip(prompts, seeds, noises))])
+        return outs[0] if single else outs
 
     def edit(self, images, prompt: str, *, think: bool = False, seed: int | None = None,
-             noise: torch.Tensor | None = None, callback=None, on_step=None, **knobs) -> BagelOutput:
+             noise: torch.Tensor | None = None, callback=None, on_step=None, image_params: ImageParams | None = None,
+             text_params: TextParams | None = None, **knobs) -> BagelOutput:
         """Edit one or several images (the output has the last image's resized size); app defaults
         (cfg 4.0 / 2.0, interval 0-1, text_channel renorm)."""
         images = self._as_list(images)
         if not images:
             raise BagelInputError("edit needs at least one input image")
         self._need_prompt(prompt, "prompt")
-        return self.interleave([*images, prompt], think=think, seed=seed, noise=noise, callback=callback,
-                               on_step=on_step, **self._image_knobs(self.task_defaults.edit, knobs))
+        image, text = self._params(self.task_defaults.edit, knobs, image_params, text_params)
+        return self.engine.run([Request([*images, prompt], think=think, text=text, image=image, seed=seed,
+                                        noise=noise, callback=callback, on_step=on_step)])[0]
 
     def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
                    do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
@@ -572,24 +327,24 @@ class BagelPipeline:
         """Answer a question about one or several images (``max_new_tokens``: default the model's, else 512).
         ``callback(k, max)`` after each answer token (raise in it to stop); ``on_text(delta)`` with each new
         piece of the answer as it is written (streaming; the pieces add up to ``text``)."""
-        if max_new_tokens is None:
-            max_new_tokens = self.task_defaults.understand_tokens
         images = self._as_list(images)
         if not images:
             raise BagelInputError("understand needs at least one input image")
         self._need_prompt(question, "question")
-        return self.interleave([*images, question], understanding_output=True, think=think,
-                               max_think_token_n=max_new_tokens, do_sample=do_sample,
-                               text_temperature=text_temperature, seed=seed, callback=callback, on_text=on_text)
+        return self._answer([*images, question], think, max_new_tokens or self.task_defaults.understand_tokens,
+                            do_sample, text_temperature, seed, callback, on_text)
 
     def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int | None = None,
              do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
              callback=None, on_text=None) -> BagelOutput:
         """Text in, text out (``max_new_tokens``: default the model's, else 512); ``callback`` and
         ``on_text`` as in ``understand``."""
-        if max_new_tokens is None:
-            max_new_tokens = self.task_defaults.chat_tokens
         self._need_prompt(prompt, "prompt")
-        return self.interleave([prompt], understanding_output=True, think=think, max_think_token_n=max_new_tokens,
-                               do_sample=do_sample, text_temperature=text_temperature, seed=seed, callback=callback,
-                               on_text=on_text)
+        return self._answer([prompt], think, max_new_tokens or self.task_defaults.chat_tokens, do_sample,
+                            text_temperature, seed, callback, on_text)
+
+    def _answer(self, inputs: list, think: bool, max_new_tokens: int, do_sample: bool, temperature: float,
+                seed: int | None, callback, on_text) -> BagelOutput:
+        text = TextParams(max_new_tokens, do_sample, temperature)
+        return self.engine.run([Request(inputs, understanding_output=True, think=think, text=text, seed=seed,
+                                        callback=callback, on_text=on_text)])[0]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from bagel_engine.weights.config import load_model_config
-from bagel_engine.weights.loader import AE_FILE, MODEL_FILE, check_file, expected_tensors, resolve_model_dir
+from bagel_engine.weights.loader import check_file, expected_tensors, resolve_model_dir
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
 

@@ -60,3 +60,17 @@ def test_engine_with_flex_backend_matches_golden():
     case = cases()["img2img"]
     out = pipe.interleave(inputs("img2img"), seed=case["seed"], **case["params"])
     assert torch.allclose(out.latents, tensors("img2img")["gen_image0.decode_input"][0], atol=1e-3)
+
+
+def test_backend_is_chosen_per_pipeline(monkeypatch):
+    """Two pipelines in one process keep their own backend; nothing leaks outside their calls."""
+    calls = []
+    real = A._flex
+    monkeypatch.setattr(A, "_flex", lambda *args: calls.append(1) or real(*args))
+    flex = bagel_engine.load(MODEL_DIR, device="cpu", attention="flex")
+    plain = bagel_engine.load(MODEL_DIR, device="cpu")
+    plain.chat("hello", max_new_tokens=3)
+    assert not calls
+    flex.chat("hello", max_new_tokens=3)
+    assert calls
+    assert A.get_backend() == "auto"

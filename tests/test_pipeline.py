@@ -184,13 +184,17 @@ def test_prompt_list_equals_one_by_one(pipe):
 
 
 def test_prompt_list_batches_forwards(pipe):
-    trace: dict = {}
-    outs = pipe._run([["a"], ["b"]], [1, 2], [None, None], understanding_output=False, think=False,
-                     text_params=bagel_engine.TextParams(), image_params=ImageParams(4.0, 1.0, (0.5, 1.0), "global", 0.0, 1.0, 5),
-                     image_shapes=(32, 32), trace=trace)
-    # t = 1, 0.75 guided: 2 images x (cond + text-uncond; both text-unconds are the empty context
-    # but belong to different images) = 4 blocks; then 2 conditional blocks.
-    assert [s["forwards"] for s in trace["steps"]] == [4, 4, 2, 2]
+    blocks = []
+    n = (32 // pipe.config.latent_downsample) ** 2 + 2  # rows of one image block: markers + latents
+    hook = pipe.model.decoder.register_forward_hook(lambda mod, args, out: blocks.append(args[0].shape[0] // n))
+    try:
+        outs = pipe.generate(["a", "b"], height=32, width=32, seed=1, cfg_text_scale=4.0, cfg_img_scale=1.0,
+                             cfg_interval=(0.5, 1.0), timestep_shift=1.0, num_timesteps=5)
+    finally:
+        hook.remove()
+    # one decoder forward per step for both images. t = 1, 0.75 guided: 2 images x (cond + text-uncond;
+    # both text-unconds are the empty context but belong to different images) = 4 blocks; then 2 conditional.
+    assert blocks[-4:] == [4, 4, 2, 2]
     assert len(outs) == 2
 
 

@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     allowed = tmp_path_factory.mktemp("allowed")
     (allowed / "in.png").write_bytes(INPUT_IMAGE.read_bytes())
     srv = ServerProcess(
-        "--no-ui", "--queue-size", "1", "--api-key", KEY, "--max-body-mb", "0.5", "--max-images", "3",
+        "--no-ui", "--queue-size", "1", "--max-batch", "2", "--api-key", KEY, "--max-body-mb", "0.5", "--max-images", "3",
         "--max-image-pixels", "20000", "--allow-local-paths", str(allowed), "--log-level", "warning",
         "--max-timesteps", "100000",  # the overload and cancel tests make jobs long with many timesteps
         # the thread count of this process: the in-process engine then computes the very same numbers
@@ -487,7 +487,7 @@ def test_overload_gives_429_and_the_rest_succeed(server, client):
     assert health.status_code == 200 and health_s < 2.0
     codes = sorted(code for code, _, _ in results)
     assert set(codes) <= {200, 429}, results
-    assert codes.count(429) >= 1 and codes.count(200) >= 2, codes  # one runs, one waits, the rest are refused
+    assert codes.count(429) >= 1 and codes.count(200) >= 2, codes  # two run (batched), one waits, the rest are refused
     for code, retry_after, body in results:
         if code == 429:
             assert retry_after is not None and int(retry_after) >= 1

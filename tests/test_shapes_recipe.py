@@ -9,7 +9,8 @@ from bagel_engine.shapes.recipe import Recipe
 
 def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     recipe = Recipe(tmp_path / "work", t2i_rows=12, edit_rows=6, vqa_rows=6, eval_rows=2, ae_steps=3, ae_batch=2,
-                    ae_eval_pictures=4, steps=2, max_tokens=1024, progress=False)
+                    ae_eval_pictures=4, steps=2, max_tokens=1024, progress=False, refine_steps=2,
+                    refine_t2i_rows=6, refine_edit_rows=3, refine_vqa_rows=6)
     out = recipe.run()
     assert (out / "ema.safetensors").exists() and (out / "ae.safetensors").exists()
     assert not (out / "trainer").exists()
@@ -18,7 +19,12 @@ def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     ae_config = json.loads((out / "ae_config.json").read_text())
     assert ae_config["scale_factor"] == report["scale_factor"] != 1.0
     timings = json.loads((recipe.work / "timings.json").read_text())
-    assert set(timings) >= {"data", "base", "autoencoder", "init", "train"}
+    assert set(timings) >= {"data", "base", "autoencoder", "init", "train", "refine data", "refine"}
+    # stage 2 started from stage 1's exported weights, on its own rows
+    assert (recipe.stage1 / "ema.safetensors").exists()
+    refine_log = [json.loads(line) for line in (recipe.refine_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in refine_log if "mse" in r] == [2]
+    assert json.loads((recipe.refine_data / "dataset.json").read_text())["seed"] == recipe.seed + 1
 
     pipe = bagel_engine.load(out, device="cpu")
     assert (pipe.task_defaults.height, pipe.task_defaults.width) == (64, 64)
@@ -30,8 +36,11 @@ def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     before = (out / "ema.safetensors").stat().st_mtime_ns
     ae_before = (recipe.base / "ae.safetensors").stat().st_mtime_ns
     Recipe(tmp_path / "work", t2i_rows=12, edit_rows=6, vqa_rows=6, eval_rows=2, ae_steps=3, ae_batch=2,
-           ae_eval_pictures=4, steps=2, max_tokens=1024, progress=False).run()
+           ae_eval_pictures=4, steps=2, max_tokens=1024, progress=False, refine_steps=2,
+           refine_t2i_rows=6, refine_edit_rows=3, refine_vqa_rows=6).run()
     assert (recipe.base / "ae.safetensors").stat().st_mtime_ns == ae_before
     log = [json.loads(line) for line in (recipe.run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "mse" in r] == [2]  # logged once (the last step), not trained again
+    refine_log = (recipe.refine_dir / "train_log.jsonl").read_text().splitlines()
+    assert len([line for line in refine_log if '"mse"' in line]) == 1
     assert (out / "ema.safetensors").stat().st_mtime_ns >= before

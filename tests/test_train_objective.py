@@ -15,7 +15,7 @@ from PIL import Image
 import bagel_engine
 from bagel_engine.model.kv_cache import PackedKV  # noqa: F401  (the layout under test)
 from bagel_engine.runtime import image_transforms as T
-from bagel_engine.runtime.context import Context, ContextBuilder, block_routing, wrap_with_markers
+from bagel_engine.runtime.context import Context, block_routing, wrap_with_markers
 from bagel_engine.train import packing as P
 from bagel_engine.train.objective import encode_latents, training_losses
 from bagel_engine.train.sample import Dropout, Picture, Sample, Text, edit, text_to_image, understanding
@@ -37,7 +37,7 @@ def packer(pipe, dropout=None, seed=0):
 
 
 def builder(pipe):
-    return ContextBuilder(pipe.model, pipe.tokenizer, pipe._vae_encode, pipe.device)
+    return pipe.engine.builder()
 
 
 def fixed_noise(pipe, image, seed):

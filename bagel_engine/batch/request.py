@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from bagel_engine.batch import knobs as K
+from bagel_engine.batch import knobs as knob_table
 from bagel_engine.batch.reader import Row
 from bagel_engine.params import BagelInputError
 
@@ -74,9 +74,9 @@ def _file_stem(key: str) -> str:
 
 def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[Plan]:
     """Ids, output names and row-level errors for all rows, in input order."""
-    K.check_task(task)
-    id_col = K.normalize_column(id_column) if id_column else "id"
-    image_task = task in K.IMAGE_TASKS
+    knob_table.check_task(task)
+    id_col = knob_table.normalize_column(id_column) if id_column else "id"
+    image_task = task in knob_table.IMAGE_TASKS
     plans: list[Plan] = []
     seen_keys: dict[str, int] = {}
     seen_outputs: dict[str, int] = {}
@@ -89,7 +89,7 @@ def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[
             output = f"{_file_stem(key)}.png"
         elif raw_index is not None:
             try:
-                index = K.parse_int(raw_index)
+                index = knob_table.parse_int(raw_index)
                 key, output = str(index), f"{index:06d}.png"
             except ValueError:
                 key, output = f"row{row.position}", f"row{row.position:06d}.png"
@@ -113,7 +113,7 @@ def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[
 
 # ----------------------------------------------------------------------------- prompt and images
 def row_prompt(row: Row, prompt_column: str | None = None) -> str:
-    columns = (K.normalize_column(prompt_column),) if prompt_column else PROMPT_COLUMNS
+    columns = (knob_table.normalize_column(prompt_column),) if prompt_column else PROMPT_COLUMNS
     for column in columns:
         value = row.get(column)
         if value is not None:
@@ -241,10 +241,10 @@ def build_call(plan: Plan, task: str, base_knobs: dict[str, Any], base_seed: int
         raise BagelInputError(plan.error)
     row = plan.row
     prompt = row_prompt(row, prompt_column)
-    knobs = {**base_knobs, **K.row_knobs(row.data, task)}
+    knobs = {**base_knobs, **knob_table.row_knobs(row.data, task)}
     seed = knobs.pop("seed", None)
     if seed is None:
-        seed = K.derive_seed(base_seed, plan.key)
+        seed = knob_table.derive_seed(base_seed, plan.key)
 
     images, inputs = [], []
     if task in ("edit", "understand"):
@@ -257,7 +257,7 @@ def build_call(plan: Plan, task: str, base_knobs: dict[str, Any], base_seed: int
             images.append(image)
             inputs.append(description)
 
-    method = K.TASK_METHODS[task]
+    method = knob_table.TASK_METHODS[task]
     if task == "t2i":
         args: tuple = (prompt,)
     elif task == "edit":

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from bagel_engine.batch import dist as D
-from bagel_engine.batch import knobs as K
-from bagel_engine.batch import manifest as M
+from bagel_engine.batch import dist as data_parallel
+from bagel_engine.batch import knobs as knob_table
+from bagel_engine.batch import manifest as manifests
 from bagel_engine.batch.lock import FolderLock
 from bagel_engine.batch.reader import read_rows
 from bagel_engine.batch.request import Plan, build_call, plan_rows
@@ -159,7 +159,7 @@ def _needs_run(plan: Plan, record: dict | None, job: BatchJob) -> bool:
         return True
     status = record.get("status")
     if status == "ok":
-        if job.task in K.IMAGE_TASKS:
+        if job.task in knob_table.IMAGE_TASKS:
             return not (Path(job.output_dir) / (record.get("output") or plan.output or "")).is_file()
         return False
     if status == "failed":
@@ -172,10 +172,10 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     :func:`bagel_engine.load`. Raises :class:`BagelInputError` for a job that cannot start (no input,
     bad flag, bad ``DG_BAGEL_*`` value); a bad row never raises, it becomes a failed record."""
     t_start = time.perf_counter()
-    K.check_task(job.task)
+    knob_table.check_task(job.task)
     out_dir = Path(job.output_dir)
-    dist = D.setup(job.device)
-    lock = FolderLock(out_dir, M.shard_tag(job.shard))
+    dist = data_parallel.setup(job.device)
+    lock = FolderLock(out_dir, manifests.shard_tag(job.shard))
     try:
         refusal = None
         if dist.is_main:  # one job per folder (and shard); the ranks of this one share it
@@ -193,30 +193,30 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
         dist.close()
 
 
-def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Summary:
+def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: float) -> Summary:
     task = job.task
-    base = {**K.env_knobs(task, job.environ), **K.cli_knobs(job.knobs, task)}
+    base = {**knob_table.env_knobs(task, job.environ), **knob_table.cli_knobs(job.knobs, task)}
     base_seed = base.pop("seed", None)
     base_seed = DEFAULT_BASE_SEED if base_seed is None else int(base_seed)
 
     rows = read_rows(Path(job.input), exclude=out_dir)
     plans = plan_rows(rows, task, job.id_column)
-    chosen = [plans[i] for i in D.parse_rows(job.rows, len(plans))]
-    selected, mine = D.take_share(chosen, job.shard, dist)
+    chosen = [plans[i] for i in data_parallel.parse_rows(job.rows, len(plans))]
+    selected, mine = data_parallel.take_share(chosen, job.shard, dist)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    state = M.latest_records(out_dir)
+    state = manifests.latest_records(out_dir)
     todo_all = [p for p in selected if _needs_run(p, state.get(p.key), job)]
     todo_keys = {p.key for p in todo_all}
     todo = [p for p in mine if p.key in todo_keys]
-    part = M.part_path(out_dir, job.shard, dist.rank, dist.world)
-    others = [M.part_path(out_dir, job.shard, r, dist.world) for r in range(dist.world) if r != dist.rank]
+    part = manifests.part_path(out_dir, job.shard, dist.rank, dist.world)
+    others = [manifests.part_path(out_dir, job.shard, r, dist.world) for r in range(dist.world) if r != dist.rank]
     run_id = dist.broadcast(f"{int(time.time())}-{secrets.token_hex(4)}" if dist.is_main else None)
     if dist.is_main:
-        M.remove_temp_files(out_dir)  # only those of dead writers: the shards of a job may share the folder
+        manifests.remove_temp_files(out_dir)  # only those of dead writers: the shards of a job may share the folder
         for path in [part, *others]:
             if path.exists():
-                M.PartWriter(path).close()  # cut a line a killed writer left unfinished
+                manifests.PartWriter(path).close()  # cut a line a killed writer left unfinished
         where = f" on {dist.world} processes" if dist.world > 1 else ""
         shard = f" (shard {job.shard[0]}/{job.shard[1]})" if job.shard else ""
         _stderr(f"bagel batch {task}: {len(selected)} rows{shard} -> {out_dir}; "
@@ -226,7 +226,7 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
 
     try:
         if todo:
-            device = D.rank_device(job.device, dist)
+            device = data_parallel.rank_device(job.device, dist)
             if job.model is None and load is None:
                 raise BagelInputError("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL")
             if load is None:
@@ -235,7 +235,7 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
                 load = bagel_engine.load
             pipe = load(job.model, device=device, dtype=job.dtype, **job.load_options)
             group = max(1, job.batch_size) if task == "t2i" else 1
-            with M.PartWriter(part) as writer:
+            with manifests.PartWriter(part) as writer:
                 for start in range(0, len(todo), group):
                     chunk = todo[start : start + group]
                     if len(chunk) == 1:
@@ -257,11 +257,11 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
     summary = None
     if dist.is_main:
         # The manifest covers every row of the input (of the shard), not only the --rows chosen now.
-        scope = D.take_share(plans, job.shard, D.Dist())[0]
-        merged = M.merge(out_dir, [p.key for p in scope], job.shard)
+        scope = data_parallel.take_share(plans, job.shard, data_parallel.Dist())[0]
+        merged = manifests.merge(out_dir, [p.key for p in scope], job.shard)
         chosen_keys = {p.key for p in selected}
         records = [r for r in merged if r["id"] in chosen_keys]
-        stem = M.manifest_stem(job.shard)
+        stem = manifests.manifest_stem(job.shard)
         ok = sum(r.get("status") == "ok" for r in records)
         failed = [r for r in records if r.get("status") != "ok"]
         processed = sum(r.get("run") == run_id for r in records)
@@ -275,7 +275,7 @@ def _run(job: BatchJob, load, dist: D.Dist, out_dir: Path, t_start: float) -> Su
     return dist.broadcast(summary)
 
 
-def _new_record(plan: Plan, job: BatchJob, dist: D.Dist, run_id: str) -> dict[str, Any]:
+def _new_record(plan: Plan, job: BatchJob, dist: data_parallel.Dist, run_id: str) -> dict[str, Any]:
     return {
         "id": plan.key, "index": plan.row.position, "task": job.task, "status": "failed", "output": None,
         "text": None, "error": None, "seed": None, "prompt": None, "inputs": None, "params": None,
@@ -290,10 +290,10 @@ def _start(record: dict[str, Any], plan: Plan, job: BatchJob, base: dict, base_s
 
 
 def _finish(record: dict[str, Any], out, call, plan: Plan, job: BatchJob, out_dir: Path) -> None:
-    if job.task in K.IMAGE_TASKS:
+    if job.task in knob_table.IMAGE_TASKS:
         if getattr(out, "image", None) is None:
             raise RuntimeError("the model returned no image")
-        M.save_image(out.image, out_dir / plan.output)
+        manifests.save_image(out.image, out_dir / plan.output)
         record["output"] = plan.output
     params = getattr(out, "params", None)
     record.update(
@@ -308,18 +308,18 @@ def _close(record: dict[str, Any], t0: float) -> dict[str, Any]:
     timings = record["timings"] or {}
     timings["row_s"] = round(time.perf_counter() - t0, 6)
     record["timings"] = timings
-    record["finished_at"] = M.now()
+    record["finished_at"] = manifests.now()
     return record
 
 
-def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: D.Dist,
+def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: data_parallel.Dist,
              run_id: str, progress: _Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
     record = _new_record(plan, job, dist, run_id)
     try:
         call = _start(record, plan, job, base, base_seed)
         kwargs = dict(call.kwargs)
-        if job.task in K.IMAGE_TASKS:
+        if job.task in knob_table.IMAGE_TASKS:
             kwargs["callback"] = progress.step
         out = getattr(pipe, call.method)(*call.args, **kwargs)
         _finish(record, out, call, plan, job, out_dir)
@@ -331,7 +331,7 @@ def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_di
 
 
 def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_seed: int, out_dir: Path,
-                      dist: D.Dist, run_id: str, progress: _Progress) -> list[tuple[Plan, dict[str, Any]]]:
+                      dist: data_parallel.Dist, run_id: str, progress: _Progress) -> list[tuple[Plan, dict[str, Any]]]:
     """t2i rows whose knobs agree (size, steps, guidance...) in one ``pipe.generate(list)`` call:
     every denoising step of all of them is one batched forward. Each row keeps its own seed, so its
     image equals the one made alone. A group whose call fails is retried row by row."""

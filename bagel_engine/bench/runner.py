@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from bagel_engine.bench import flops as F
+from bagel_engine.bench import flops as flop_model
 from bagel_engine.bench import quality
 from bagel_engine.bench.device import (HostContention, PeakMemory, StepClock, default_matmul_dtype, describe,
                                        matmul_rate, synchronize)
@@ -257,7 +257,7 @@ def decode_bytes_per_token(cfg, context_len: int, new_tokens: int, itemsize: int
     return float((weights + kv_bytes) * itemsize)
 
 
-def floors(flops: F.FlopCount, rate_tflops: float, bandwidth_gbs: float | None, decode_bytes: float) -> dict:
+def floors(flops: flop_model.FlopCount, rate_tflops: float, bandwidth_gbs: float | None, decode_bytes: float) -> dict:
     """Seconds each phase of one request needs at least on this device (roofline)."""
     rate = rate_tflops * 1e12
     out = {"prefill_s": flops.prefill / rate, "denoise_s": flops.denoise / rate, "vae_decode_s": flops.vae_decode / rate}
@@ -294,7 +294,7 @@ def summarize(m: Measurement) -> dict:
         out["think_s"] = med["think_s"]
     if work.kind in IMAGE_KINDS:
         steps = work.num_timesteps - 1
-        guided = F.guided_steps(work.num_timesteps, work.timestep_shift, work.cfg_interval, work.cfg_text_scale)
+        guided = flop_model.guided_steps(work.num_timesteps, work.timestep_shift, work.cfg_interval, work.cfg_text_scale)
         g = [s for k, s in m.step_seconds if guided[k]]
         p = [s for k, s in m.step_seconds if not guided[k]]
         out.update(

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bagel_engine.bench import device as D
-from bagel_engine.bench import flops as F
+from bagel_engine.bench import device as device_rates
+from bagel_engine.bench import flops as flop_model
 from bagel_engine.bench.workloads import synthetic_image
 
 
@@ -57,9 +57,9 @@ def _dataset(folder: Path, height: int, width: int, rows: int = 16) -> Path:
 
 def _forward_flops(cfg, batch) -> float:
     d = cfg.latent_downsample
-    parts = F.training_forward_flops(
+    parts = flop_model.training_forward_flops(
         cfg, length=batch.length,
-        pairs=F.packed_attention_pairs(batch.sample_lens, batch.split_lens, batch.split_modes),
+        pairs=flop_model.packed_attention_pairs(batch.sample_lens, batch.split_lens, batch.split_modes),
         vit_images=list(batch.vit_seqlens),
         vae_images=[(im.grid[0] * d, im.grid[1] * d) for im in batch.vae_images],
         latent_tokens=int(batch.vae_indexes.numel()), mse_tokens=batch.mse_tokens, ce_tokens=batch.ce_tokens)
@@ -90,16 +90,16 @@ def run_training_benchmark(tb: TrainBench, log=lambda s: None) -> dict:
             return batch
 
         trainer.data.packer.pack = pack
-        memory = D.PeakMemory(dev)
+        memory = device_rates.PeakMemory(dev)
         memory.reset()
         for _ in range(tb.warmup):
             trainer.train_step()
         seconds, tokens, flops = [], [], []
         for i in range(tb.steps):
-            D.synchronize(dev)
+            device_rates.synchronize(dev)
             t = time.perf_counter()
             record = trainer.train_step()
-            D.synchronize(dev)
+            device_rates.synchronize(dev)
             seconds.append(time.perf_counter() - t)
             tokens.append(record["tokens"])
             flops.append(_forward_flops(trainer.pipe.config, captured[tb.warmup + i]))
@@ -113,13 +113,13 @@ def run_training_benchmark(tb: TrainBench, log=lambda s: None) -> dict:
     rate = tb.matmul_tflops
     matmul = None
     if rate is None:
-        matmul = D.matmul_rate(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        matmul = device_rates.matmul_rate(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
         rate = matmul["tflops"]
     step_s = statistics.median(seconds)
     achieved = sum(flops) / sum(seconds) / 1e12
     return {
         "workload": "train", "model": tb.model, "random_weights": tb.random_weights,
-        "device": D.describe(dev), "dtype": tb.dtype, "image": f"{tb.width}x{tb.height}", "max_tokens": tb.max_tokens,
+        "device": device_rates.describe(dev), "dtype": tb.dtype, "image": f"{tb.width}x{tb.height}", "max_tokens": tb.max_tokens,
         "lora_rank": tb.lora_rank, "freeze": list(tb.freeze), "gradient_checkpointing": tb.gradient_checkpointing,
         "params": total_params, "trainable_params": trainable, "load_s": load_s, "step_s": step_s,
         "tokens_per_step": statistics.median(tokens), "tokens_per_s": sum(tokens) / sum(seconds),
@@ -137,7 +137,7 @@ def format_training(r: dict) -> str:
         + (f", LoRA rank {r['lora_rank']}" if r["lora_rank"] else "")
         + (f", frozen {','.join(r['freeze'])}" if r["freeze"] else "")
         + (", gradient checkpointing" if r["gradient_checkpointing"] else ""),
-        f"device       {D.short_name(r['device'])}",
+        f"device       {device_rates.short_name(r['device'])}",
         f"load         {r['load_s']:.2f} s",
         f"step         {r['step_s'] * 1e3:.1f} ms (median of {r['steps']} after {r['warmup']} warm-up), "
         f"{r['tokens_per_step']:.0f} tokens per step",

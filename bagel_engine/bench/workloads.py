@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bagel_engine.bench import flops as F
+from bagel_engine.bench import flops as flop_model
 from bagel_engine.params import EDIT_DEFAULTS, TEXT_TO_IMAGE_DEFAULTS
 from bagel_engine.weights.config import ModelConfig
 
@@ -146,25 +146,25 @@ class Workload:
         return [p] if self.batch_size == 1 else [f"{p} Variation {k + 1}." for k in range(self.batch_size)]
 
     # ------------------------------------------------------------------ FLOPs
-    def flops(self, cfg: ModelConfig, new_tokens: int | None = None) -> F.FlopCount:
+    def flops(self, cfg: ModelConfig, new_tokens: int | None = None) -> flop_model.FlopCount:
         """FLOPs of ONE request of this (resolved) workload; ``new_tokens``: the answer length
         actually decoded (default ``max_new_tokens - 1``, the most the API generates)."""
-        prompt_tokens = F.estimate_text_tokens(self.prompt or PROMPTS[self.kind])
+        prompt_tokens = flop_model.estimate_text_tokens(self.prompt or PROMPTS[self.kind])
         if self.kind == "t2i":
-            return F.text_to_image_flops(cfg, height=self.height, width=self.width, prompt_tokens=prompt_tokens,
+            return flop_model.text_to_image_flops(cfg, height=self.height, width=self.width, prompt_tokens=prompt_tokens,
                                          num_timesteps=self.num_timesteps, cfg_text_scale=self.cfg_text_scale,
                                          cfg_img_scale=self.cfg_img_scale, cfg_interval=self.cfg_interval,
                                          timestep_shift=self.timestep_shift)
         if self.kind == "edit":
-            return F.edit_flops(cfg, image_width=self.width, image_height=self.height, prompt_tokens=prompt_tokens,
+            return flop_model.edit_flops(cfg, image_width=self.width, image_height=self.height, prompt_tokens=prompt_tokens,
                                 num_timesteps=self.num_timesteps, cfg_text_scale=self.cfg_text_scale,
                                 cfg_img_scale=self.cfg_img_scale, cfg_interval=self.cfg_interval,
                                 timestep_shift=self.timestep_shift)
         tokens = self.max_new_tokens - 1 if new_tokens is None else new_tokens
         if self.kind == "understand":
-            return F.understand_flops(cfg, image_width=self.width, image_height=self.height,
+            return flop_model.understand_flops(cfg, image_width=self.width, image_height=self.height,
                                       prompt_tokens=prompt_tokens, new_tokens=tokens)
-        return F.chat_flops(cfg, prompt_tokens=prompt_tokens, new_tokens=tokens)
+        return flop_model.chat_flops(cfg, prompt_tokens=prompt_tokens, new_tokens=tokens)
 
 
 def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bagel_engine.batch import dist as D
+from bagel_engine.batch import dist
 from bagel_engine.batch.runner import BatchJob, exit_code, run_batch
 from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormMin, CfgRenormType, CfgTextScale, Device,
                                    DoSample, Dtype, Height, Json, MaxThinkTokens, Model, NumTimesteps, Temperature,
@@ -122,7 +122,7 @@ def batch(
     try:
         job = BatchJob(
             input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
-            device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=D.parse_shard(shard),
+            device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=dist.parse_shard(shard),
             rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress, batch_size=batch_size,
             load_options=load_kwargs(locals()),
         )
@@ -133,7 +133,7 @@ def batch(
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
     code = exit_code(summary)  # every rank exits alike, so torchrun reports the job's outcome
-    if D.current_rank() != 0:
+    if dist.current_rank() != 0:
         raise typer.Exit(code)
     if json_:
         print(json.dumps(summary.to_dict(), ensure_ascii=False))

@@ -18,6 +18,7 @@ RUN = "Model and device"
 WORK = "Workload"
 MEASURE = "Measurement and output"
 TRAIN = "Training workload (-w train)"
+SERVE = "Serving workload (-w serve)"
 
 
 class Kind(str, Enum):
@@ -26,6 +27,7 @@ class Kind(str, Enum):
     understand = "understand"
     chat = "chat"
     train = "train"
+    serve = "serve"
 
 
 EPILOG = """
@@ -54,7 +56,42 @@ prompts and reported with seconds per request, peak memory, latent cosine simila
   bagel bench -m ByteDance-Seed/BAGEL-7B-MoT --compare quantize=int8 quantize=nf4 offload=layer enable_taylorseer=true
 
   bagel bench -w train --random-weights benchmarks/configs/mid --max-tokens 2048 --repeat 5   [dim]# training throughput, MFU[/dim]
+
+  bagel bench -w serve -m tests/data/tiny-v1/model --max-new-tokens 64 --concurrency 1 4 8   [dim]# a real server, batched against --max-batch 1[/dim]
 """
+
+
+def _serve_bench(model, random, device, dtype, load_options, height, width, num_timesteps, max_new_tokens,
+                 concurrency, max_batch, seed, record, date, as_json) -> None:
+    import datetime
+
+    import bagel_engine
+    from bagel_engine.bench.runner import json_safe
+    from bagel_engine.bench.serving import ServeBench, format_serve, run_serve_benchmark
+
+    try:
+        pipe = bagel_engine.load(model, device=device, dtype=dtype, random_weights=random, **load_options)
+        side = pipe.config.latent_downsample
+        own = pipe.task_defaults  # the model's own size when it is small (bagel-shapes), else 64 px
+        w = width or (own.width if own.width <= 256 else 64)
+        h = height or (own.height if own.height <= 256 else 64)
+        sizes = ((w, h), (w, max(side, h // 2 // side * side)))
+        cfg = ServeBench(sizes=sizes, num_timesteps=num_timesteps or 25, max_new_tokens=max_new_tokens,
+                         concurrency=tuple(concurrency or (1, 4, 8)), max_batch=max_batch, seed=seed)
+        result = run_serve_benchmark(pipe, cfg, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, OSError) as e:
+        _fail(str(e), as_json)
+    result |= {"model": model, "date": date or datetime.date.today().isoformat(),
+               "device": str(pipe.device), "threads": __import__("torch").get_num_threads()}
+    if record is not None:
+        out = Path(record) / "results" / f"serve-{result['date']}-{Path(model).name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(json_safe(result), indent=2))
+        typer.echo(f"recorded {out}", err=True)
+    if as_json:
+        print(json.dumps(json_safe(result)))
+    else:
+        typer.echo(format_serve(result))
 
 
 def _train_bench(model, random, height, width, max_tokens, repeat, warmup, lora_rank, freeze, checkpointing,
@@ -205,8 +242,14 @@ def bench(
         "--freeze", rich_help_panel=TRAIN, help="train: parts kept fixed, e.g. und,vit.")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", rich_help_panel=TRAIN, help="train: recompute each layer in backward.")] = False,
+    concurrency: Annotated[Optional[list[int]], typer.Option(
+        "--concurrency", min=1, rich_help_panel=SERVE,
+        help="serve: clients sending at once, one request each (repeat the option). \\[default: 1 4 8]")] = None,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", min=1, rich_help_panel=SERVE,
+        help="serve: the server's --max-batch, measured against --max-batch 1.")] = 8,
 ) -> None:
-    """Time a workload (t2i / edit / understand / chat / train) and compare it with the device's floor."""
+    """Time a workload (t2i / edit / understand / chat / train / serve) and compare it with the device's floor."""
     from bagel_engine.bench import report
     from bagel_engine.bench.runner import BenchConfig, json_safe, parse_option_set, run_benchmark
     from bagel_engine.bench.workloads import Workload
@@ -215,6 +258,12 @@ def bench(
         _fail("give --model or --random-weights CONFIG_DIR, not both", json_)
     if not model and not random_weights:
         _fail("no model: pass --model DIR_OR_HUB_ID, --random-weights CONFIG_DIR or set BAGEL_MODEL", json_)
+    if workload is Kind.serve:
+        options = {k: v for k, v in (("quantize", quantize), ("offload", offload), ("compile", compile_),
+                                     ("attention", attention)) if v is not None}
+        _serve_bench(str(random_weights or model), random_weights is not None, device, dtype, options, height, width,
+                     num_timesteps, max_new_tokens, concurrency, max_batch, seed, record, date, json_)
+        return
     if workload is Kind.train:
         _train_bench(str(random_weights or model), random_weights is not None, height, width, max_tokens, repeat,
                      warmup, lora_rank, freeze, gradient_checkpointing, device, dtype, matmul_tflops, json_)

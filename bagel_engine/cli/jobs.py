@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from bagel_engine.batch import knobs as K
+from bagel_engine.batch import knobs as knob_table
 from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
                                            load_kwargs)
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
@@ -83,7 +83,7 @@ DoSample = Annotated[Optional[bool], typer.Option(
 Temperature = Annotated[Optional[float], typer.Option(
     "--temperature", rich_help_panel=TEXT, help="Sampling temperature with --do-sample (official text_temperature). \\[default: 0.3]")]
 
-KNOB_NAMES = tuple(k.name for k in K.KNOBS)
+KNOB_NAMES = tuple(k.name for k in knob_table.KNOBS)
 
 
 def knob_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -164,10 +164,10 @@ def _plain(value: Any) -> Any:
 def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str | None, device: str | None,
              dtype: str | None, output: Path | None, as_json: bool) -> None:
     """Load, call one task method, save or print the result."""
-    knobs = K.cli_knobs(knob_values(values), task)
+    knobs = knob_table.cli_knobs(knob_values(values), task)
     pipe = load_pipeline(model, device, dtype, as_json, **load_kwargs(values))
     bar, streamed = None, False
-    if task in K.IMAGE_TASKS:
+    if task in knob_table.IMAGE_TASKS:
         bar = StepBar("denoising")
         knobs["callback"] = bar
     elif not as_json and output is None:  # the answer (and think text) printed as the model writes it
@@ -179,7 +179,7 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
         knobs["on_text"], streamed = show, True
     t0 = time.perf_counter()
     try:
-        out = getattr(pipe, K.TASK_METHODS[task])(*pipe_args, **knobs)
+        out = getattr(pipe, knob_table.TASK_METHODS[task])(*pipe_args, **knobs)
     except BagelInputError as e:
         fail(str(e), as_json)
     finally:
@@ -188,7 +188,7 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
     elapsed = time.perf_counter() - t0
 
     written = None
-    if task in K.IMAGE_TASKS:
+    if task in knob_table.IMAGE_TASKS:
         from bagel_engine.batch.manifest import save_image
 
         path = output or Path(f"{'generate' if task == 't2i' else 'edit'}-{out.seed}.png")
@@ -209,7 +209,7 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
             "params": _plain(out.params), "timings": _plain(out.timings),
         }, ensure_ascii=False))
         return
-    if task in K.IMAGE_TASKS:
+    if task in knob_table.IMAGE_TASKS:
         if out.text:
             typer.secho("think:", bold=True)
             typer.echo(out.text.strip())

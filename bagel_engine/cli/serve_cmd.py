@@ -23,7 +23,9 @@ ApiKeyOpt = Annotated[
                  help="Require 'Authorization: Bearer KEY' on every endpoint but /health (the UI asks for it as "
                       "the password)."),
 ]
-QueueOpt = Annotated[int, typer.Option(min=0, help="Requests that may wait while one runs; one more gets 429.")]
+QueueOpt = Annotated[int, typer.Option(min=0, help="Requests that may wait while --max-batch run; one more gets 429.")]
+MaxBatchOpt = Annotated[int, typer.Option(
+    "--max-batch", min=1, help="Requests run at once, batched step by step (1: one at a time).")]
 
 
 def _setup_logging(level: str) -> None:
@@ -78,6 +80,7 @@ def serve_command(
         typer.Option("--served-model-name", help="Name(s) accepted in the 'model' field (default: the model's name)."),
     ] = None,
     queue_size: QueueOpt = 8,
+    max_batch: MaxBatchOpt = 8,
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 50.0,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest input image, in pixels (width x height).")] = 4096 * 4096,
     max_images: Annotated[int, typer.Option(min=1, help="Most input images per request, and the largest n.")] = 8,
@@ -99,7 +102,8 @@ def serve_command(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API: /v1/images/generations, /v1/images/edits,
     /v1/chat/completions, /v1/models, plus /health, /metrics (Prometheus) and the web UI at /ui.
-    One worker runs one request at a time (requests are not batched); up to --queue-size wait."""
+    Up to --max-batch requests run at once, batched step by step (a newcomer joins within one step);
+    up to --queue-size more wait, the next gets 429."""
     try:
         import uvicorn
 
@@ -117,7 +121,7 @@ def serve_command(
             typer.echo(f"warning: no web UI ({e.name} is missing; pip install 'bagel-engine[ui]'); serving the API only",
                        err=True)
     settings = ServeSettings(
-        queue_size=queue_size, api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
+        queue_size=queue_size, max_batch=max_batch, api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_image_pixels=max_image_pixels, max_images=max_images, max_timesteps=max_timesteps,
         max_model_len=max_model_len, allow_local_paths=list(allow_local_paths or []),
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
@@ -176,6 +180,7 @@ def ui_command(
     lora_strength: LoraStrength = 1.0,
     api_key: ApiKeyOpt = None,
     queue_size: QueueOpt = 8,
+    max_batch: MaxBatchOpt = 8,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
 ) -> None:
     """The web UI alone (no HTTP API): text to image, editing, understanding and chat, every knob
@@ -188,9 +193,9 @@ def ui_command(
         typer.echo(f"error: {e.name} is missing; install the UI with: pip install 'bagel-engine[ui]'", err=True)
         raise typer.Exit(2) from None
     _setup_logging(log_level)
-    settings = ServeSettings(queue_size=queue_size, api_key=api_key)
+    settings = ServeSettings(queue_size=queue_size, max_batch=max_batch, api_key=api_key)
     pipe = _load(model, device, dtype, load_kwargs(locals()))
-    worker = ModelWorker(pipe, queue_size=settings.queue_size).start()
+    worker = ModelWorker(pipe, queue_size=settings.queue_size, max_batch=settings.max_batch).start()
     try:
         launch_ui(worker, pipe, settings, host=host, port=port or None)
     finally:

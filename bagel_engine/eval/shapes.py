@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bagel_engine.shapes import tasks as T
-from bagel_engine.shapes import world as W
+from bagel_engine.shapes import tasks as shape_tasks
+from bagel_engine.shapes import world as shapes_world
 from bagel_engine.shapes.judge import judge_answer, judge_picture
 
 SUITE_TASKS = ("t2i", "edit", "vqa")
@@ -89,17 +89,17 @@ def draw_items(task: str, n: int, seed: int, new_color: str | None = None) -> li
     naming ``new_color`` when given), from ``seed``."""
     rng = random.Random(f"eval-{task}-{seed}")
     if task == "t2i":
-        items = [(c, T.t2i_task(rng, c, held_out="exclude")) for c in T.T2I_CATEGORIES for _ in range(n)]
-        items += [("held_out", T.t2i_task(rng, rng.choice(T.T2I_CATEGORIES), held_out="only")) for _ in range(n)]
+        items = [(c, shape_tasks.t2i_task(rng, c, held_out="exclude")) for c in shape_tasks.T2I_CATEGORIES for _ in range(n)]
+        items += [("held_out", shape_tasks.t2i_task(rng, rng.choice(shape_tasks.T2I_CATEGORIES), held_out="only")) for _ in range(n)]
         if new_color:
             extra = random.Random(f"eval-{task}-{seed}-{new_color}")
-            items += [(new_color, T.t2i_task(extra, extra.choice(T.T2I_CATEGORIES), new_color=new_color))
+            items += [(new_color, shape_tasks.t2i_task(extra, extra.choice(shape_tasks.T2I_CATEGORIES), new_color=new_color))
                       for _ in range(n)]
         return items
     if task == "edit":
-        return [(c, T.edit_task(rng, c, held_out="exclude")) for c in T.EDIT_CATEGORIES for _ in range(n)]
+        return [(c, shape_tasks.edit_task(rng, c, held_out="exclude")) for c in shape_tasks.EDIT_CATEGORIES for _ in range(n)]
     if task == "vqa":
-        return [(c, T.vqa_task(rng, c)) for c in T.VQA_CATEGORIES for _ in range(n)]
+        return [(c, shape_tasks.vqa_task(rng, c)) for c in shape_tasks.VQA_CATEGORIES for _ in range(n)]
     raise ValueError(f"unknown task {task!r}; choose among {', '.join(SUITE_TASKS)}")
 
 
@@ -115,7 +115,7 @@ def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: in
     out = Path(out_dir) if out_dir else None
     extra = (new_color,) if new_color else ()
     if new_color:
-        W.palette(extra)
+        shapes_world.palette(extra)
     plan = {task: draw_items(task, n, seed, new_color) for task in tasks}
     total, done = sum(len(v) for v in plan.values()), 0
     report = ShapesReport(params={"tasks": list(tasks), "n": n, "seed": seed, "knobs": knobs,
@@ -151,7 +151,7 @@ def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: in
         elif task == "edit":
             for k, (cat, e) in enumerate(items):
                 s = seed + k
-                res = pipe.edit([W.draw(e.source)], e.instruction, seed=s, **knobs)
+                res = pipe.edit([shapes_world.draw(e.source)], e.instruction, seed=s, **knobs)
                 v = judge_picture(res.image, e.spec, extra)
                 report.items.append(Item(task, cat, e.instruction, v.correct, v.reason, s,
                                          picture=keep(res.image, task, k, v.correct)))
@@ -159,7 +159,7 @@ def run_shapes(pipe, tasks: tuple[str, ...] = SUITE_TASKS, n: int = 20, seed: in
         else:
             for k, (cat, q) in enumerate(items):
                 s = seed + k
-                res = pipe.understand(W.draw(q.scene), q.question, seed=s)
+                res = pipe.understand(shapes_world.draw(q.scene), q.question, seed=s)
                 v = judge_answer(res.text, q)
                 report.items.append(Item(task, cat, q.question, v.correct, v.reason, s, output=res.text))
                 step()

@@ -9,10 +9,16 @@ Backends: ``sdpa`` (PyTorch scaled_dot_product_attention, which dispatches to fl
 memory-efficient / math kernels), ``flex`` (torch flex_attention, compiled) and ``flash``
 (flash-attn's varlen kernel, when installed; bf16/fp16 on CUDA). ``auto`` picks flash-attn when it
 is installed and usable, else SDPA. All backends are tested to agree.
+
+The backend is chosen per pipeline: the engine runs its work inside ``use_backend(name)`` (a context
+variable, so two pipelines in one process, or two threads, never see each other's choice);
+``set_backend`` changes the default outside any ``use_backend``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 
@@ -20,20 +26,36 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
-_backend = "auto"
+_default = "auto"
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("bagel_attention_backend", default=None)
 
 
-def set_backend(name: str) -> None:
-    global _backend
+def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "flash" and not flash_available():
         raise ValueError("the flash backend needs the flash-attn package and a CUDA device")
-    _backend = name
+    return name
+
+
+def set_backend(name: str) -> None:
+    """The default backend, used outside any ``use_backend``."""
+    global _default
+    _default = check_backend(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Attention in this context (this thread, this task) runs with backend ``name``."""
+    token = _current.set(check_backend(name))
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def get_backend() -> str:
-    return _backend
+    return _current.get() or _default
 
 
 _FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
@@ -58,7 +80,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     same information as a mask, precomputed by the caller (it must be given with ``kv_lens``).
     ``causal``: the block is the last N of the S keys and attends causally inside itself.
     Returns (B, N, Hq, D)."""
-    backend = _backend
+    backend = get_backend()
     if backend == "auto":
         backend = "flash" if (_FLASH_INSTALLED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) else "sdpa"
     if backend == "flash":

@@ -139,3 +139,20 @@ class PackedKV:
             return torch.cat([attend_dense_mask(q[None, a:b], k[None, a:b], v[None, a:b], m[None])[0]
                               for (a, b), m in zip(self.mask.spans, self.mask.masks)])
         return attend_block_mask(q[None], k[None], v[None], self.mask)[0]
+
+
+class MultiKV:
+    """Several layouts in one forward: the rows come in parts (``(layout, rows)`` in order), each part
+    attends in its own layout (an image's guidance branches, a text request's decode buffer). The
+    linear layers run over every row at once; attention runs part by part, each exactly as alone."""
+
+    def __init__(self, parts: list[tuple[object, int]]):
+        self.parts = parts
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        outs, offset = [], 0
+        for layout, rows in self.parts:
+            end = offset + rows
+            outs.append(layout.attend(layer, q[offset:end], k[offset:end], v[offset:end], causal))
+            offset = end
+        return torch.cat(outs)

@@ -21,7 +21,7 @@ from PIL import Image
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.model.qwen2_mot import KV, Routing
 from bagel_engine.params import BagelInputError
-from bagel_engine.runtime import image_transforms as T
+from bagel_engine.runtime import image_transforms
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 
 
@@ -118,8 +118,8 @@ class ContextBuilder:
         pixels = image.vit_pixels
         h, w = pixels.shape[1] // p, pixels.shape[2] // p
         self.check_room(ctx, h * w + 2, "an image (ViT)")
-        patches = T.patchify_image(pixels, p).to(self.device)
-        pos_ids = T.grid_position_ids(h, w, cfg.bagel.vit_max_num_patch_per_side).to(self.device)
+        patches = image_transforms.patchify_image(pixels, p).to(self.device)
+        pos_ids = image_transforms.grid_position_ids(h, w, cfg.bagel.vit_max_num_patch_per_side).to(self.device)
         body = self.model.embed_vit(patches, pos_ids, [h * w])
         if self.trace is not None:
             self.trace.setdefault("vit_llm_embeds", []).append(body.detach())
@@ -141,8 +141,8 @@ class ContextBuilder:
             self.trace.setdefault("vae_latents", []).append(latent.detach())
         ps = cfg.bagel.latent_patch_size
         h, w = latent.shape[1] // ps, latent.shape[2] // ps
-        tokens = T.patchify_latent(latent, ps).to(self.device)
-        pos_ids = T.grid_position_ids(h, w, cfg.bagel.max_latent_size).to(self.device)
+        tokens = image_transforms.patchify_latent(latent, ps).to(self.device)
+        pos_ids = image_transforms.grid_position_ids(h, w, cfg.bagel.max_latent_size).to(self.device)
         t0 = torch.zeros(1, device=self.device)
         body = self.model.embed_latents(tokens, self.model.time_embedder(t0), self.model.latent_pos_embed(pos_ids))
         s = self.tokenizer.special

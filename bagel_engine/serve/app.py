@@ -196,7 +196,7 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
 
         pipe.limits = Limits(max_model_len=settings.max_model_len, max_timesteps=settings.max_timesteps)
     metrics = Metrics()
-    worker = ModelWorker(pipe, queue_size=settings.queue_size, metrics=metrics)
+    worker = ModelWorker(pipe, queue_size=settings.queue_size, metrics=metrics, max_batch=settings.max_batch)
     names = list(settings.served_model_names) or [str(getattr(pipe, "model_name", None) or "bagel")]
     # Also accepted in `model` fields (not listed): the last path component of the name, and "bagel".
     accepted = set(names) | {n.rstrip("/").rsplit("/", 1)[-1] for n in names} | {"bagel"}
@@ -337,6 +337,7 @@ def create_app(pipe: Pipeline, settings: ServeSettings | None = None, *, ui: Any
     async def health() -> JSONResponse:
         ok = worker.alive
         return JSONResponse({"status": "ok" if ok else "worker stopped", "model": names[0], "busy": worker.busy,
+                             "running": worker.running, "max_batch": worker.max_batch,
                              "queue_depth": worker.queue_depth, "queue_size": settings.queue_size},
                             status_code=200 if ok else 503)
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 @dataclass
 class ServeSettings:
-    # Queueing: the worker runs one job; ``queue_size`` more may wait, the next gets a 429.
+    # Queueing: ``max_batch`` jobs run at once (batched step by step by the engine's scheduler);
+    # ``queue_size`` more may wait, the next gets a 429.
     queue_size: int = 8
+    max_batch: int = 8
     # Security: a bearer token every endpoint but /health requires (None: open server).
     api_key: str | None = None
     # Limits.
@@ -30,8 +32,8 @@ class ServeSettings:
     disconnect_poll_s: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.queue_size < 0:
-            raise ValueError("queue_size must be >= 0")
+        if self.queue_size < 0 or self.max_batch < 1:
+            raise ValueError("queue_size must be >= 0 and max_batch >= 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_image_pixels < 1 or self.max_images < 1:

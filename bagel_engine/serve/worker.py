@@ -1,9 +1,13 @@
-"""The single model worker: one thread owns the pipeline, jobs reach it through a bounded queue.
+"""The model worker: jobs reach the pipeline through a bounded queue; ``max_batch`` run at once.
 
-The pipeline is never touched by two threads at once, so no lock is needed around it. A job is a
-function ``fn(pipe, callback)``; ``callback(step, total)`` is handed to the engine, which calls it
-after every denoising step. It records progress and raises :class:`JobCancelled` once the job was
-cancelled (its client went away), which aborts the engine call between two steps.
+A job is a function ``fn(pipe, callback)``; ``callback(step, total)`` is handed to the engine, which
+calls it after every denoising step or token. It records progress and raises :class:`JobCancelled`
+once the job was cancelled (its client went away), which stops that job at the next step.
+
+With ``max_batch`` 1, one thread runs one job at a time. With more, ``max_batch`` threads each run a
+job and the pipeline's scheduler (``start_batching``) batches their engine calls step by step: the
+model itself is still touched by one thread only, the scheduler's. ``queue_size`` more jobs wait;
+the next gets :class:`QueueFull` (HTTP 429).
 """
 
 from __future__ import annotations
@@ -70,39 +74,50 @@ _STOP = object()
 
 
 class ModelWorker:
-    """Runs jobs one at a time on a dedicated thread; at most ``queue_size`` jobs wait."""
+    """Runs up to ``max_batch`` jobs at once (batched by the pipeline's scheduler); at most
+    ``queue_size`` more wait."""
 
-    def __init__(self, pipe: Pipeline, *, queue_size: int = 8, metrics: Metrics | None = None) -> None:
+    def __init__(self, pipe: Pipeline, *, queue_size: int = 8, metrics: Metrics | None = None,
+                 max_batch: int = 1) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.pipe = pipe
+        self.max_batch = max_batch
         self.queue_size = queue_size
         self.metrics = metrics or Metrics()
         # The bound is kept by ``_waiting`` under ``_lock`` (queue_size 0: no job may wait).
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._current: Job | None = None
+        self._running: set[Job] = set()
         self._avg_job_s: float | None = None
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="bagel-model-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"bagel-model-worker-{k}", daemon=True)
+                         for k in range(max_batch)]
         self.jobs_done = 0
         m = self.metrics
         m.gauge("bagel_queue_depth", "Jobs waiting for the model worker.", lambda: self._waiting)
         m.gauge("bagel_queue_capacity", "Jobs that may wait before requests get 429.", lambda: self.queue_size)
-        m.gauge("bagel_jobs_in_progress", "Jobs the model worker is running now (0 or 1).", lambda: int(self._current is not None))
+        m.gauge("bagel_jobs_in_progress", "Jobs the model worker is running now (at most max_batch).",
+                lambda: len(self._running))
+        m.gauge("bagel_max_batch", "Jobs the model worker runs at once (batched step by step).", lambda: self.max_batch)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "ModelWorker":
-        if not self._thread.is_alive():
-            self._thread.start()
+        if self.max_batch > 1 and hasattr(self.pipe, "start_batching"):
+            self.pipe.start_batching(self.max_batch)
+        for thread in self._threads:
+            if not thread.is_alive():
+                thread.start()
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop taking jobs, cancel the waiting ones and the running one, and join the thread."""
+        """Stop taking jobs, cancel the waiting ones and the running ones, and join the threads."""
         with self._lock:
             self._stopped = True
-            current = self._current
-        if current is not None:
-            current.cancel()
+            running = list(self._running)
+        for job in running:
+            job.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -111,9 +126,14 @@ class ModelWorker:
             if job is not _STOP:
                 job.cancel()
                 job.future.set_exception(WorkerStopped("the server is shutting down"))
-        self._queue.put(_STOP)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self.max_batch > 1 and hasattr(self.pipe, "stop_batching"):
+            self.pipe.stop_batching()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -122,15 +142,19 @@ class ModelWorker:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return all(t.is_alive() for t in self._threads) and not self._stopped
 
     def retry_after(self) -> int:
         per_job = self._avg_job_s if self._avg_job_s is not None else 1.0
-        return max(1, math.ceil(per_job * (self._waiting + 1)))
+        return max(1, math.ceil(per_job * (self._waiting // self.max_batch + 1)))
 
     # -- submission ----------------------------------------------------------------------------
     def submit(self, kind: str, fn: JobFn) -> Job:
@@ -139,10 +163,10 @@ class ModelWorker:
         with self._lock:
             if self._stopped:
                 raise WorkerStopped("the server is shutting down")
-            # queue_size 0: accept only when the worker is idle and nothing waits.
-            full = self._waiting >= self.queue_size and not (
-                self.queue_size == 0 and self._current is None and self._waiting == 0
-            )
+            # A job that a free runner will take at once never counts as waiting (queue_size 0:
+            # accept only then).
+            free = self.max_batch - len(self._running) - self._waiting
+            full = self._waiting >= self.queue_size + max(free, 0)
             if full:
                 self.metrics.inc("bagel_requests_rejected_total")
                 raise QueueFull(self.retry_after(), self.queue_size)
@@ -165,7 +189,7 @@ class ModelWorker:
                 if job.cancelled:
                     outcome = "cancelled"
                 else:
-                    self._current = job
+                    self._running.add(job)
                     outcome = None
             if outcome == "cancelled":
                 self.metrics.inc("bagel_jobs_total", kind=job.kind, outcome="cancelled")
@@ -174,7 +198,7 @@ class ModelWorker:
                 continue
             if not job.future.set_running_or_notify_cancel():
                 with self._lock:
-                    self._current = None
+                    self._running.discard(job)
                 continue
             job.started = time.monotonic()
             self.metrics.observe("bagel_queue_wait_seconds", job.started - job.created)
@@ -195,7 +219,7 @@ class ModelWorker:
                 took = job.finished - job.started
                 self.metrics.observe("bagel_job_duration_seconds", took, kind=job.kind)
                 with self._lock:
-                    self._current = None
+                    self._running.discard(job)
                     self.jobs_done += 1
                     if outcome == "ok":
                         self._avg_job_s = took if self._avg_job_s is None else 0.8 * self._avg_job_s + 0.2 * took

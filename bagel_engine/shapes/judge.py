@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bagel_engine.shapes import world as W
+from bagel_engine.shapes import world as shapes_world
 from bagel_engine.shapes.tasks import Spec, VQATask, _relation_holds
 
 Kind = tuple[str, str]
@@ -68,7 +68,7 @@ class Detection:
 
     def region(self, o: Found) -> str | None:
         w, h = self.size
-        return W.region_of(o.cx * W.CANVAS / w, o.cy * W.CANVAS / h, W.CANVAS)
+        return shapes_world.region_of(o.cx * shapes_world.CANVAS / w, o.cy * shapes_world.CANVAS / h, shapes_world.CANVAS)
 
 
 def _labels(mask: np.ndarray) -> list[np.ndarray]:
@@ -120,7 +120,7 @@ def _shape(box: np.ndarray) -> str | None:
 def detect(image: Image.Image, extra_colors: tuple[str, ...] = ()) -> Detection:
     """The objects of a picture (see the module doc); ``extra_colors``: names of ``world.EXTRA_COLORS``
     that may appear too."""
-    colors = W.palette(extra_colors)
+    colors = shapes_world.palette(extra_colors)
     names, palette = list(colors), np.array(list(colors.values()), np.float32)
     rgb = np.asarray(image.convert("RGB"), np.float32)
     h, w, _ = rgb.shape
@@ -138,7 +138,7 @@ def detect(image: Image.Image, extra_colors: tuple[str, ...] = ()) -> Detection:
     stray = far & ~member & ~(explained & (a < 0.5))  # half-way blends are edges, not stray
     stray_count = int(stray.sum())
     side = min(w, h)
-    min_area = max(4, int(0.1 * 2 * (W.SIZE_RANGE[0] * side) ** 2))  # a tenth of the smallest triangle
+    min_area = max(4, int(0.1 * 2 * (shapes_world.SIZE_RANGE[0] * side) ** 2))  # a tenth of the smallest triangle
     objects: list[Found] = []
     problems: list[str] = []
     for ci, name in enumerate(names):
@@ -184,7 +184,7 @@ def judge_picture(image: Image.Image, spec: Spec, extra_colors: tuple[str, ...] 
     if found != spec.counts:
         return Verdict(False, f"found {_kinds_text(found)}; expected {_kinds_text(spec.counts)}")
     by_kind = {o.kind: o for o in det.objects}
-    scale = W.CANVAS / min(det.size)
+    scale = shapes_world.CANVAS / min(det.size)
     if spec.position is not None:
         kind, pos = spec.position
         got = det.region(by_kind[kind])
@@ -193,8 +193,8 @@ def judge_picture(image: Image.Image, spec: Spec, extra_colors: tuple[str, ...] 
     if spec.relation is not None:
         a, rel, b = spec.relation
         oa, ob = by_kind[a], by_kind[b]
-        pa = W.Obj(*a, oa.cx * scale, oa.cy * scale, 0)
-        pb = W.Obj(*b, ob.cx * scale, ob.cy * scale, 0)
+        pa = shapes_world.Obj(*a, oa.cx * scale, oa.cy * scale, 0)
+        pb = shapes_world.Obj(*b, ob.cx * scale, ob.cy * scale, 0)
         if not _relation_holds(pa, rel, pb):
             return Verdict(False, f"the {a[0]} {a[1]} is not {rel.replace('_', ' ')} the {b[0]} {b[1]}")
     for anchor in spec.anchors:
@@ -204,14 +204,14 @@ def judge_picture(image: Image.Image, spec: Spec, extra_colors: tuple[str, ...] 
                                   f"not {anchor.region}")
         if anchor.at is not None:
             dist = float(np.hypot(o.cx * scale - anchor.at[0], o.cy * scale - anchor.at[1]))
-            if dist > STAY_TOLERANCE * W.CANVAS:
+            if dist > STAY_TOLERANCE * shapes_world.CANVAS:
                 return Verdict(False, f"the {anchor.kind[0]} {anchor.kind[1]} moved by {dist:.1f} px")
     return Verdict(True)
 
 
 _COMPETITORS = {
-    "color": [[c] for c in W.COLORS],
-    "shape": [[s, W.plural(s)] for s in W.SHAPES],
+    "color": [[c] for c in shapes_world.COLORS],
+    "shape": [[s, shapes_world.plural(s)] for s in shapes_world.SHAPES],
     "count": [["one", "1"], ["two", "2"], ["three", "3"]],
     "where": [["left"], ["right"], ["top"], ["bottom"], ["center", "centre", "middle"]],
     "yesno": [["yes"], ["no"]],

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bagel_engine.shapes import world as W
+from bagel_engine.shapes import world as shapes_world
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,10 @@ class Recipe:
 
     def train_model(self, config=None) -> Path:
         from bagel_engine.train import Trainer
-        from bagel_engine.train import checkpoint as C
+        from bagel_engine.train import checkpoint as checkpoints
 
         config = config or self.train_config()
-        latest = C.latest_checkpoint(Path(config.output_dir))
+        latest = checkpoints.latest_checkpoint(Path(config.output_dir))
         if latest is not None and int(latest.name.split("-")[-1]) >= config.steps:
             return latest
         trainer = Trainer(config)
@@ -302,7 +302,7 @@ def _tokenizer_corpus(data: Path) -> list[str]:
     from bagel_engine.api import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 
     texts = [GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT]
-    texts += [" ".join([*W.COLORS, *W.SHAPES, *map(W.plural, W.SHAPES), *W.POSITIONS, *W.NUMBERS.values()])]
+    texts += [" ".join([*shapes_world.COLORS, *shapes_world.SHAPES, *map(shapes_world.plural, shapes_world.SHAPES), *shapes_world.POSITIONS, *shapes_world.NUMBERS.values()])]
     with open(data / "train.jsonl") as f:
         for line in f:
             row = json.loads(line)

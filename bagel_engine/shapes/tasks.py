@@ -16,11 +16,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from bagel_engine.shapes import world as W
+from bagel_engine.shapes import world as shapes_world
 from bagel_engine.shapes.world import Obj, Placer
 
 Kind = tuple[str, str]
-ALL_KINDS: tuple[Kind, ...] = tuple((c, s) for c in W.COLORS for s in W.SHAPES)
+ALL_KINDS: tuple[Kind, ...] = tuple((c, s) for c in shapes_world.COLORS for s in shapes_world.SHAPES)
 T2I_CATEGORIES = ("single", "position", "count", "two", "relation")
 EDIT_CATEGORIES = ("recolor", "move", "remove", "add")
 VQA_CATEGORIES = ("color", "shape", "count", "where", "yesno")
@@ -76,7 +76,7 @@ class VQATask:
 
 def _kinds(held_out: str) -> list[Kind]:
     if held_out == "exclude":
-        return [k for k in ALL_KINDS if k not in W.HELD_OUT]
+        return [k for k in ALL_KINDS if k not in shapes_world.HELD_OUT]
     return list(ALL_KINDS)
 
 
@@ -86,7 +86,7 @@ def _pick(rng: random.Random, kinds: list[Kind], n: int = 1) -> list[Kind]:
 
 # ----------------------------------------------------------------------------- text to image
 def t2i_task(rng: random.Random, category: str | None = None, held_out: str = "exclude",
-             size: int = W.CANVAS, new_color: str | None = None) -> T2ITask:
+             size: int = shapes_world.CANVAS, new_color: str | None = None) -> T2ITask:
     """A prompt of ``category`` (random when None) and a scene that satisfies it. ``new_color`` (one of
     ``world.EXTRA_COLORS``): one object of the prompt has that colour."""
     for _ in range(100):
@@ -101,11 +101,11 @@ def _t2i_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer,
                  new_color: str | None = None) -> T2ITask | None:
     kinds = _kinds(held_out)
     if new_color is not None:
-        a = (new_color, rng.choice(W.SHAPES))
+        a = (new_color, rng.choice(shapes_world.SHAPES))
         b_choices = [k for k in kinds if k != a]
     elif held_out == "only":
-        a = rng.choice(W.HELD_OUT)
-        b_choices = [k for k in ALL_KINDS if k != a and k not in W.HELD_OUT]
+        a = rng.choice(shapes_world.HELD_OUT)
+        b_choices = [k for k in ALL_KINDS if k != a and k not in shapes_world.HELD_OUT]
     else:
         a = rng.choice(kinds)
         b_choices = [k for k in kinds if k != a]
@@ -115,13 +115,13 @@ def _t2i_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer,
     objs: list[Obj] = []
     if cat == "single":
         o = placer.place(*a, objs)
-        prompt, spec = W.phrase(a), Spec({a: 1})
+        prompt, spec = shapes_world.phrase(a), Spec({a: 1})
         objs = [o] if o else []
     elif cat == "position":
-        pos = rng.choice(W.POSITIONS)
+        pos = rng.choice(shapes_world.POSITIONS)
         o = placer.place(*a, objs, position=pos)
         where = "in the center" if pos == "center" else f"on the {pos}"
-        prompt, spec = f"{W.phrase(a)} {where}", Spec({a: 1}, position=(a, pos))
+        prompt, spec = f"{shapes_world.phrase(a)} {where}", Spec({a: 1}, position=(a, pos))
         objs = [o] if o else []
     elif cat == "count":
         n = rng.choice((2, 3))
@@ -130,19 +130,19 @@ def _t2i_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer,
             if o is None:
                 return None
             objs.append(o)
-        prompt, spec = f"{W.NUMBERS[n]} {a[0]} {W.plural(a[1])}", Spec({a: n})
+        prompt, spec = f"{shapes_world.NUMBERS[n]} {a[0]} {shapes_world.plural(a[1])}", Spec({a: n})
     elif cat == "two":
         oa = placer.place(*a, objs)
         ob = oa and placer.place(*b, [oa])
         objs = [oa, ob] if oa and ob else []
-        prompt, spec = f"{W.phrase(a)} and {W.phrase(b)}", Spec({a: 1, b: 1})
+        prompt, spec = f"{shapes_world.phrase(a)} and {shapes_world.phrase(b)}", Spec({a: 1, b: 1})
     elif cat == "relation":
         words = rng.choice(list(RELATIONS))
         rel = RELATIONS[words]
         oa = placer.place(*a, objs)
         ob = oa and placer.place(*b, [oa], where=lambda o: _relation_holds(oa, rel, o, margin=placer.gap))
         objs = [oa, ob] if oa and ob else []
-        prompt, spec = f"{W.phrase(a)} {words} {W.phrase(b)}", Spec({a: 1, b: 1}, relation=(a, rel, b))
+        prompt, spec = f"{shapes_world.phrase(a)} {words} {shapes_world.phrase(b)}", Spec({a: 1, b: 1}, relation=(a, rel, b))
     else:
         raise ValueError(f"unknown t2i category {cat!r}; choose one of {', '.join(T2I_CATEGORIES)}")
     if not objs or any(o is None for o in objs):
@@ -166,7 +166,7 @@ def _relation_holds(a: Obj, rel: str, b: Obj, margin: float = 0.0) -> bool:
 
 # ----------------------------------------------------------------------------- editing
 def edit_task(rng: random.Random, category: str | None = None, held_out: str = "exclude",
-              size: int = W.CANVAS) -> EditTask:
+              size: int = shapes_world.CANVAS) -> EditTask:
     for _ in range(200):
         cat = category or rng.choice(EDIT_CATEGORIES)
         task = _edit_attempt(rng, cat, held_out, Placer(rng, size))
@@ -183,22 +183,22 @@ def _edit_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer) -
     allowed = _kinds(held_out)  # kinds a target may show
     n_source = 2 if cat == "remove" else 1 if cat == "add" else rng.choice((1, 2))
     source: list[Obj] = []
-    shapes = rng.sample(W.SHAPES, n_source)  # distinct shapes: "the {shape}" names one object
+    shapes = rng.sample(shapes_world.SHAPES, n_source)  # distinct shapes: "the {shape}" names one object
     for shape in shapes:
-        o = placer.place(rng.choice(list(W.COLORS)), shape, source)
+        o = placer.place(rng.choice(list(shapes_world.COLORS)), shape, source)
         if o is None:
             return None
         source.append(o)
     i = rng.randrange(len(source))
     obj, others = source[i], source[:i] + source[i + 1:]
     if cat == "recolor":
-        color = rng.choice([c for c in W.COLORS if c != obj.color])
+        color = rng.choice([c for c in shapes_world.COLORS if c != obj.color])
         new = Obj(color, obj.shape, obj.cx, obj.cy, obj.r)
         target = others + [new]
         instruction = f"make the {obj.shape} {color}"
         anchors = [_stay(o) for o in target]
     elif cat == "move":
-        pos = rng.choice([p for p in W.POSITIONS if p != W.region_of(obj.cx, obj.cy, placer.size)])
+        pos = rng.choice([p for p in shapes_world.POSITIONS if p != shapes_world.region_of(obj.cx, obj.cy, placer.size)])
         new = placer.moved(obj, pos, others)
         if new is None:
             return None
@@ -211,14 +211,14 @@ def _edit_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer) -
         instruction = f"remove the {obj.color} {obj.shape}"
         anchors = [_stay(o) for o in others]
     elif cat == "add":
-        pos = rng.choice(W.POSITIONS)
+        pos = rng.choice(shapes_world.POSITIONS)
         kind = rng.choice([k for k in allowed if k[1] != obj.shape])
         new = placer.place(*kind, source, position=pos)
         if new is None:
             return None
         target = source + [new]
         where = "in the center" if pos == "center" else f"on the {pos}"
-        instruction = f"add {W.phrase(kind)} {where}"
+        instruction = f"add {shapes_world.phrase(kind)} {where}"
         anchors = [_stay(obj), Anchor(kind, region=pos)]
     else:
         raise ValueError(f"unknown edit category {cat!r}; choose one of {', '.join(EDIT_CATEGORIES)}")
@@ -231,7 +231,7 @@ def _edit_attempt(rng: random.Random, cat: str, held_out: str, placer: Placer) -
 
 
 # ----------------------------------------------------------------------------- questions
-def vqa_task(rng: random.Random, category: str | None = None, size: int = W.CANVAS) -> VQATask:
+def vqa_task(rng: random.Random, category: str | None = None, size: int = shapes_world.CANVAS) -> VQATask:
     for _ in range(200):
         cat = category or rng.choice(VQA_CATEGORIES)
         task = _vqa_attempt(rng, cat, Placer(rng, size))
@@ -251,29 +251,29 @@ def _scene(placer: Placer, kinds: list[Kind], positions: list[str | None] | None
 
 
 def _vqa_attempt(rng: random.Random, cat: str, placer: Placer) -> VQATask | None:
-    colors = list(W.COLORS)
+    colors = list(shapes_world.COLORS)
     n = rng.choice((1, 2))
     if cat == "color":
-        shapes = rng.sample(W.SHAPES, n)
+        shapes = rng.sample(shapes_world.SHAPES, n)
         kinds = [(rng.choice(colors), s) for s in shapes]
         scene = _scene(placer, kinds)
         return scene and VQATask(cat, f"What color is the {shapes[0]}?", scene, kinds[0][0])
     if cat == "shape":
         cs = rng.sample(colors, n)
-        kinds = [(c, rng.choice(W.SHAPES)) for c in cs]
+        kinds = [(c, rng.choice(shapes_world.SHAPES)) for c in cs]
         scene = _scene(placer, kinds)
         return scene and VQATask(cat, f"What shape is the {cs[0]} object?", scene, kinds[0][1])
     if cat == "count":
-        shape = rng.choice(W.SHAPES)
+        shape = rng.choice(shapes_world.SHAPES)
         count = rng.choice((1, 2, 3))
         kinds = [(rng.choice(colors), shape) for _ in range(count)]
         if rng.random() < 0.5:
-            kinds.append((rng.choice(colors), rng.choice([s for s in W.SHAPES if s != shape])))
+            kinds.append((rng.choice(colors), rng.choice([s for s in shapes_world.SHAPES if s != shape])))
         rng.shuffle(kinds)
         scene = _scene(placer, kinds)
-        return scene and VQATask(cat, f"How many {W.plural(shape)} are there?", scene, W.NUMBERS[count])
+        return scene and VQATask(cat, f"How many {shapes_world.plural(shape)} are there?", scene, shapes_world.NUMBERS[count])
     if cat == "where":
-        pos = rng.choice(W.POSITIONS)
+        pos = rng.choice(shapes_world.POSITIONS)
         kinds = rng.sample(ALL_KINDS, n)
         scene = _scene(placer, kinds, [pos] + [None] * (n - 1))
         c, s = kinds[0]

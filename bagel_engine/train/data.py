@@ -35,7 +35,7 @@ from typing import Any, Iterator
 from bagel_engine.batch.reader import Row, read_rows
 from bagel_engine.batch.request import image_values, load_image
 from bagel_engine.params import BagelInputError
-from bagel_engine.train import sample as S
+from bagel_engine.train import sample as sample_plans
 from bagel_engine.train.packing import PackedBatch, SequencePacker, sample_length
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def row_task(row: Row) -> str:
     return "t2i"
 
 
-def row_sample(row: Row, task: str = "auto") -> S.Sample:
+def row_sample(row: Row, task: str = "auto") -> sample_plans.Sample:
     """The sample of one row, or :class:`BagelInputError` saying what is wrong with it."""
     if row.error:
         raise BagelInputError(row.error)
@@ -140,33 +140,33 @@ def row_sample(row: Row, task: str = "auto") -> S.Sample:
             if len(images) != 1:
                 raise BagelInputError(f"a t2i row needs exactly one image, found {len(images)}")
             image = images[0]
-        return S.text_to_image(prompt, image, name)
+        return sample_plans.text_to_image(prompt, image, name)
     if task == "edit":
         inputs = _images(row, exclude=TARGETS)
         if not inputs:
             raise BagelInputError("an edit row needs at least one input image (image / input_images)")
-        return S.edit(inputs, _text(row, ("instruction", "prompt", "text"), "instruction"), _target(row), name)
+        return sample_plans.edit(inputs, _text(row, ("instruction", "prompt", "text"), "instruction"), _target(row), name)
     if task == "understand":
         images = _images(row)
         if not images:
             raise BagelInputError("an understand row needs at least one image")
-        return S.understanding(images, _text(row, ("question", "prompt", "instruction"), "question"),
+        return sample_plans.understanding(images, _text(row, ("question", "prompt", "instruction"), "question"),
                                _text(row, ANSWERS, "answer"), name)
     if task == "chat":
-        return S.Sample([S.Text(_text(row, ("prompt", "question", "instruction"), "prompt")),
-                         S.Text(_text(row, ANSWERS, "answer"), loss=True)], name)
+        return sample_plans.Sample([sample_plans.Text(_text(row, ("prompt", "question", "instruction"), "prompt")),
+                         sample_plans.Text(_text(row, ANSWERS, "answer"), loss=True)], name)
     if task == "conversation":
         column = next(c for c in CONVERSATIONS if row.get(c) is not None) if _has(row, CONVERSATIONS) else None
         if column is None:
             raise BagelInputError("no conversation: the row has no column conversations / messages")
         try:
-            return S.conversation(_turns(row.get(column)), _images(row), name)
+            return sample_plans.conversation(_turns(row.get(column)), _images(row), name)
         except ValueError as e:
             raise BagelInputError(str(e)) from None
     raise BagelInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto") -> tuple[S.Sample, int] | str:
+def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto") -> tuple[sample_plans.Sample, int] | str:
     """``(sample, tokens)`` of a row, or the reason it cannot be trained on (bad content, sizes the
     model cannot take, more tokens than ``max_tokens``)."""
     try:
@@ -238,7 +238,7 @@ class DataStream:
             self.bad.append(BadRow(row.where(), error))
             log.warning("skipping %s: %s", row.where(), error)
 
-    def _next_sample(self) -> tuple[S.Sample, int]:
+    def _next_sample(self) -> tuple[sample_plans.Sample, int]:
         share = self._share(self.epoch)
         tried = 0
         while True:
@@ -279,7 +279,7 @@ class DataStream:
 
 
 def _usable_rows(rows: list[Row], packer: SequencePacker, max_tokens: int, task: str,
-                 bad: list[BadRow]) -> Iterator[tuple[Row, S.Sample, int]]:
+                 bad: list[BadRow]) -> Iterator[tuple[Row, sample_plans.Sample, int]]:
     """The rows that can be trained on, in order, with their samples and token counts; the others go to ``bad``."""
     for row in rows:
         usable = usable_sample(row, packer, max_tokens, task)
@@ -378,7 +378,7 @@ def survey(path: str | Path, packer: SequencePacker, max_tokens: int, task: str 
         kind = row_task(row) if task == "auto" else task
         tasks[kind] = tasks.get(kind, 0) + 1
         lengths.append(n)
-        text = sum(len(packer.tokenizer.frame(s.text)) for s in sample.segments if isinstance(s, S.Text))
+        text = sum(len(packer.tokenizer.frame(s.text)) for s in sample.segments if isinstance(s, sample_plans.Text))
         text_tokens += text
         image_tokens += n - text
     sequences, fill = 0, 0

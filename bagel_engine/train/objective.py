@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.bagel import Bagel, PackedInputs
-from bagel_engine.runtime import image_transforms as T
+from bagel_engine.runtime import image_transforms
 from bagel_engine.train.latent_cache import LatentCache
 from bagel_engine.train.packing import PackedBatch
 
@@ -77,7 +77,7 @@ def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, times
     for image in batch.vae_images:
         with torch.no_grad():
             latent = encode_latents(vae, image.pixels.to(device), generator, latent_cache)
-        clean = T.patchify_latent(latent.float(), ps).to(device)
+        clean = image_transforms.patchify_latent(latent.float(), ps).to(device)
         n = clean.shape[0]
         t = 0.0
         if image.target:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from bagel_engine.model.kv_cache import SampleBlocks
-from bagel_engine.runtime import image_transforms as T
+from bagel_engine.runtime import image_transforms
 from bagel_engine.runtime.context import PreparedImage
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.train.sample import Dropout, Sample, Text
@@ -192,7 +192,7 @@ class SequencePacker:
                     rows = b.take(h * w + 2)
                     b.text([s.start_of_image, s.end_of_image], [rows[0], rows[-1]])
                     b.vae_indexes += rows[1:-1]
-                    b.latent_pos.append(T.grid_position_ids(h, w, self.cfg.bagel.max_latent_size))
+                    b.latent_pos.append(image_transforms.grid_position_ids(h, w, self.cfg.bagel.max_latent_size))
                     b.vae_images.append(VaeImage(image.vae_pixels, (h, w), segment.target))
                     b.positions += [rope] * len(rows)
                     b.split(len(rows), NOISE if segment.target else FULL)
@@ -202,8 +202,8 @@ class SequencePacker:
                     rows = b.take(h * w + 2)
                     b.text([s.start_of_image, s.end_of_image], [rows[0], rows[-1]])
                     b.vit_indexes += rows[1:-1]
-                    b.vit_patches.append(T.patchify_image(image.vit_pixels, self.cfg.vit.patch_size))
-                    b.vit_pos.append(T.grid_position_ids(h, w, self.cfg.bagel.vit_max_num_patch_per_side))
+                    b.vit_patches.append(image_transforms.patchify_image(image.vit_pixels, self.cfg.vit.patch_size))
+                    b.vit_pos.append(image_transforms.grid_position_ids(h, w, self.cfg.bagel.vit_max_num_patch_per_side))
                     b.vit_seqlens.append(h * w)
                     b.positions += [rope] * len(rows)
                     b.split(len(rows), FULL)

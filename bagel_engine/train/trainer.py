@@ -29,7 +29,7 @@ import torch
 
 import bagel_engine
 from bagel_engine.params import BagelInputError
-from bagel_engine.train import checkpoint as C
+from bagel_engine.train import checkpoint as checkpoints
 from bagel_engine.train import parallel as DP
 from bagel_engine.train.data import TASKS, DataStream, Prefetcher, pack_in_order
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
@@ -214,16 +214,16 @@ class Trainer:
         """Start afresh (``resume=False``): remove the checkpoints and logs of an earlier run."""
         import shutil
 
-        for path in C.list_checkpoints(self.output_dir) + list(self.output_dir.glob(C.PREFIX + "*.tmp")):
+        for path in checkpoints.list_checkpoints(self.output_dir) + list(self.output_dir.glob(checkpoints.PREFIX + "*.tmp")):
             shutil.rmtree(path, ignore_errors=True)
         for name in ("latest", "train_log.jsonl", "bad_rows.jsonl"):
             (self.output_dir / name).unlink(missing_ok=True)
 
     def _resume(self) -> None:
-        path = C.latest_checkpoint(self.output_dir)
+        path = checkpoints.latest_checkpoint(self.output_dir)
         if path is None:
             return
-        tensors, state = C.load_checkpoint(path)
+        tensors, state = checkpoints.load_checkpoint(path)
         if state.get("trainable") != sorted(self.params):
             raise BagelInputError(f"{path} was trained with other frozen parts; use a new --output-dir or --overwrite")
         if state.get("strategy", "ddp") != self.cfg.strategy:
@@ -310,7 +310,7 @@ class Trainer:
                 adapter = {"tensors": source, "rank": self.cfg.lora_rank,
                            "alpha": float(self.cfg.lora_alpha if self.cfg.lora_alpha is not None else self.cfg.lora_rank),
                            "targets": self.cfg.lora_targets}
-            path = C.save_checkpoint(self.output_dir, self.step, self.base_dir, published, state, tensors,
+            path = checkpoints.save_checkpoint(self.output_dir, self.step, self.base_dir, published, state, tensors,
                                      keep=self.cfg.keep, adapter=adapter)
             if bad:
                 (self.output_dir / "bad_rows.jsonl").write_text(
@@ -423,8 +423,8 @@ class Trainer:
         cfg = self.cfg
         if self.step >= cfg.steps:
             if self.dist.rank == 0:
-                print(f"nothing to do: {C.latest_checkpoint(self.output_dir)} is at step {self.step} of {cfg.steps}")
-            return C.latest_checkpoint(self.output_dir)
+                print(f"nothing to do: {checkpoints.latest_checkpoint(self.output_dir)} is at step {self.step} of {cfg.steps}")
+            return checkpoints.latest_checkpoint(self.output_dir)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
