@@ -433,7 +433,7 @@ def _measure_in_subprocess(spec: dict, log: Callable[[str], None]) -> tuple[dict
     import tempfile
     from pathlib import Path
 
-    from bagel_engine.bench import worker
+    from bagel_engine.bench import option_files
 
     with tempfile.TemporaryDirectory(prefix="bagel-bench-") as tmp:
         out = Path(tmp)
@@ -443,12 +443,12 @@ def _measure_in_subprocess(spec: dict, log: Callable[[str], None]) -> tuple[dict
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         for line in lines:
             log(f"  {line}")
-        if not (out / worker.RESULT).exists():
+        if not (out / option_files.RESULT).exists():
             tail = " / ".join(lines[-3:])
             raise _OptionFailed(f"the process exited with status {proc.returncode} (killed for memory?)"
                                 + (f": {tail}" if tail else ""))
-        result = json.loads((out / worker.RESULT).read_text(encoding="utf-8"))
-        return result, (worker.read_outputs(out, result) if result.get("status") == "ok" else [])
+        result = json.loads((out / option_files.RESULT).read_text(encoding="utf-8"))
+        return result, (option_files.read_outputs(out, result) if result.get("status") == "ok" else [])
 
 
 def json_safe(value: Any) -> Any:

@@ -15,47 +15,17 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from PIL import Image
 
-from bagel_engine.bench.workloads import Workload
-
-RESULT, LATENTS = "result.json", "latents.pt"
-
-
-def workload_from_dict(d: dict) -> Workload:
-    d = dict(d)
-    if d.get("cfg_interval") is not None:
-        d["cfg_interval"] = tuple(d["cfg_interval"])
-    return Workload(**d)
+from bagel_engine.bench.option_files import RESULT, workload_from_dict, write_outputs
+from bagel_engine.bench.runner import measure, summarize
 
 
 def run(spec: dict, out_dir: Path) -> dict:
-    from bagel_engine.bench.runner import measure, summarize
-
     m = measure(spec["model"], spec["load_kwargs"], workload_from_dict(spec["workload"]), device=spec["device"],
                 dtype=spec["dtype"], repeat=spec["repeat"], warmup=spec["warmup"],
                 log=lambda s: print(s, file=sys.stderr, flush=True))
-    outputs = m.outputs
-    torch.save([None if o.latents is None else o.latents.cpu() for o in outputs], out_dir / LATENTS)
-    for k, o in enumerate(outputs):
-        if o.image is not None:
-            o.image.save(out_dir / f"image-{k}.png")
-    return {"status": "ok", "load_s": m.load_s, "peak_bytes": m.peak_bytes, "figures": summarize(m),
-            "texts": [o.text for o in outputs]}
-
-
-def read_outputs(out_dir: Path, result: dict) -> list:
-    """The first measured run's outputs as ``BagelOutput`` objects (latents, images, texts)."""
-    from bagel_engine import BagelOutput
-
-    latents = torch.load(out_dir / LATENTS) if (out_dir / LATENTS).exists() else []
-    outputs = []
-    for k, text in enumerate(result.get("texts") or []):
-        path = out_dir / f"image-{k}.png"
-        image = Image.open(path).convert("RGB") if path.exists() else None
-        outputs.append(BagelOutput(text=text, image=image, latents=latents[k] if k < len(latents) else None))
-    return outputs
+    texts = write_outputs(m.outputs, out_dir)
+    return {"status": "ok", "load_s": m.load_s, "peak_bytes": m.peak_bytes, "figures": summarize(m), "texts": texts}
 
 
 def main(argv: list[str] | None = None) -> int:
