@@ -37,14 +37,23 @@ def holder_alive(host: str, pid: int) -> bool:
     return host != HOST or pid == os.getpid() or pid_alive(pid)
 
 
+class FolderInUse(BagelInputError):
+    """The folder is locked by a live job; ``holder`` says who (pid, host, started, claims)."""
+
+    def __init__(self, message: str, holder: dict):
+        super().__init__(message)
+        self.holder = holder
+
+
 class FolderLock:
     def __init__(self, folder: Path, tag: str = "all"):
         self.path = Path(folder) / f".bagel-lock-{tag}.json"
         self.held = False
 
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`BagelInputError` naming the live holder."""
-        me = json.dumps({"pid": os.getpid(), "host": HOST, "started": time.time()}).encode()
+    def acquire(self, claims_rows: bool = True) -> None:
+        """Take the lock or raise :class:`FolderInUse` naming the live holder. ``claims_rows``: this job
+        claims each row before running it (``batch.claims``), so another may join it (``--join``)."""
+        me = json.dumps({"pid": os.getpid(), "host": HOST, "started": time.time(), "claims": claims_rows}).encode()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -54,10 +63,10 @@ class FolderLock:
                     self._remove_stale(holder)
                     continue
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
-                raise BagelInputError(
+                raise FolderInUse(
                     f"{self.path.parent} is in use by another batch job (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {since}): wait for it to finish, or choose another --output-dir "
-                    f"(if that job is gone, delete {self.path})") from None
+                    f"{holder.get('host')}, since {since}): wait for it to finish, share its rows with --join, or "
+                    f"choose another --output-dir (if that job is gone, delete {self.path})", holder) from None
             with os.fdopen(fd, "wb") as f:
                 f.write(me)
                 f.flush()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,7 +31,8 @@ from bagel_engine.params import DiskFull, disk_full, is_disk_full
 TMP_MARK = ".bagel-tmp"
 HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())  # temp names: .<name>.<pid>@<host>.bagel-tmp
 TMP_RE = re.compile(r"\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?" + re.escape(TMP_MARK) + "$")
-PART_RE = re.compile(r"^manifest\.part-(?P<tag>[A-Za-z0-9]+)-r(?P<rank>\d+)of(?P<world>\d+)\.jsonl$")
+PART_RE = re.compile(r"^manifest\.part-(?P<tag>[A-Za-z0-9]+)-r(?P<rank>\d+)of(?P<world>\d+)"
+                     r"(?:-join(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)x(?P<token>[0-9a-f]+))?\.jsonl$")
 CSV_COLUMNS = ("id", "index", "status", "output", "text", "error", "seed", "prompt", "inputs", "params",
                "timings", "source", "rank", "finished_at")
 
@@ -52,7 +54,8 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST_TAG}{TMP_MARK}")
+    # (a thread's own name too: two jobs of one process may write the same file at once)
+    tmp = path.with_name(f".{path.name}.t{threading.get_ident()}.{os.getpid()}@{HOST_TAG}{TMP_MARK}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -102,8 +105,20 @@ def manifest_stem(shard: tuple[int, int] | None) -> str:
     return "manifest" if shard is None else f"manifest.shard{shard[0]}of{shard[1]}"
 
 
-def part_path(folder: Path, shard: tuple[int, int] | None, rank: int, world: int) -> Path:
-    return Path(folder) / f"manifest.part-{shard_tag(shard)}-r{rank}of{world}.jsonl"
+def part_path(folder: Path, shard: tuple[int, int] | None, rank: int, world: int, join_token: str | None = None) -> Path:
+    """A process's part file; a job that joined another (``--join``) has its own, named by pid, host and token."""
+    joiner = f"-join{os.getpid()}@{HOST_TAG}x{join_token}" if join_token else ""
+    return Path(folder) / f"manifest.part-{shard_tag(shard)}-r{rank}of{world}{joiner}.jsonl"
+
+
+def live_joiner(path: Path) -> bool:
+    """Whether ``path`` is the part file of a joined job that may still be writing it."""
+    from bagel_engine.batch.lock import HOST, holder_alive
+
+    m = PART_RE.match(path.name)
+    if not m or not m.group("pid"):
+        return False
+    return holder_alive(HOST if m["host"] == HOST_TAG else m["host"], int(m["pid"]))
 
 
 # ----------------------------------------------------------------------------- records
@@ -234,9 +249,12 @@ def write_manifest(folder: Path, stem: str, records: Iterable[dict[str, Any]]) -
     return out_jsonl, out_csv
 
 
-def merge(folder: Path, keys: list[str], shard: tuple[int, int] | None) -> list[dict[str, Any]]:
+def merge(folder: Path, keys: list[str], shard: tuple[int, int] | None, own: Path | None = None,
+          joined: bool = False) -> list[dict[str, Any]]:
     """Merge every record found for ``keys`` (in that order) into the job's manifest, then delete
-    the job's part files. Returns the merged records (rows never finished are left out)."""
+    the job's part files: never a live joined job's (``--join``: it is still writing), and for a job that
+    joined another (``joined``) only its ``own`` (the holder is still writing its parts). Returns the
+    merged records (rows never finished are left out)."""
     folder = Path(folder)
     latest = latest_records(folder)
     records = [latest[k] for k in keys if k in latest]
@@ -244,9 +262,12 @@ def merge(folder: Path, keys: list[str], shard: tuple[int, int] | None) -> list[
     tag = shard_tag(shard)
     for path in folder.glob("manifest.part-*.jsonl"):
         m = PART_RE.match(path.name)
-        if m and m.group("tag") == tag:
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        if not m or m.group("tag") != tag:
+            continue
+        if path != own and (live_joiner(path) or (joined and not m.group("pid"))):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            pass
     return records

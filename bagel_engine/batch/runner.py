@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 from bagel_engine.batch import dist as data_parallel
 from bagel_engine.batch import knobs as knob_table
 from bagel_engine.batch import manifest as manifests
-from bagel_engine.batch.lock import FolderLock
+from bagel_engine.batch.claims import RowClaims
+from bagel_engine.batch.lock import FolderInUse, FolderLock
 from bagel_engine.batch.reader import read_rows
 from bagel_engine.batch.request import Plan, build_call, plan_rows
 from bagel_engine.params import BagelInputError, DiskFull, disk_full, is_disk_full
@@ -46,6 +47,7 @@ class BatchJob:
     environ: Mapping[str, str] | None = None  # for DG_BAGEL_*; default os.environ
     batch_size: int = 1  # t2i: rows with the same size and knobs denoised together (pipe.generate(list))
     load_options: dict[str, Any] = field(default_factory=dict)  # quantize, offload, compile... for load()
+    join: bool = False  # the folder is another job's: share its rows (claims) instead of stopping
 
 
 @dataclass
@@ -177,23 +179,36 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     dist = data_parallel.setup(job.device)
     lock = FolderLock(out_dir, manifests.shard_tag(job.shard))
     try:
-        refusal = None
-        if dist.is_main:  # one job per folder (and shard); the ranks of this one share it
+        refusal, joined = None, None
+        if job.join and dist.world > 1:
+            refusal = "--join works for a job of one process (not under torchrun)"
+        elif dist.is_main:  # one job per folder (and shard); the ranks of this one share it
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                lock.acquire()
+                lock.acquire(claims_rows=dist.world == 1)
+            except FolderInUse as e:
+                if not job.join:
+                    refusal = str(e)
+                elif not e.holder.get("claims"):
+                    refusal = (f"{out_dir} is in use by a batch job of several processes (pid {e.holder.get('pid')}), "
+                               "which does not share its rows: --join works with a job of one process")
+                else:
+                    joined = e.holder
             except BagelInputError as e:
                 refusal = str(e)
         refusal = dist.broadcast(refusal)
         if refusal:
             raise BagelInputError(refusal)
-        return _run(job, load, dist, out_dir, t_start)
+        return _run(job, load, dist, out_dir, t_start, joined)
     finally:
         lock.release()
         dist.close()
 
 
-def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: float) -> Summary:
+def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: float,
+         joined: dict | None = None) -> Summary:
+    """``joined``: the holder of the folder's lock this job joined (``--join``): the two share the rows
+    through claims, this one from the end of the list."""
     task = job.task
     base = {**knob_table.env_knobs(task, job.environ), **knob_table.cli_knobs(job.knobs, task)}
     base_seed = base.pop("seed", None)
@@ -209,10 +224,17 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
     todo_all = [p for p in selected if _needs_run(p, state.get(p.key), job)]
     todo_keys = {p.key for p in todo_all}
     todo = [p for p in mine if p.key in todo_keys]
-    part = manifests.part_path(out_dir, job.shard, dist.rank, dist.world)
+    claims = RowClaims(out_dir, manifests.shard_tag(job.shard)) if dist.world == 1 else None
+    part = manifests.part_path(out_dir, job.shard, dist.rank, dist.world, claims.token if joined else None)
     others = [manifests.part_path(out_dir, job.shard, r, dist.world) for r in range(dist.world) if r != dist.rank]
     run_id = dist.broadcast(f"{int(time.time())}-{secrets.token_hex(4)}" if dist.is_main else None)
-    if dist.is_main:
+    if joined:  # the holder is alive and writing: touch none of its files; work from the other end
+        todo = todo[::-1]
+        _stderr(f"bagel batch {task}: joined the job of pid {joined.get('pid')} on {joined.get('host')} in {out_dir}: "
+                f"{len(todo)} rows not done, taken from the end, each one nobody holds")
+    elif dist.is_main:
+        if claims is not None:
+            claims.clear_stale()
         manifests.remove_temp_files(out_dir)  # only those of dead writers: the shards of a job may share the folder
         for path in [part, *others]:
             if path.exists():
@@ -238,12 +260,18 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
             with manifests.PartWriter(part) as writer:
                 for start in range(0, len(todo), group):
                     chunk = todo[start : start + group]
+                    if claims is not None:  # rows another job holds (or finished meanwhile) are its own
+                        chunk = [p for p in chunk if claims.claim(p.key)]
+                        if not chunk:
+                            continue
                     if len(chunk) == 1:
                         done = [(chunk[0], _process(pipe, chunk[0], job, base, base_seed, out_dir, dist, run_id, progress))]
                     else:
                         done = _process_together(pipe, chunk, job, base, base_seed, out_dir, dist, run_id, progress)
                     for plan, record in done:
                         writer.append(record)
+                        if claims is not None:
+                            claims.done(plan.key)
                         progress.row_done(record["status"] == "ok")
                         if record["status"] != "ok":
                             prefix = f"[rank {dist.rank}] " if dist.world > 1 else ""
@@ -252,13 +280,16 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
             progress.wait_for_others()
     finally:
         progress.close()
+        if claims is not None:
+            claims.release()  # rows claimed and not done (an error, an interrupt) go back to the pool
+            claims.finish()  # and the claims go, unless another live job on the folder still needs them
     dist.barrier()
 
     summary = None
     if dist.is_main:
         # The manifest covers every row of the input (of the shard), not only the --rows chosen now.
         scope = data_parallel.take_share(plans, job.shard, data_parallel.Dist())[0]
-        merged = manifests.merge(out_dir, [p.key for p in scope], job.shard)
+        merged = manifests.merge(out_dir, [p.key for p in scope], job.shard, own=part, joined=joined is not None)
         chosen_keys = {p.key for p in selected}
         records = [r for r in merged if r["id"] in chosen_keys]
         stem = manifests.manifest_stem(job.shard)

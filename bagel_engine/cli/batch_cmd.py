@@ -88,6 +88,10 @@ def batch(
         "--batch-size", rich_help_panel=JOB, min=1,
         help="t2i: denoise up to this many rows together when their size and knobs agree (faster on a GPU; "
              "each row keeps its own seed and image).")] = 1,
+    join: Annotated[bool, typer.Option(
+        "--join", rich_help_panel=JOB,
+        help="When another job (one process) is writing to --output-dir, share its rows instead of stopping: "
+             "this one works from the end of the list, each row claimed by one job only.")] = False,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", rich_help_panel=JOB, min=0, max=2**32 - 1,
         help="Base seed; each row's seed is derived from it and the row id. \\[default: 0]")] = None,
@@ -124,7 +128,7 @@ def batch(
             input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
             device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=dist.parse_shard(shard),
             rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress, batch_size=batch_size,
-            load_options=load_kwargs(locals()),
+            load_options=load_kwargs(locals()), join=join,
         )
         summary = run_batch(job)
     except (BagelInputError, OSError) as e:
