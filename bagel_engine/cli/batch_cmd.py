@@ -15,8 +15,7 @@ from bagel_engine.batch.runner import BatchJob, exit_code, run_batch
 from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormMin, CfgRenormType, CfgTextScale, Device,
                                    DoSample, Dtype, Height, Json, MaxThinkTokens, Model, NumTimesteps, Temperature,
                                    Think, TimestepShift, Width, app, knob_values)
-from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
-                                           load_kwargs)
+from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.params import BagelInputError
 
 
@@ -62,6 +61,7 @@ free space and rerun to resume).
 
 
 @app.command(epilog=EPILOG)
+@with_load_options
 def batch(
     input: Annotated[Path, typer.Argument(
         help="CSV, JSONL or Parquet file, or a folder of them.", show_default=False)],
@@ -113,13 +113,7 @@ def batch(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Run one task over every row of a table: resumable, atomic, data parallel under torchrun."""
@@ -128,7 +122,7 @@ def batch(
             input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
             device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=dist.parse_shard(shard),
             rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress, batch_size=batch_size,
-            load_options=load_kwargs(locals()), join=join,
+            load_options=load_options, join=join,
         )
         summary = run_batch(job)
     except (BagelInputError, OSError) as e:

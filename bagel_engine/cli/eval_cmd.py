@@ -13,8 +13,7 @@ import typer
 
 from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormType, CfgTextScale, Device, Dtype, Json, Model,
                                    NumTimesteps, TimestepShift, fail, knob_values, load_pipeline)
-from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
-                                           load_kwargs)
+from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app
 
 eval_app = typer.Typer(help="Evaluate a model on a benchmark suite (scores per category; pictures kept with -o).",
@@ -45,6 +44,7 @@ and every answer (the right word and no competing one).
 
   bagel eval shapes -m runs/pink/checkpoint-000400 --task t2i --enable-taylorseer
 """)
+@with_load_options
 def shapes(
     model: Model = None,
     task: Annotated[ShapesTask, typer.Option("--task", "-t", help="Which part of the suite.")] = ShapesTask.all,
@@ -65,13 +65,7 @@ def shapes(
         "--enable-taylorseer", help="The official TaylorSeer step cache (fewer forwards).")] = False,
     device: Device = None,
     dtype: Dtype = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """The shapes world's benchmark: draw, edit and answer, judged by a program (the demo model's eval)."""
@@ -84,7 +78,7 @@ def shapes(
     if enable_taylorseer:
         knobs["enable_taylorseer"] = True
     tasks = SUITE_TASKS if task == ShapesTask.all else (task.value,)
-    pipe = load_pipeline(model, device, dtype, json_, **load_kwargs(values))
+    pipe = load_pipeline(model, device, dtype, json_, **load_options)
     from tqdm import tqdm
 
     bar = tqdm(desc="evaluating", unit="item", file=sys.stderr, dynamic_ncols=True, disable=json_)
@@ -101,7 +95,7 @@ def shapes(
     finally:
         bar.close()
     summary = report.summary()
-    summary["params"]["load"] = {k: str(v) for k, v in load_kwargs(values).items()} | {
+    summary["params"]["load"] = {k: str(v) for k, v in load_options.items()} | {
         "dtype": str(pipe.dtype).replace("torch.", ""), "device": str(pipe.device)}
     if json_:
         print(json.dumps(summary))

@@ -18,8 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from bagel_engine.batch import knobs as knob_table
-from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
-                                           load_kwargs)
+from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
 from bagel_engine.params import RENORM_TYPES, BagelInputError
 
@@ -165,7 +164,7 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
              dtype: str | None, output: Path | None, as_json: bool) -> None:
     """Load, call one task method, save or print the result."""
     knobs = knob_table.cli_knobs(knob_values(values), task)
-    pipe = load_pipeline(model, device, dtype, as_json, **load_kwargs(values))
+    pipe = load_pipeline(model, device, dtype, as_json, **(values.get("load_options") or {}))
     bar, streamed = None, False
     if task in knob_table.IMAGE_TASKS:
         bar = StepBar("denoising")
@@ -237,6 +236,7 @@ Output = Annotated[Optional[Path], typer.Option(
 
   BAGEL_MODEL=/models/BAGEL-7B-MoT bagel generate "a cat" --num-timesteps 25 --json
 """)
+@with_load_options
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.", show_default=False)],
     model: Model = None,
@@ -257,13 +257,7 @@ def generate(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Text to image: draw PROMPT and write a PNG (with --think, print the plan first)."""
@@ -279,6 +273,7 @@ def generate(
 
   bagel edit room.png -p "paint the walls green" --cfg-img-scale 1.5 --think --json
 """)
+@with_load_options
 def edit(
     images: Annotated[list[str], typer.Argument(
         help="Input image(s): paths or http(s)/data URLs; the output has the last one's size.", show_default=False)],
@@ -300,13 +295,7 @@ def edit(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Edit one or several images by an instruction and write a PNG."""
@@ -324,6 +313,7 @@ def edit(
 
   bagel understand receipt.jpg -p "Total amount?" --json
 """)
+@with_load_options
 def understand(
     images: Annotated[list[str], typer.Argument(help="Input image(s): paths or http(s)/data URLs.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.", show_default=False)],
@@ -337,13 +327,7 @@ def understand(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Answer a question about one or several images (with --think, the reasoning comes first)."""
@@ -361,6 +345,7 @@ def understand(
 
   bagel chat "Name three colors." --do-sample --temperature 0.8 --seed 1 --json
 """)
+@with_load_options
 def chat(
     prompt: Annotated[str, typer.Argument(help="Your message.", show_default=False)],
     model: Model = None,
@@ -373,13 +358,7 @@ def chat(
     text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Text in, text out."""

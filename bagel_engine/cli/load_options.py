@@ -3,6 +3,9 @@ serve, ui, bench): quantization, offload, compilation, attention backend, offici
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from enum import Enum
 from typing import Annotated, Any, Optional
 
@@ -63,3 +66,43 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
         if strength is not None and strength != 1.0:
             out["lora_strength"] = float(strength)
     return out
+
+
+# The load options, declared once: (parameter name, option, default). Every command that loads a model
+# gets them through ``@with_load_options`` and receives them as one ``load_options`` dict.
+LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("quantize", Quantize, None),
+    ("offload", Offload, None),
+    ("compile", Compile, False),
+    ("attention", Attention, "auto"),
+    ("official_numerics", OfficialNumerics, False),
+    ("lora", Lora, None),
+    ("lora_strength", LoraStrength, 1.0),
+)
+
+
+def with_load_options(command):
+    """Give ``command`` the load options (``LOAD_OPTIONS``) as command-line options; it receives the
+    ``bagel_engine.load`` keyword arguments they ask for (non-defaults only) as ``load_options``.
+    Apply it under ``@app.command``."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    signature = inspect.signature(command)
+    if "load_options" not in signature.parameters:
+        raise TypeError(f"{command.__name__} must take a load_options parameter")
+    kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+            if p.name != "load_options"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+             for name, option, default in LOAD_OPTIONS]
+    names = [name for name, _, _ in LOAD_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name, default) for name, _, default in LOAD_OPTIONS}
+        return command(*args, load_options=load_kwargs(values), **kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+              else p for p in kept]
+    wrapper.__signature__ = signature.replace(parameters=[*params, *added])
+    wrapper.__annotations__ = {p.name: p.annotation for p in kept} | {n: o for n, (_, o, _) in zip(names, LOAD_OPTIONS)}
+    del wrapper.__wrapped__  # typer reads the signature above, not the command's
+    return wrapper

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bagel_engine.cli.load_options import (Attention, Compile, Lora, LoraStrength, Offload, OfficialNumerics, Quantize,
-                                           load_kwargs)
+from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app
 
 ModelOpt = Annotated[str, typer.Option(
@@ -61,19 +60,14 @@ def _quiet_gradio() -> None:
         "size='1024x1024', extra_body={'seed': 42, 'num_timesteps': 50})"
     ),
 )
+@with_load_options
 def serve_command(
     model: ModelOpt,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     api_key: ApiKeyOpt = None,
     served_model_name: Annotated[
         Optional[list[str]],
@@ -127,7 +121,7 @@ def serve_command(
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
         mount_ui=build_ui is not None,
     )
-    pipe = _load(model, device, dtype, load_kwargs(locals()))
+    pipe = _load(model, device, dtype, load_options)
     application = create_app(pipe, settings, ui=build_ui)
     # Bind first, so that --port 0 (any free port) can be reported before serving.
     sock = _bind(host, port)
@@ -165,19 +159,14 @@ def _bind(host: str, port: int):
     "ui",
     epilog="Example:\n\n  bagel ui --model ByteDance-Seed/BAGEL-7B-MoT --port 7860",
 )
+@with_load_options
 def ui_command(
     model: ModelOpt,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    quantize: Quantize = None,
-    offload: Offload = None,
-    compile: Compile = False,
-    attention: Attention = "auto",
-    official_numerics: OfficialNumerics = False,
-    lora: Lora = None,
-    lora_strength: LoraStrength = 1.0,
+    load_options: Optional[dict] = None,
     api_key: ApiKeyOpt = None,
     queue_size: QueueOpt = 8,
     max_batch: MaxBatchOpt = 8,
@@ -194,7 +183,7 @@ def ui_command(
         raise typer.Exit(2) from None
     _setup_logging(log_level)
     settings = ServeSettings(queue_size=queue_size, max_batch=max_batch, api_key=api_key)
-    pipe = _load(model, device, dtype, load_kwargs(locals()))
+    pipe = _load(model, device, dtype, load_options)
     worker = ModelWorker(pipe, queue_size=settings.queue_size, max_batch=settings.max_batch).start()
     try:
         launch_ui(worker, pipe, settings, host=host, port=port or None)
