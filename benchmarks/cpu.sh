@@ -23,3 +23,7 @@ MID=benchmarks/configs/mid
 "${B[@]}" --random-weights $MID --height 128 --width 128 \
     --compare dtype=bfloat16 quantize=int8 quantize=fp8 quantize=nf4 offload=model offload=layer \
               compile=true enable_taylorseer=true
+
+# Serving: a real server on loopback, 1 / 4 / 8 concurrent clients, --max-batch 8 against --max-batch 1.
+bagel bench -w serve --model $TINY --height 64 --width 64 --max-new-tokens 65 --record benchmarks
+bagel bench -w serve --random-weights $MID --height 64 --width 64 --max-new-tokens 65 --record benchmarks

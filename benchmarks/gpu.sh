@@ -42,6 +42,15 @@ run "${BENCH[@]}" --height "$SIZE" --width "$SIZE" --num-timesteps 20 --cfg-img-
 # training: LoRA on the generation expert, bf16 base, gradient checkpointing (the one-GPU recipe)
 run "${BAGEL[@]}" bench -w train --random-weights "$CFG" --dtype "$DTYPE" --lora-rank 32 --gradient-checkpointing \
     --max-tokens 4096 --height "$TRAIN_SIZE" --width "$TRAIN_SIZE" --repeat 3 --warmup 1 --json
+# issue 12: a real server under 1 / 4 / 8 concurrent clients, --max-batch 8 against 1 (needs fastapi, uvicorn
+# and httpx on the machine; skipped without them): images of 512x512 and 512x256 in 20 steps, chat of 64 tokens
+if python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+    STEP_TIMEOUT=${SERVE_TIMEOUT:-420} run "${BAGEL[@]}" bench -w serve --random-weights "$CFG" --dtype "$DTYPE" \
+        --height $((SIZE / 2)) --width $((SIZE / 2)) --num-timesteps 20 --max-new-tokens 65 \
+        --concurrency 1 --concurrency 4 --concurrency 8 --record "$OUT/work/rec"
+else
+    echo "== serve bench skipped: fastapi / uvicorn / httpx are not installed" | tee -a "$OUT/log.txt"
+fi
 cp "$OUT/log.txt" "$OUT/log-copy.txt" 2>/dev/null && grep '^{"workload": "train"' "$OUT/log-copy.txt" > "$OUT/train.json"
 rm -f "$OUT/log-copy.txt"
 tar -C "$OUT" -czf "$OUT/records.tgz" work  # the device tool brings back few files: one archive
