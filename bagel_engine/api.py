@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,20 +26,19 @@ from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYST
                                          ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.weights.config import ModelConfig, load_model_config, read_task_defaults
-from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, build_modules, init_random, load_weights,
-                                         parse_dtype, resolve_model_dir)
+from bagel_engine.weights.loader import parse_dtype, resolve_model_dir
+from bagel_engine.weights.placement import (OFFLOAD_MODES, QUANTIZE_METHODS, Placement, load_modules,
+                                            weight_bytes_bar)
 
 log = logging.getLogger("bagel_engine")
 
-__all__ = ["load", "BagelPipeline", "BagelOutput", "StepPreview", "Request", "ImageInput",
-           "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT"]
+__all__ = ["load", "BagelPipeline", "BagelOutput", "StepPreview", "Request", "ImageInput", "QUANTIZE_METHODS",
+           "OFFLOAD_MODES", "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT"]
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-QUANTIZE_METHODS = ("fp8", "int8", "nf4")
-OFFLOAD_MODES = ("model", "layer")
 
 
 def load(
@@ -74,44 +72,20 @@ def load(
     ``lora``: LoRA adapter file(s) (``lora_adapter.safetensors``, or a ``bagel train`` checkpoint
     directory holding one) merged into the weights at load, each scaled by ``lora_strength``.
     """
-    if quantize is not None and quantize not in QUANTIZE_METHODS:
-        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
-    if offload is not None and offload not in OFFLOAD_MODES:
-        raise ValueError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+    placement_device = torch.device(device) if device is not None else _default_device()
+    placement = Placement(
+        device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),
+        official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
+        lora_strength=lora_strength, random_weights=random_weights, seed=seed)
     check_backend(attention)
     model_dir = resolve_model_dir(model)
     cfg = load_model_config(model_dir)
-    device = torch.device(device) if device is not None else _default_device()
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = placement.device, placement.dtype
     t0 = time.perf_counter()
-    bagel, vae = build_modules(cfg, "meta")
-    weights_device = torch.device("cpu") if offload else device
-    vae_device = torch.device("cpu") if official_numerics and device.type != "meta" else device
-    # The VAE runs in bf16 on a GPU (fast path) and in float32 on the CPU (official path).
-    vae_dtype = torch.bfloat16 if vae_device.type == "cuda" else torch.float32
-    if device.type != "meta":
-        if random_weights:
-            init_random(bagel, weights_device, dtype, seed)
-            init_random(vae, vae_device, vae_dtype, seed + 1)
-        else:
-            bar = _byte_bar(model_dir, progress)
-            load_weights(bagel, model_dir / MODEL_FILE, weights_device, dtype, cfg, progress=bar.update if bar else None)
-            load_weights(vae, model_dir / AE_FILE, vae_device, vae_dtype, cfg, progress=bar.update if bar else None)
-            if bar:
-                bar.close()
-        for adapter in ([] if lora is None else [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)):
-            from bagel_engine.weights.adapters import merge_adapter
-
-            count = merge_adapter(bagel, adapter, lora_strength)
-            log.info("merged the LoRA adapter %s (%d layers, strength %g)", adapter, count, lora_strength)
-        if quantize:
-            from bagel_engine.weights.quantize import quantize_model
-
-            quantize_model(bagel, quantize)
-        if offload:
-            from bagel_engine.weights.offload import apply_offload
-
-            apply_offload(bagel, offload, device)
+    bar = weight_bytes_bar(model_dir) if progress and not random_weights and device.type != "meta" else None
+    bagel, vae = load_modules(model_dir, cfg, placement, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
     tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")
     log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
     defaults = params.TaskDefaults.from_dict(read_task_defaults(model_dir), str(model_dir / "task_defaults.json"))
@@ -120,15 +94,6 @@ def load(
     if compile:
         pipe.compile()
     return pipe
-
-
-def _byte_bar(model_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    total = sum((model_dir / f).stat().st_size for f in (MODEL_FILE, AE_FILE) if (model_dir / f).exists())
-    return tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
 
 
 class BagelPipeline:

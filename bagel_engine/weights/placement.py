@@ -1,0 +1,100 @@
+"""Where the modules go and how they get their weights: ``Placement`` (device, dtypes, quantization,
+offload, adapters) and ``load_modules(model_dir, cfg, placement)``, the one place that builds the decoder
+and the VAE, reads or draws their weights, merges LoRA adapters, quantizes and offloads."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from bagel_engine.model.autoencoder import AutoEncoder
+from bagel_engine.model.bagel import Bagel
+from bagel_engine.model.config import ModelConfig
+from bagel_engine.weights.loader import AE_FILE, MODEL_FILE, build_modules, init_random, load_weights
+
+log = logging.getLogger("bagel_engine")
+
+QUANTIZE_METHODS = ("fp8", "int8", "nf4")
+OFFLOAD_MODES = ("model", "layer")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``device`` and ``dtype`` of the decoder; the VAE runs on the device (bf16 on a GPU) unless
+    ``official_numerics`` keeps it on the CPU in float32. ``offload`` keeps the decoder's weights in CPU
+    memory and streams them to ``device``. ``device.type == "meta"``: build only, read nothing."""
+
+    device: torch.device
+    dtype: torch.dtype
+    official_numerics: bool = False
+    quantize: str | None = None
+    offload: str | None = None
+    lora: tuple[str | os.PathLike, ...] = ()
+    lora_strength: float = 1.0
+    random_weights: bool = False  # draw the weights (seeded by ``seed``) instead of reading them
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"unknown quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
+        if self.offload is not None and self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"unknown offload {self.offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+
+    @staticmethod
+    def adapters(lora: str | os.PathLike | Sequence[str | os.PathLike] | None) -> tuple:
+        return () if lora is None else (lora,) if isinstance(lora, (str, os.PathLike)) else tuple(lora)
+
+    @property
+    def weights_device(self) -> torch.device:
+        return torch.device("cpu") if self.offload else self.device
+
+    @property
+    def vae_device(self) -> torch.device:
+        return torch.device("cpu") if self.official_numerics and self.device.type != "meta" else self.device
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        # The VAE runs in bf16 on a GPU (fast path) and in float32 on the CPU (official path).
+        return torch.bfloat16 if self.vae_device.type == "cuda" else torch.float32
+
+
+def load_modules(model_dir: Path, cfg: ModelConfig, placement: Placement,
+                 progress: Callable[[int], None] | None = None) -> tuple[Bagel, AutoEncoder]:
+    """The decoder and the VAE of ``model_dir``, placed; ``progress(bytes)`` as the weights are read."""
+    p = placement
+    bagel, vae = build_modules(cfg, "meta")
+    if p.device.type == "meta":
+        return bagel, vae
+    if p.random_weights:
+        init_random(bagel, p.weights_device, p.dtype, p.seed)
+        init_random(vae, p.vae_device, p.vae_dtype, p.seed + 1)
+    else:
+        load_weights(bagel, model_dir / MODEL_FILE, p.weights_device, p.dtype, cfg, progress=progress)
+        load_weights(vae, model_dir / AE_FILE, p.vae_device, p.vae_dtype, cfg, progress=progress)
+    for adapter in p.lora:
+        from bagel_engine.weights.adapters import merge_adapter
+
+        count = merge_adapter(bagel, adapter, p.lora_strength)
+        log.info("merged the LoRA adapter %s (%d layers, strength %g)", adapter, count, p.lora_strength)
+    if p.quantize:
+        from bagel_engine.weights.quantize import quantize_model
+
+        quantize_model(bagel, p.quantize)
+    if p.offload:
+        from bagel_engine.weights.offload import apply_offload
+
+        apply_offload(bagel, p.offload, p.device)
+    return bagel, vae
+
+
+def weight_bytes_bar(model_dir: Path):
+    """A progress bar over the bytes of the weight files (``bar.update(n)`` as they are read)."""
+    from tqdm import tqdm
+
+    total = sum((model_dir / f).stat().st_size for f in (MODEL_FILE, AE_FILE) if (model_dir / f).exists())
+    return tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
