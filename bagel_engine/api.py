@@ -140,10 +140,11 @@ class BagelPipeline:
     def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None) -> PreparedImage:
         return self.engine.prepare_image(image, key, max_side)
 
-    def start_batching(self, max_batch: int = 8) -> "BagelPipeline":
+    def start_batching(self, max_batch: int = 8, max_step_tokens: int | None = None) -> "BagelPipeline":
         """From now on, calls from several threads (a server's clients) are batched step by step by one
-        scheduler thread: at most ``max_batch`` requests at once, each joining within one step."""
-        self.engine.start(max_batch)
+        scheduler thread: at most ``max_batch`` requests at once (and ``max_step_tokens`` rows per step's
+        forward, when given), each joining within one step."""
+        self.engine.start(max_batch, max_step_tokens)
         return self
 
     def stop_batching(self) -> None:

@@ -162,3 +162,33 @@ def test_streamed_text_and_previews_in_a_batch(pipe):
     outs = pipe.engine.run(reqs)
     assert "".join(pieces[0]) == outs[0].text and "".join(pieces[1]) == outs[1].text
     assert [p.step for p in previews] == [1, 2, 3] and previews[-1].latent().shape == outs[2].latents.shape
+
+
+def test_step_token_budget_holds_a_newcomer_until_there_is_room(pipe):
+    """With a budget of one image's rows, two image requests sent together run one after the other (each
+    still its solo result); without a budget they share every step."""
+    def both(budget):
+        pipe.engine.start(4, max_step_tokens=budget)
+        try:
+            outs, seen = {}, {0: [], 1: []}
+            def one(k):
+                outs[k] = pipe.generate(f"picture {k}", height=32, width=32, seed=k, num_timesteps=40,
+                                        cfg_interval=(0.0, 1.0), cfg_text_scale=4.0, cfg_img_scale=1.0,
+                                        callback=lambda i, n, k=k: seen[k].append(pipe.engine.ticks))
+            threads = [threading.Thread(target=one, args=(k,)) for k in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        finally:
+            pipe.engine.stop()
+        return outs, seen
+
+    rows = 2 * ((32 // pipe.config.latent_downsample) ** 2 + 2)  # one image: cond + text-uncond blocks
+    held, seen = both(rows)
+    overlap = set(seen[0]) & set(seen[1])
+    assert not overlap, seen  # never in the same step
+    shared, seen_shared = both(None)
+    assert set(seen_shared[0]) & set(seen_shared[1])  # the same steps
+    for k in (0, 1):
+        assert_same(held[k], shared[k])

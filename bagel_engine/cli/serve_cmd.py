@@ -25,6 +25,10 @@ ApiKeyOpt = Annotated[
 QueueOpt = Annotated[int, typer.Option(min=0, help="Requests that may wait while --max-batch run; one more gets 429.")]
 MaxBatchOpt = Annotated[int, typer.Option(
     "--max-batch", min=1, help="Requests run at once, batched step by step (1: one at a time).")]
+MaxStepTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-step-tokens", min=1,
+    help="Rows one step's forward may hold (an image's guidance branches, an answer's token); a newcomer that "
+         "would exceed it waits. \\[default: no limit but --max-batch]")]
 
 
 def _setup_logging(level: str) -> None:
@@ -75,6 +79,7 @@ def serve_command(
     ] = None,
     queue_size: QueueOpt = 8,
     max_batch: MaxBatchOpt = 8,
+    max_step_tokens: MaxStepTokensOpt = None,
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 50.0,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest input image, in pixels (width x height).")] = 4096 * 4096,
     max_images: Annotated[int, typer.Option(min=1, help="Most input images per request, and the largest n.")] = 8,
@@ -115,7 +120,7 @@ def serve_command(
             typer.echo(f"warning: no web UI ({e.name} is missing; pip install 'bagel-engine[ui]'); serving the API only",
                        err=True)
     settings = ServeSettings(
-        queue_size=queue_size, max_batch=max_batch, api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
+        queue_size=queue_size, max_batch=max_batch, max_step_tokens=max_step_tokens, api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_image_pixels=max_image_pixels, max_images=max_images, max_timesteps=max_timesteps,
         max_model_len=max_model_len, allow_local_paths=list(allow_local_paths or []),
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
@@ -170,6 +175,7 @@ def ui_command(
     api_key: ApiKeyOpt = None,
     queue_size: QueueOpt = 8,
     max_batch: MaxBatchOpt = 8,
+    max_step_tokens: MaxStepTokensOpt = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
 ) -> None:
     """The web UI alone (no HTTP API): text to image, editing, understanding and chat, every knob
@@ -182,9 +188,11 @@ def ui_command(
         typer.echo(f"error: {e.name} is missing; install the UI with: pip install 'bagel-engine[ui]'", err=True)
         raise typer.Exit(2) from None
     _setup_logging(log_level)
-    settings = ServeSettings(queue_size=queue_size, max_batch=max_batch, api_key=api_key)
+    settings = ServeSettings(queue_size=queue_size, max_batch=max_batch, max_step_tokens=max_step_tokens,
+                             api_key=api_key)
     pipe = _load(model, device, dtype, load_options)
-    worker = ModelWorker(pipe, queue_size=settings.queue_size, max_batch=settings.max_batch).start()
+    worker = ModelWorker(pipe, queue_size=settings.queue_size, max_batch=settings.max_batch,
+                         max_step_tokens=settings.max_step_tokens).start()
     try:
         launch_ui(worker, pipe, settings, host=host, port=port or None)
     finally:

@@ -158,6 +158,14 @@ class _Active:
     def finished(self) -> bool:
         return self.stage == "done" or self.error is not None
 
+    @property
+    def rows(self) -> int:
+        """Rows this request puts into a step's forward at most (every guidance branch of its image, or the
+        one token of its answer): what the scheduler's token budget counts."""
+        if self.stage == "image" and self.denoising is not None:
+            return self.denoising.num_branches * (self.denoising.n + 2)
+        return 1 if self.stage == "text" else 0
+
     def guard(self, fn: Callable | None) -> Callable | None:
         """``fn`` as the batched steps call it: an exception it raises stops this request only."""
         if fn is None:
@@ -190,14 +198,17 @@ class Engine:
         self.ticks = 0  # batched steps run (text and image forwards count once each)
 
     # ------------------------------------------------------------------------------ the scheduler
-    def start(self, max_batch: int = 8) -> "Engine":
-        """Run requests from now on in a scheduler thread that batches concurrent callers' requests."""
+    def start(self, max_batch: int = 8, max_step_tokens: int | None = None) -> "Engine":
+        """Run requests from now on in a scheduler thread that batches concurrent callers' requests: at most
+        ``max_batch`` at once, and (when given) at most ``max_step_tokens`` rows in one step's forward."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_step_tokens is not None and max_step_tokens < 1:
+            raise ValueError("max_step_tokens must be >= 1")
         if self._scheduler is None or not self._scheduler.running:
-            self._scheduler = Scheduler(self, max_batch).start()
+            self._scheduler = Scheduler(self, max_batch, max_step_tokens).start()
         else:
-            self._scheduler.max_batch = max_batch
+            self._scheduler.max_batch, self._scheduler.max_step_tokens = max_batch, max_step_tokens
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -488,10 +499,13 @@ class _Group:
 class Scheduler:
     """The thread that owns the model once batching is on: requests of any caller join the running
     batch at the next step boundary (at most ``max_batch`` at once; the rest wait in arrival order)
-    and leave it when done; each caller waits for its own requests only."""
+    and leave it when done; each caller waits for its own requests only. With ``max_step_tokens``, a
+    prefilled request whose rows would take a step's forward over the budget waits (holding its
+    contexts) until there is room; one request alone always runs."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8):
-        self.engine, self.max_batch = engine, max_batch
+    def __init__(self, engine: Engine, max_batch: int = 8, max_step_tokens: int | None = None):
+        self.engine, self.max_batch, self.max_step_tokens = engine, max_batch, max_step_tokens
+        self._held: list[_Active] = []  # prefilled, waiting for room in the step budget
         self._incoming: queue.Queue = queue.Queue()
         self._waiting: list[tuple[Request, ContextBuilder, concurrent.futures.Future, _Group]] = []
         self.thread = threading.Thread(target=self._loop, name="bagel-scheduler", daemon=True)
@@ -528,7 +542,7 @@ class Scheduler:
     def _serve(self) -> None:
         active: list[_Active] = []
         while True:
-            block = not active and not self._waiting
+            block = not active and not self._waiting and not self._held
             try:
                 while True:
                     item = self._incoming.get(block=block)
@@ -538,7 +552,12 @@ class Scheduler:
                     self._waiting.append(item)
             except queue.Empty:
                 pass
-            while self._waiting and len(active) < self.max_batch:
+            for a in [h for h in self._held if h.group.error is not None]:  # its call failed meanwhile
+                self._held.remove(a)
+                a.future.set_exception(a.group.error)
+            while self._held and self._fits(active, self._held[0]):
+                active.append(self._held.pop(0))
+            while self._waiting and len(active) + len(self._held) < self.max_batch:
                 request, builder, future, group = self._waiting.pop(0)
                 if not future.set_running_or_notify_cancel():
                     continue
@@ -552,7 +571,12 @@ class Scheduler:
                     future.set_exception(e)
                     continue
                 a.future, a.group = future, group
-                active.append(a)
+                if not self._held and self._fits(active, a):
+                    active.append(a)
+                else:
+                    self._held.append(a)
+            if not active and self._held:  # one request alone always runs
+                active.append(self._held.pop(0))
             self.active_count = len(active)
             try:
                 self.engine.tick([a for a in active if not a.finished])
@@ -577,12 +601,18 @@ class Scheduler:
             active = still
             self.active_count = len(active)
 
+    def _fits(self, active: list[_Active], a: _Active) -> bool:
+        if self.max_step_tokens is None or not active:
+            return True
+        return sum(x.rows for x in active if not x.finished) + a.rows <= self.max_step_tokens
+
     def _fail_all(self, active: list[_Active], error: BaseException) -> None:
-        for a in active:
+        for a in [*active, *self._held]:
             if not a.future.done():
                 a.future.set_exception(error)
         for _, _, f, _ in self._waiting:
             if not f.done():
                 f.set_exception(error)
         self._waiting.clear()
+        self._held.clear()
         self.active_count = 0

@@ -12,6 +12,7 @@ class ServeSettings:
     # ``queue_size`` more may wait, the next gets a 429.
     queue_size: int = 8
     max_batch: int = 8
+    max_step_tokens: int | None = None  # rows in one step's forward (None: only max_batch bounds a step)
     # Security: a bearer token every endpoint but /health requires (None: open server).
     api_key: str | None = None
     # Limits.
@@ -32,8 +33,8 @@ class ServeSettings:
     disconnect_poll_s: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.queue_size < 0 or self.max_batch < 1:
-            raise ValueError("queue_size must be >= 0 and max_batch >= 1")
+        if self.queue_size < 0 or self.max_batch < 1 or (self.max_step_tokens is not None and self.max_step_tokens < 1):
+            raise ValueError("queue_size must be >= 0, max_batch >= 1 and max_step_tokens >= 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_image_pixels < 1 or self.max_images < 1:

@@ -38,7 +38,7 @@ class ServerState:
         self.pipe, self.settings = pipe, settings
         self.metrics = Metrics()
         self.worker = ModelWorker(pipe, queue_size=settings.queue_size, metrics=self.metrics,
-                                  max_batch=settings.max_batch)
+                                  max_batch=settings.max_batch, max_step_tokens=settings.max_step_tokens)
         self.names = list(settings.served_model_names) or [str(getattr(pipe, "model_name", None) or "bagel")]
         # Also accepted in `model` fields (not listed): the last path component of the name, and "bagel".
         self.accepted = set(self.names) | {n.rstrip("/").rsplit("/", 1)[-1] for n in self.names} | {"bagel"}

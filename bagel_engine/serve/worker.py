@@ -78,11 +78,11 @@ class ModelWorker:
     ``queue_size`` more wait."""
 
     def __init__(self, pipe: Pipeline, *, queue_size: int = 8, metrics: Metrics | None = None,
-                 max_batch: int = 1) -> None:
+                 max_batch: int = 1, max_step_tokens: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.pipe = pipe
-        self.max_batch = max_batch
+        self.max_batch, self.max_step_tokens = max_batch, max_step_tokens
         self.queue_size = queue_size
         self.metrics = metrics or Metrics()
         # The bound is kept by ``_waiting`` under ``_lock`` (queue_size 0: no job may wait).
@@ -105,7 +105,7 @@ class ModelWorker:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "ModelWorker":
         if self.max_batch > 1 and hasattr(self.pipe, "start_batching"):
-            self.pipe.start_batching(self.max_batch)
+            self.pipe.start_batching(self.max_batch, self.max_step_tokens)
         for thread in self._threads:
             if not thread.is_alive():
                 thread.start()
