@@ -70,7 +70,10 @@ def _serve_bench(model, random, device, dtype, load_options, height, width, num_
     from bagel_engine.bench.serving import ServeBench, format_serve, run_serve_benchmark
 
     try:
-        pipe = bagel_engine.load(model, device=device, dtype=dtype, random_weights=random, **load_options)
+        from bagel_engine.serve.threaded import in_fresh_thread
+
+        pipe = in_fresh_thread(lambda: bagel_engine.load(model, device=device, dtype=dtype, random_weights=random,
+                                                         **load_options))
         side = pipe.config.latent_downsample
         own = pipe.task_defaults  # the model's own size when it is small (bagel-shapes), else 64 px
         w = width or (own.width if own.width <= 256 else 64)
@@ -84,7 +87,8 @@ def _serve_bench(model, random, device, dtype, load_options, height, width, num_
     result |= {"model": model, "date": date or datetime.date.today().isoformat(),
                "device": str(pipe.device), "threads": __import__("torch").get_num_threads()}
     if record is not None:
-        out = Path(record) / "results" / f"serve-{result['date']}-{Path(model).name}.json"
+        slug = "-".join(part for part in Path(model).parts[-2:] if part not in ("/", "model")) or "model"
+        out = Path(record) / "results" / f"serve-{result['date']}-{slug}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(json_safe(result), indent=2))
         typer.echo(f"recorded {out}", err=True)

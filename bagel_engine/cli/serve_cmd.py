@@ -38,11 +38,13 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(model: str, device: str | None, dtype: str | None, options: dict | None = None):
+    """Load in a short-lived thread, never in the main one (``serve.threaded.in_fresh_thread`` says why)."""
     from bagel_engine.serve._engine import load_pipeline
+    from bagel_engine.serve.threaded import in_fresh_thread
 
     typer.echo(f"loading {model} ...", err=True)
     try:
-        return load_pipeline(model, device=device, dtype=dtype, **(options or {}))
+        return in_fresh_thread(lambda: load_pipeline(model, device=device, dtype=dtype, **(options or {})))
     except (ValueError, OSError) as e:
         typer.echo(f"error: could not load {model}: {e}", err=True)
         raise typer.Exit(2) from None

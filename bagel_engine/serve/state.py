@@ -110,11 +110,13 @@ class ServerState:
             raise job_error(e, kind) from None
 
     def stream_job(self, request: Request, kind: str, make_fn: Any, opening: list[str], item_events: Any,
-                   final_events: Any) -> StreamingResponse:
+                   final_events: Any, merge: Any = None) -> StreamingResponse:
         """A job whose progress goes out as server-sent events. ``make_fn(push)`` builds the job, ``push(item)``
         being called in the worker thread; ``item_events(item)`` and ``await final_events(out)`` give the
-        events. The job is queued before the response starts (a full queue is still a 429); an error after
-        the start is the stream's last event; a client that goes away cancels the job."""
+        events. ``merge(items) -> item``: items that arrived together go out as one (text pieces written
+        while the loop was busy become one chunk: fewer writes when many streams share the model). The job
+        is queued before the response starts (a full queue is still a 429); an error after the start is the
+        stream's last event; a client that goes away cancels the job."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         fn = make_fn(lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
@@ -130,8 +132,12 @@ class ServerState:
                     done, _ = await asyncio.wait({getter, fut}, timeout=self.settings.disconnect_poll_s,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
-                        for event in item_events(getter.result()):
-                            yield event
+                        batch = [getter.result()]
+                        while merge is not None and not items.empty():
+                            batch.append(items.get_nowait())
+                        for item in (batch if merge is None else [merge(batch)]):
+                            for event in item_events(item):
+                                yield event
                         getter = None
                         continue
                     if fut.done():
@@ -184,7 +190,8 @@ class ServerState:
         return self.stream_job(
             request, "chat",
             lambda push: tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw, on_text=push),
-            [chunk({"role": "assistant", "content": ""})], lambda delta: deltas(splitter.feed(delta)), final)
+            [chunk({"role": "assistant", "content": ""})], lambda delta: deltas(splitter.feed(delta)), final,
+            merge="".join)
 
     def stream_image(self, request: Request, kind: str, event_prefix: str, req: Any, fmt: str, make_job: Any) -> StreamingResponse:
         """One image drawn with live previews (OpenAI's image streaming): ``partial_images`` events
