@@ -463,16 +463,19 @@ class Engine:
         d = self.config.vae.downsample
         return self.config.vae.z_channels, height // d, width // d
 
-    def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None) -> PreparedImage:
+    def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None,
+                      vit_from_original: bool = False) -> PreparedImage:
         """An input image through the official VAE and ViT resize rules. ``max_side`` caps the VAE
-        size's long side (and the short-side minimum with it), e.g. to fine-tune at 512 px."""
+        size's long side (and the short-side minimum with it), e.g. to fine-tune at 512 px.
+        The official inference resizes for the ViT from the VAE-resized image; the official trainer from
+        the original (``vit_from_original=True``; tests/test_train_parity.py)."""
         img = transforms.to_rgb(transforms.check_image(image))
         vae_max, vae_min, vae_stride = self.config.bagel.vae_transform
         vit_max, vit_min, vit_stride = self.config.bagel.vit_transform
         if max_side is not None:
             vae_max, vae_min = min(vae_max, max_side), min(vae_min, max_side)
         resized = transforms.resize_image(img, vae_max, vae_min, vae_stride)
-        vit_img = transforms.resize_image(resized, vit_max, vit_min, vit_stride)
+        vit_img = transforms.resize_image(img if vit_from_original else resized, vit_max, vit_min, vit_stride)
         return PreparedImage(key=key, vae_image=resized, vae_pixels=transforms.image_to_tensor(resized),
                              vit_pixels=transforms.image_to_tensor(vit_img))
 

@@ -9,7 +9,9 @@ task          columns
 t2i           ``prompt`` (or ``caption`` / ``instruction``) and the image to learn: ``image``
               (or ``target_image`` / ``output_image``)
 edit          ``instruction`` (or ``prompt``), input image(s) ``image`` / ``image_2`` ... /
-              ``input_images``, and ``output_image`` (or ``target_image`` / ``edited_image``)
+              ``input_images``, and ``output_image`` (or ``target_image`` / ``edited_image``);
+              or, step by step, input image(s) and ``steps``: ``[{"instruction": ..., "output_image":
+              ...}, ...]`` (each result is edited by the next step: the official multi-image edit plan)
 understand    image(s), ``question`` (or ``prompt``) and ``answer`` (or ``response``)
 chat          ``prompt`` (or ``question``) and ``answer`` (or ``response``)
 conversation  ``conversations`` (LLaVA: ``[{"from": "human", "value": "<image>\\n..."}, ...]``) or
@@ -80,6 +82,29 @@ def _target(row: Row):
     raise BagelInputError(f"no image to learn: the row has none of the columns {', '.join(TARGETS)}")
 
 
+def _steps(row: Row) -> list[tuple[str, Any]]:
+    """``steps`` of a step-by-step edit: a (JSON) list of ``{"instruction", "output_image"}``."""
+    value = row.get("steps")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BagelInputError("steps is not a JSON list of {instruction, output_image}") from None
+    if not isinstance(value, list) or not value:
+        raise BagelInputError("steps must be a non-empty list of {instruction, output_image}")
+    out = []
+    for k, step in enumerate(value):
+        if not isinstance(step, dict):
+            raise BagelInputError(f"step {k + 1} must be an object with instruction and output_image")
+        instruction = next((step[c] for c in ("instruction", "prompt") if isinstance(step.get(c), str)), None)
+        target = next((step[c] for c in TARGETS if step.get(c) is not None), None)
+        if instruction is None or target is None:
+            raise BagelInputError(f"step {k + 1} needs an instruction and an output_image")
+        image, _ = load_image(target, row.source.parent, f"step {k + 1} output_image")
+        out.append((instruction, image.convert("RGB")))
+    return out
+
+
 def _turns(value: Any) -> list[tuple[str, str]]:
     if isinstance(value, str):
         try:
@@ -108,7 +133,7 @@ def row_task(row: Row) -> str:
     bad, never trained as something else; ``--task t2i`` says that it is meant as text to image."""
     if _has(row, CONVERSATIONS):
         return "conversation"
-    if _has(row, TARGETS):
+    if _has(row, TARGETS) or _has(row, ("steps",)):
         return "edit"
     if _has(row, ANSWERS):
         return "understand" if image_values(row) else "chat"
@@ -145,6 +170,8 @@ def row_sample(row: Row, task: str = "auto") -> sample_plans.Sample:
         inputs = _images(row, exclude=TARGETS)
         if not inputs:
             raise BagelInputError("an edit row needs at least one input image (image / input_images)")
+        if row.get("steps") is not None:
+            return sample_plans.edit_steps(inputs, _steps(row), name)
         return sample_plans.edit(inputs, _text(row, ("instruction", "prompt", "text"), "instruction"), _target(row), name)
     if task == "understand":
         images = _images(row)

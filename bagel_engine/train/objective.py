@@ -49,34 +49,40 @@ def shifted_time(n: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def encode_latents(vae: AutoEncoder, pixels: torch.Tensor, generator: torch.Generator | None,
-                   cache: LatentCache | None = None) -> torch.Tensor:
-    """(3, H, W) -> (C, H/d, W/d), a posterior sample (float32 draw on the generator's device);
-    ``cache`` keeps the encoder's moments of each picture (the draw is new every time)."""
+                   cache: LatentCache | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """(3, H, W) -> (C, H/d, W/d), a posterior sample (float32 draw on the generator's device, or the
+    given ``eps`` of shape (1, C, H/d, W/d)); ``cache`` keeps the encoder's moments of each picture (the
+    draw is new every time)."""
     encode = lambda px: vae.encode_moments(px[None].to(vae.dtype))  # noqa: E731
     moments = cache.moments(pixels, encode) if cache is not None else encode(pixels)
-    eps = torch.randn(moments.shape[0], moments.shape[1] // 2, *moments.shape[2:], generator=generator,
-                      device=generator.device if generator is not None else "cpu", dtype=torch.float32)
+    if eps is None:
+        eps = torch.randn(moments.shape[0], moments.shape[1] // 2, *moments.shape[2:], generator=generator,
+                          device=generator.device if generator is not None else "cpu", dtype=torch.float32)
     return vae.latent_from_moments(moments, eps.to(moments.device, moments.dtype))[0]
 
 
 def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, timestep_shift: float = 1.0,
                     generator: torch.Generator | None = None, timesteps: list[float] | None = None,
                     noises: list[torch.Tensor] | None = None, block_mask: bool | None = None,
-                    dense_mask: bool = False, latent_cache: LatentCache | None = None) -> Losses:
+                    dense_mask: bool = False, latent_cache: LatentCache | None = None,
+                    posterior_eps: list[torch.Tensor] | None = None) -> Losses:
     """Per-token losses of one packed sequence. ``timesteps`` / ``noises`` (one per target image)
     fix the flow time and the noise instead of drawing them (tests, evaluation). ``block_mask``:
     use a flex-attention BlockMask (default on CUDA) instead of SDPA sample by sample; ``dense_mask``: one
     SDPA over the whole sequence with the dense (T, T) mask (the reference the others are tested against);
-    ``latent_cache``: the frozen VAE's moments kept per picture (``bagel_engine.train.latent_cache``)."""
+    ``latent_cache``: the frozen VAE's moments kept per picture (``bagel_engine.train.latent_cache``);
+    ``posterior_eps``: one VAE posterior draw per VAE image of the batch, in packing order, instead of drawing
+    them (the official trainer's recorded draws, tests/test_train_parity.py)."""
     cfg = model.cfg
     device = model.vae2llm.weight.device
     long = lambda t: t.to(device)  # noqa: E731
     ps = cfg.bagel.latent_patch_size
     tokens, token_times, targets, mse_rows, times = [], [], [], [], []
     offset, k = 0, 0
-    for image in batch.vae_images:
+    for j, image in enumerate(batch.vae_images):
         with torch.no_grad():
-            latent = encode_latents(vae, image.pixels.to(device), generator, latent_cache)
+            eps = None if posterior_eps is None else posterior_eps[j]
+            latent = encode_latents(vae, image.pixels.to(device), generator, latent_cache, eps)
         clean = image_transforms.patchify_latent(latent.float(), ps).to(device)
         n = clean.shape[0]
         t = 0.0

@@ -84,6 +84,23 @@ def edit(images: list[Image.Image], instruction: str, target: Image.Image, name:
     return Sample(segments, name)
 
 
+def edit_steps(images: list[Image.Image], steps: list[tuple[str, Image.Image]], name: str = "") -> Sample:
+    """A step-by-step edit (the official unified edit data with several images): the input image(s) through
+    the VAE and the ViT, then per step its instruction and its result to generate; a result that the next
+    step edits goes in again as clean context (VAE and ViT), so the same picture is both a noised target and,
+    after it, a condition (later tokens never see its noisy copy). Every condition droppable."""
+    if not steps:
+        raise ValueError("a step-by-step edit needs at least one step")
+    segments: list[Segment] = []
+    for image in images:
+        segments += [Picture(image, as_vae=True, droppable=True), Picture(image, as_vit=True, droppable=True)]
+    for k, (instruction, result) in enumerate(steps):
+        segments += [Text(instruction, droppable=True), Picture(result, target=True)]
+        if k + 1 < len(steps):
+            segments += [Picture(result, as_vae=True, droppable=True), Picture(result, as_vit=True, droppable=True)]
+    return Sample(segments, name)
+
+
 def understanding(images: list[Image.Image], question: str, answer: str, name: str = "") -> Sample:
     """Images through the ViT, the question, then the answer to learn (as the official VLM data)."""
     segments: list[Segment] = [Picture(image, as_vit=True) for image in images]

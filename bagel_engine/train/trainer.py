@@ -191,7 +191,7 @@ class Trainer:
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()} if cfg.ema else None
         max_side = cfg.max_image_side
         packer = SequencePacker(self.pipe.config, self.pipe.tokenizer,
-                                lambda image, key: self.pipe.prepare_image(image, key, max_side),
+                                lambda image, key: self.pipe.prepare_image(image, key, max_side, vit_from_original=True),
                                 cfg.dropout, random.Random(cfg.seed * 1000 + self.dist.rank))
         self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
                                          rank=self.dist.rank, world=self.dist.world)
