@@ -12,6 +12,10 @@ edit          ``instruction`` (or ``prompt``), input image(s) ``image`` / ``imag
               ``input_images``, and ``output_image`` (or ``target_image`` / ``edited_image``);
               or, step by step, input image(s) and ``steps``: ``[{"instruction": ..., "output_image":
               ...}, ...]`` (each result is edited by the next step: the official multi-image edit plan)
+official      the official trainer's parquet rows, as they are: text to image ``image`` (bytes) + ``captions``
+              (a JSON object of caption variants, one chosen per use); editing ``image_list`` (image bytes)
+              + ``instruction_list`` (per step, a list of instruction variants), sampled into one- or
+              multi-step edits by the official rules (``official_edit_plan``)
 understand    image(s), ``question`` (or ``prompt``) and ``answer`` (or ``response``)
 chat          ``prompt`` (or ``question``) and ``answer`` (or ``response``)
 conversation  ``conversations`` (LLaVA: ``[{"from": "human", "value": "<image>\\n..."}, ...]``) or
@@ -42,7 +46,7 @@ from bagel_engine.train.packing import PackedBatch, SequencePacker, sample_lengt
 
 log = logging.getLogger(__name__)
 
-TASKS = ("auto", "t2i", "edit", "understand", "chat", "conversation")
+TASKS = ("auto", "t2i", "edit", "understand", "chat", "conversation", "official_t2i", "official_edit")
 PROMPTS = ("prompt", "caption", "instruction", "question", "text")
 ANSWERS = ("answer", "response", "output", "completion")
 TARGETS = ("output_image", "target_image", "edited_image", "target")
@@ -127,12 +131,72 @@ def _turns(value: Any) -> list[tuple[str, str]]:
     return turns
 
 
+def _official_images(row: Row, column: str) -> list:
+    value = row.get(column)
+    items = list(value) if value is not None and not isinstance(value, (str, bytes)) else [value]
+    out = []
+    for k, item in enumerate(items):
+        image, _ = load_image(item, row.source.parent, f"{column}[{k}]")
+        out.append(image.convert("RGB"))
+    return out
+
+
+def _as_list(value: Any, what: str) -> list:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BagelInputError(f"{what} is not JSON") from None
+    if value is None or isinstance(value, (str, bytes, dict)):
+        raise BagelInputError(f"{what} must be a list")
+    return list(value)
+
+
+def official_t2i_caption(captions: Any, rng: random.Random) -> str:
+    """The official t2i rule: one of the caption variants (a JSON object), chosen at random per use; a
+    row without any is trained with the caption " "."""
+    if isinstance(captions, str):
+        try:
+            captions = json.loads(captions)
+        except json.JSONDecodeError:
+            raise BagelInputError("captions is not a JSON object of caption variants") from None
+    if not isinstance(captions, dict):
+        raise BagelInputError("captions must be a JSON object of caption variants")
+    variants = [str(v) for v in captions.values()]
+    return rng.choice(variants) if variants else " "
+
+
+def official_edit_plan(num_images: int, instructions: list[list[str]], rng: random.Random
+                       ) -> tuple[int, list[tuple[str, int]]]:
+    """The official unified-edit rule for a row of ``num_images`` images: a start image and an end one at
+    most two steps later, chosen at random; when the edit spans two steps, half the time their instructions
+    (one variant each, chosen at random) are joined as one (``"a. b."``; the official quirk: an end at the
+    last image is then moved one back), else each step is its own instruction and target. Returns the start
+    image and ``[(instruction, result image), ...]``."""
+    if num_images < 2:
+        raise BagelInputError(f"an edit row needs at least two images in image_list, has {num_images}")
+    if len(instructions) < num_images - 1:
+        raise BagelInputError(f"instruction_list has {len(instructions)} steps for {num_images} images")
+    start = rng.choice(range(num_images - 1))
+    end = rng.choice(range(start + 1, min(start + 3, num_images)))
+    if end - start > 1 and rng.random() < 0.5:
+        if end == num_images - 1:
+            end -= 1
+        text = "".join(rng.choice(instructions[k - 1]) + ". " for k in range(start + 1, end + 1))
+        return start, [(text.rstrip(), end)]
+    return start, [(rng.choice(instructions[k - 1]), k) for k in range(start + 1, end + 1)]
+
+
 def row_task(row: Row) -> str:
     """The task of a row under ``--task auto``, or :class:`BagelInputError` when its columns leave it
     to a guess (a question without an answer, an instruction without its edited image): such a row is
     bad, never trained as something else; ``--task t2i`` says that it is meant as text to image."""
     if _has(row, CONVERSATIONS):
         return "conversation"
+    if _has(row, ("image_list",)) and _has(row, ("instruction_list",)):
+        return "official_edit"
+    if _has(row, ("captions",)) and not _has(row, PROMPTS):
+        return "official_t2i"
     if _has(row, TARGETS) or _has(row, ("steps",)):
         return "edit"
     if _has(row, ANSWERS):
@@ -150,12 +214,31 @@ def row_task(row: Row) -> str:
     return "t2i"
 
 
-def row_sample(row: Row, task: str = "auto") -> sample_plans.Sample:
-    """The sample of one row, or :class:`BagelInputError` saying what is wrong with it."""
+def row_rng(row: Row, seed: int = 0, epoch: int = 0) -> random.Random:
+    """The random draws of one use of a row (caption variant, edit steps): fixed by the seed, the epoch and
+    the row, so that a resumed run, a sequence that puts a sample back and every rank draw the same."""
+    return random.Random(f"{seed}:{epoch}:{row.source}:{row.position}")
+
+
+def row_sample(row: Row, task: str = "auto", rng: random.Random | None = None) -> sample_plans.Sample:
+    """The sample of one row, or :class:`BagelInputError` saying what is wrong with it. ``rng``: the draws
+    of the official formats (default: the row's own, :func:`row_rng`)."""
     if row.error:
         raise BagelInputError(row.error)
     name = row.where()
     task = row_task(row) if task == "auto" else task
+    rng = rng or row_rng(row)
+    if task == "official_t2i":
+        images = _official_images(row, "image")
+        if len(images) != 1:
+            raise BagelInputError(f"an official t2i row holds one image, found {len(images)}")
+        return sample_plans.text_to_image(official_t2i_caption(row.get("captions"), rng), images[0], name)
+    if task == "official_edit":
+        images = _official_images(row, "image_list")
+        instructions = [[str(v) for v in _as_list(step, "an instruction_list step")]
+                        for step in _as_list(row.get("instruction_list"), "instruction_list")]
+        start, steps = official_edit_plan(len(images), instructions, rng)
+        return sample_plans.edit_steps([images[start]], [(text, images[k]) for text, k in steps], name)
     if task == "t2i":
         prompt = _text(row, PROMPTS, "prompt")
         if _has(row, TARGETS):
@@ -193,11 +276,12 @@ def row_sample(row: Row, task: str = "auto") -> sample_plans.Sample:
     raise BagelInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto") -> tuple[sample_plans.Sample, int] | str:
+def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto",
+                  rng: random.Random | None = None) -> tuple[sample_plans.Sample, int] | str:
     """``(sample, tokens)`` of a row, or the reason it cannot be trained on (bad content, sizes the
     model cannot take, more tokens than ``max_tokens``)."""
     try:
-        sample = row_sample(row, task)
+        sample = row_sample(row, task, rng)
         n = sample_length(packer, sample)
     except ValueError as e:  # BagelInputError included
         return str(e)
@@ -282,7 +366,7 @@ class DataStream:
             tried += 1
             if row.position in self._bad_seen:
                 continue
-            usable = usable_sample(row, self.packer, self.max_tokens, self.task)
+            usable = usable_sample(row, self.packer, self.max_tokens, self.task, row_rng(row, self.seed, self.epoch))
             if isinstance(usable, str):
                 self._record(row, usable)
                 continue
