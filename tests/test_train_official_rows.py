@@ -99,3 +99,40 @@ def test_a_folder_of_official_parquet_files_trains(official_rows, tmp_path):
     steps = [r for r in log if "mse" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["mse"] > 0 for r in steps)
     assert not (tmp_path / "run" / "bad_rows.jsonl").exists() or not (tmp_path / "run" / "bad_rows.jsonl").read_text().strip()
+
+
+@pytest.mark.parametrize("switch", ["no_visual_und", "no_visual_gen"])
+def test_visual_switches_train_only_what_they_need(tmp_path, switch):
+    """T2I-only (--no-visual-und) and VLM-only (--no-visual-gen) runs: the rows that need the missing part are
+    bad rows, no ViT token is made without the ViT, and only the needed parameters learn."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from bagel_engine.train import TrainConfig, Trainer
+    from golden import MODEL_DIR
+
+    data = Path(__file__).parent / "data" / "train" / "tiny.jsonl"
+    visual_gen, visual_und = switch != "no_visual_gen", switch != "no_visual_und"
+    cfg = TrainConfig(model=str(MODEL_DIR), data=str(data), output_dir=str(tmp_path / "run"), steps=2, lr=1e-3,
+                      warmup_steps=1, max_tokens=4096, save_every=2, log_every=1, device="cpu", progress=False,
+                      visual_gen=visual_gen, visual_und=visual_und)
+    trainer = Trainer(cfg)
+    batch = next(iter(trainer.data))
+    if not visual_und:
+        assert batch.vit_patches.shape[0] == 0 and batch.vae_images  # edits keep their VAE condition only
+    else:
+        assert not batch.vae_images  # nothing to generate, no VAE condition
+    trainer.run()
+    before = load_file(MODEL_DIR / "ema.safetensors")
+    after = load_file(next((tmp_path / "run").glob("checkpoint-*")) / "ema.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    vit = {k for k in changed if k.startswith(("vit_model.", "connector."))}
+    gen = {k for k in changed if "_moe_gen" in k or k.startswith(("vae2llm.", "llm2vae.", "time_embedder."))}
+    if not visual_und:
+        assert not vit and gen
+    else:
+        assert not gen and vit
+    bad = (tmp_path / "run" / "bad_rows.jsonl").read_text()
+    assert ("--no-visual-und" in bad) == (not visual_und) and ("--no-visual-gen" in bad) == (not visual_gen)

@@ -135,6 +135,14 @@ def train(
         "--freeze", rich_help_panel=OPT, metavar="PARTS",
         help="Comma list of parts to keep fixed: und (understanding expert, embeddings, LM head), gen (generation "
              "expert and latent glue), vit, connector. The VAE and the position tables are always fixed.")] = None,
+    visual_gen: Annotated[bool, typer.Option(
+        "--visual-gen/--no-visual-gen", rich_help_panel=OPT,
+        help="--no-visual-gen: understanding only (the official visual_gen=False): the generation expert is "
+             "frozen and rows with an image to generate are bad rows.")] = True,
+    visual_und: Annotated[bool, typer.Option(
+        "--visual-und/--no-visual-und", rich_help_panel=OPT,
+        help="--no-visual-und: no ViT (the official visual_und=False, T2I-only fine-tuning): ViT conditions are "
+             "left out, the ViT and connector frozen, rows that need the ViT are bad rows.")] = True,
     ema: Annotated[float, typer.Option("--ema", rich_help_panel=OPT, min=0, max=0.999999,
                                        help="EMA decay of the published weights (0: off).")] = 0.0,
     lora_rank: Annotated[int, typer.Option(
@@ -187,6 +195,7 @@ def train(
             max_grad_norm=max_grad_norm, max_tokens=max_tokens, grad_accum=grad_accum, max_image_side=max_image_side,
             timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight, latent_cache_mb=latent_cache_mb,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
+            visual_gen=visual_gen, visual_und=visual_und,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,
             save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, device=device, dtype=dtype,

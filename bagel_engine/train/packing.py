@@ -143,10 +143,23 @@ class SequencePacker:
 
     def __init__(self, config: ModelConfig, tokenizer: BagelTokenizer,
                  prepare: Callable[[object, object], PreparedImage], dropout: Dropout | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, visual_gen: bool = True, visual_und: bool = True):
         self.cfg, self.tokenizer, self.prepare = config, tokenizer, prepare
         self.dropout = dropout or Dropout(0.0, 0.0, 0.0)
         self.rng = rng or random.Random(0)
+        # The official switches: without visual_und no ViT token is made (ViT conditions are left out and a
+        # sample that needs the ViT is refused); without visual_gen a sample with an image to generate or a
+        # VAE condition is refused.
+        self.visual_gen, self.visual_und = visual_gen, visual_und
+
+    def check(self, sample: Sample) -> None:
+        """Raise ``ValueError`` when the sample needs a part that this run leaves out."""
+        pictures = [s for s in sample.segments if not isinstance(s, Text)]
+        if not self.visual_gen and any(p.target or p.as_vae for p in pictures):
+            raise ValueError("it has an image to generate or a VAE condition, and this run trains without the "
+                             "generation expert (--no-visual-gen)")
+        if not self.visual_und and pictures and not any(p.target or p.as_vae for p in pictures):
+            raise ValueError("it needs the ViT to see its image(s), and this run trains without it (--no-visual-und)")
 
     # -- sizes
     def _latent_grid(self, image: PreparedImage) -> tuple[int, int]:
@@ -170,8 +183,11 @@ class SequencePacker:
         s = self.tokenizer.special
         b = _Buffers()
         for sample in samples:
+            self.check(sample)
             start, rope = b.length, 0
             for segment in sample.segments:
+                if not self.visual_und and not isinstance(segment, Text) and segment.as_vit and not segment.as_vae:
+                    continue  # no ViT in this run: the condition is not there at all
                 if self._dropped(segment):
                     rope += 0 if isinstance(segment, Text) else 1
                     continue
@@ -265,16 +281,19 @@ class _Buffers:
 
 def sample_length(packer: SequencePacker, sample: Sample) -> int:
     """Tokens the sample takes when nothing is dropped (for packing to a budget)."""
+    packer.check(sample)
     n = 0
     for segment in sample.segments:
         if isinstance(segment, Text):
             n += len(packer.tokenizer.frame(segment.text))
             continue
+        if not packer.visual_und and segment.as_vit and not segment.as_vae:
+            continue
         image = packer.prepare(segment.image, id(segment))
         if segment.target or segment.as_vae:
             h, w = packer._latent_grid(image)
             n += h * w + 2
-        if segment.as_vit:
+        if segment.as_vit and packer.visual_und:
             h, w = packer._vit_grid(image)
             n += h * w + 2
     return n

@@ -68,6 +68,8 @@ class TrainConfig:
     ce_weight: float = 1.0
     dropout: Dropout = field(default_factory=Dropout)
     freeze: tuple[str, ...] = ()  # any of FREEZABLE; the VAE and the position tables are never trained
+    visual_gen: bool = True  # False: understanding only; the generation expert is frozen, no image is generated
+    visual_und: bool = True  # False: no ViT tokens at all; the ViT and connector are frozen
     ema: float = 0.0  # EMA decay (0: off; the official pre-training used 0.9999)
     lora_rank: int = 0  # > 0: train LoRA adapters only (see bagel_engine.train.lora)
     lora_alpha: float | None = None  # default: the rank (scale 1)
@@ -112,6 +114,8 @@ class TrainConfig:
             raise BagelInputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(DP.STRATEGIES)}")
         if self.lora_rank < 0 or (self.lora_rank and self.lora_targets not in LORA_TARGETS):
             raise BagelInputError(f"LoRA needs a rank >= 1 and targets among {', '.join(LORA_TARGETS)}")
+        if not (self.visual_gen or self.visual_und):
+            raise BagelInputError("--no-visual-gen and --no-visual-und together leave only text: drop one")
         if self.lora_rank and self.freeze:
             raise BagelInputError("with LoRA only the adapters learn: --freeze does not apply")
         if not 0.0 <= self.ema < 1.0:
@@ -174,7 +178,9 @@ class Trainer:
             add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
             names = set(lora_parameter_names(self.model))
         else:
-            names = set(trainable_names(self.model, tuple(cfg.freeze)))
+            frozen = (*cfg.freeze, *(() if cfg.visual_gen else ("gen",)),
+                      *(() if cfg.visual_und else ("vit", "connector")))
+            names = set(trainable_names(self.model, frozen))
         for n, p in self.model.named_parameters():
             p.requires_grad_(n in names)
         self.model.train()
@@ -192,7 +198,8 @@ class Trainer:
         max_side = cfg.max_image_side
         packer = SequencePacker(self.pipe.config, self.pipe.tokenizer,
                                 lambda image, key: self.pipe.prepare_image(image, key, max_side, vit_from_original=True),
-                                cfg.dropout, random.Random(cfg.seed * 1000 + self.dist.rank))
+                                cfg.dropout, random.Random(cfg.seed * 1000 + self.dist.rank),
+                                visual_gen=cfg.visual_gen, visual_und=cfg.visual_und)
         self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
                                          rank=self.dist.rank, world=self.dist.world)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
@@ -200,7 +207,8 @@ class Trainer:
         self.batches: Prefetcher | None = None
         self.eval_batches, self.eval_bad = [], []
         if cfg.eval_data:
-            eval_packer = SequencePacker(self.pipe.config, self.pipe.tokenizer, packer.prepare, Dropout(0, 0, 0))
+            eval_packer = SequencePacker(self.pipe.config, self.pipe.tokenizer, packer.prepare, Dropout(0, 0, 0),
+                                         visual_gen=cfg.visual_gen, visual_und=cfg.visual_und)
             self.eval_batches, self.eval_bad = pack_in_order(cfg.eval_data, eval_packer, cfg.max_tokens, cfg.task)
         self.step = 0
         self.history: list[dict] = []
