@@ -136,3 +136,112 @@ def test_visual_switches_train_only_what_they_need(tmp_path, switch):
         assert not gen and vit
     bad = (tmp_path / "run" / "bad_rows.jsonl").read_text()
     assert ("--no-visual-und" in bad) == (not visual_und) and ("--no-visual-gen" in bad) == (not visual_gen)
+
+
+@pytest.fixture(scope="module")
+def official_layout(tmp_path_factory, official_rows):
+    """A miniature of the official example: a YAML with the three groups and its registry, parquet folders
+    for t2i and editing, a LLaVA JSONL with an image folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bagel_example")
+    (root / "t2i").mkdir()
+    (root / "editing").mkdir()
+    (root / "vlm" / "images").mkdir(parents=True)
+    shutil.copy(official_rows[0][0].source, root / "t2i" / "part0.parquet")
+    shutil.copy(official_rows[1][0].source, root / "editing" / "part0.parquet")
+    Image.new("RGB", (48, 32), "green").save(root / "vlm" / "images" / "g.png")
+    lines = [{"image": "g.png", "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"},
+                                                   {"from": "gpt", "value": "Green."}]},
+             {"image": ["g.png", "g.png"], "conversations": [{"from": "human", "value": "<image><image>\nSame?"},
+                                                              {"from": "gpt", "value": "Yes."}]}]
+    (root / "vlm" / "llava.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "example.yaml").write_text("""
+t2i_pretrain:
+  dataset_names: [t2i]
+  image_transform_args: {image_stride: 16, max_image_size: 1024, min_image_size: 512}
+  is_mandatory: true
+  num_used_data: [3]
+  weight: 1
+unified_edit:
+  dataset_names: [seedxedit_multi]
+  is_mandatory: false
+  num_used_data: [2]
+  weight: 1
+vlm_sft:
+  dataset_names: [llava_ov]
+  is_mandatory: true
+  shuffle_lines: true
+  shuffle_seed: 0
+  num_used_data: [2]
+  weight: 1
+dataset_info:
+  t2i_pretrain:
+    t2i: {data_dir: t2i, num_files: 1, num_total_samples: 2}
+  unified_edit:
+    seedxedit_multi: {data_dir: editing, num_files: 1, num_total_samples: 1}
+  vlm_sft:
+    llava_ov: {data_dir: vlm/images, jsonl_path: vlm/llava.jsonl, num_total_samples: 2}
+""")
+    return root / "example.yaml"
+
+
+def test_the_official_yaml_mix_reads_packs_resumes_and_trains(official_layout, tmp_path):
+    import bagel_engine
+    from bagel_engine.train import TrainConfig, Trainer
+    from bagel_engine.train.official_mix import MixedStream, read_official_config
+    from bagel_engine.train.packing import SequencePacker
+    from golden import MODEL_DIR
+
+    groups = read_official_config(official_layout)
+    # t2i: its one file used 3 times (num_used_data counts files, repeated as the official code does)
+    assert [(g.name, len(g.rows), g.mandatory) for g in groups] == [
+        ("t2i_pretrain", 6, True), ("unified_edit", 2, False), ("vlm_sft", 2, True)]
+    assert groups[2].rows[0].folder == official_layout.parent / "vlm" / "images"  # images next to data_dir
+
+    pipe = bagel_engine.load(MODEL_DIR, device="cpu")
+
+    def stream():
+        packer = SequencePacker(pipe.config, pipe.tokenizer, lambda im, key: pipe.prepare_image(im, key))
+        return MixedStream(read_official_config(official_layout), packer, max_tokens=1200, seed=5)
+
+    a = stream()
+    first = next(a)
+    saved = a.state()
+    rest = [next(a) for _ in range(3)]
+    b = stream()
+    b.restore(json.loads(json.dumps(saved)))  # as a checkpoint stores it
+    again = [next(b) for _ in range(3)]
+    for x, y in zip(rest, again):  # a resumed stream goes on with exactly the same sequences
+        assert torch_equal(x.text_ids, y.text_ids) and x.sample_lens == y.sample_lens
+    assert first.sample_lens and not a.bad
+    # every sequence starts with a sample of each mandatory group (t2i, then the conversation)
+    assert all(len(s.sample_lens) >= 2 for s in [first, *rest])
+
+    cfg = TrainConfig(model=str(MODEL_DIR), data=str(official_layout), output_dir=str(tmp_path / "run"), steps=2,
+                      lr=1e-4, warmup_steps=1, max_tokens=1200, save_every=1, log_every=1, device="cpu", progress=False)
+    Trainer(cfg).run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "mse" in r] == [1, 2]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_check_reports_an_official_mix(official_layout):
+    from typer.testing import CliRunner
+
+    import bagel_engine.cli.train_cmd  # noqa: F401 - registers `train`
+    from bagel_engine.cli.main import app
+    from golden import MODEL_DIR
+
+    r = CliRunner().invoke(app, ["train", str(official_layout), "-o", "/tmp/unused", "-m", str(MODEL_DIR), "--check",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["groups"]["vlm_sft"] == {"rows": 2, "weight": 1.0, "mandatory": True}
+    assert report["rows"] == 10 and report["good"] == 10 and not report["bad"]
+    assert report["tasks"] == {"official_t2i": 6, "official_edit": 2, "conversation": 2}

@@ -33,6 +33,11 @@ class Row:
     line: int  # 1-based line (CSV/JSONL) or row number (Parquet) in that file, for messages
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # set when the line itself could not be read
+    base: Path | None = None  # where relative image paths point (default: the file's folder)
+
+    @property
+    def folder(self) -> Path:
+        return self.base if self.base is not None else self.source.parent
 
     def get(self, column: str) -> Any:
         value = self.data.get(column)

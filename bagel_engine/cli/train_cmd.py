@@ -63,14 +63,25 @@ from the newest checkpoint (same data order, random draws and optimizer state); 
 """
 
 
-def _check(data: Path, model: str, task: str, max_tokens: int, max_image_side: int | None, as_json: bool) -> None:
+def _check(data: Path, model: str, task: str, max_tokens: int, max_image_side: int | None, as_json: bool,
+           dataset_info: Path | None = None) -> None:
     import bagel_engine
-    from bagel_engine.train.data import survey
+    from bagel_engine.train.data import survey, survey_rows
+    from bagel_engine.train.official_mix import is_official_config, read_official_config
     from bagel_engine.train.packing import SequencePacker
 
     pipe = bagel_engine.load(model, device="meta")  # configs and tokenizer only
-    packer = SequencePacker(pipe.config, pipe.tokenizer, lambda image, key: pipe.prepare_image(image, key, max_image_side))
-    report = survey(data, packer, max_tokens, task)
+    packer = SequencePacker(pipe.config, pipe.tokenizer,
+                            lambda image, key: pipe.prepare_image(image, key, max_image_side, vit_from_original=True))
+    if is_official_config(data):
+        groups = read_official_config(data, dataset_info)
+        report = survey_rows([row for g in groups for row in g.rows], packer, max_tokens, task)
+        report["groups"] = {g.name: {"rows": len(g.rows), "weight": g.weight, "mandatory": g.mandatory} for g in groups}
+    else:
+        report = survey(data, packer, max_tokens, task)
+    if not as_json and report.get("groups"):
+        for name, g in report["groups"].items():
+            print(f"group {name}: {g['rows']} rows, weight {g['weight']:g}{', mandatory' if g['mandatory'] else ''}")
     if as_json:
         print(json.dumps(report))
         return
@@ -90,7 +101,9 @@ def _check(data: Path, model: str, task: str, max_tokens: int, max_image_side: i
 
 @app.command(epilog=EPILOG)
 def train(
-    data: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file, or a folder of them.", show_default=False)],
+    data: Annotated[Path, typer.Argument(
+        help="CSV, JSONL or Parquet file, or a folder of them; or the official trainer's dataset YAML.",
+        show_default=False)],
     output_dir: Annotated[Path, typer.Option(
         "--output-dir", "-o", rich_help_panel=RUN, help="Folder for checkpoints and logs.", show_default=False)],
     model: Model = None,
@@ -135,6 +148,10 @@ def train(
         "--freeze", rich_help_panel=OPT, metavar="PARTS",
         help="Comma list of parts to keep fixed: und (understanding expert, embeddings, LM head), gen (generation "
              "expert and latent glue), vit, connector. The VAE and the position tables are always fixed.")] = None,
+    dataset_info: Annotated[Optional[Path], typer.Option(
+        "--dataset-info", rich_help_panel=DATA, metavar="FILE",
+        help="With an official dataset YAML: its DATASET_INFO registry (YAML or JSON: group -> dataset -> "
+             "data_dir / jsonl_path), when the YAML has no dataset_info: section.")] = None,
     visual_gen: Annotated[bool, typer.Option(
         "--visual-gen/--no-visual-gen", rich_help_panel=OPT,
         help="--no-visual-gen: understanding only (the official visual_gen=False): the generation expert is "
@@ -186,7 +203,7 @@ def train(
         if not model:
             raise BagelInputError("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL")
         if check:
-            _check(data, model, task.value, max_tokens, max_image_side, json_)
+            _check(data, model, task.value, max_tokens, max_image_side, json_, dataset_info)
             return
         parts = tuple(p.strip() for p in (freeze or "").split(",") if p.strip())
         cfg = TrainConfig(
@@ -195,7 +212,7 @@ def train(
             max_grad_norm=max_grad_norm, max_tokens=max_tokens, grad_accum=grad_accum, max_image_side=max_image_side,
             timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight, latent_cache_mb=latent_cache_mb,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
-            visual_gen=visual_gen, visual_und=visual_und,
+            visual_gen=visual_gen, visual_und=visual_und, dataset_info=str(dataset_info) if dataset_info else None,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,
             save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, device=device, dtype=dtype,

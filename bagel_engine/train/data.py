@@ -67,7 +67,7 @@ def _has(row: Row, columns: tuple[str, ...]) -> bool:
 
 
 def _images(row: Row, exclude: tuple[str, ...] = ()) -> list:
-    base = row.source.parent
+    base = row.folder
     out = []
     for i, (column, value) in enumerate(image_values(row)):
         if column in exclude:
@@ -81,7 +81,7 @@ def _target(row: Row):
     for column in TARGETS:
         value = row.get(column)
         if value is not None:
-            image, _ = load_image(value, row.source.parent, f"target image ({column})")
+            image, _ = load_image(value, row.folder, f"target image ({column})")
             return image.convert("RGB")
     raise BagelInputError(f"no image to learn: the row has none of the columns {', '.join(TARGETS)}")
 
@@ -104,7 +104,7 @@ def _steps(row: Row) -> list[tuple[str, Any]]:
         target = next((step[c] for c in TARGETS if step.get(c) is not None), None)
         if instruction is None or target is None:
             raise BagelInputError(f"step {k + 1} needs an instruction and an output_image")
-        image, _ = load_image(target, row.source.parent, f"step {k + 1} output_image")
+        image, _ = load_image(target, row.folder, f"step {k + 1} output_image")
         out.append((instruction, image.convert("RGB")))
     return out
 
@@ -136,7 +136,7 @@ def _official_images(row: Row, column: str) -> list:
     items = list(value) if value is not None and not isinstance(value, (str, bytes)) else [value]
     out = []
     for k, item in enumerate(items):
-        image, _ = load_image(item, row.source.parent, f"{column}[{k}]")
+        image, _ = load_image(item, row.folder, f"{column}[{k}]")
         out.append(image.convert("RGB"))
     return out
 
@@ -481,7 +481,11 @@ def survey(path: str | Path, packer: SequencePacker, max_tokens: int, task: str 
     """What a training file holds, without a model's weights (``bagel train --check``): rows per
     task, bad rows with their reasons, tokens per sample, and how the samples pack into sequences of
     ``max_tokens`` (in file order, as one epoch would, before shuffling)."""
-    rows = read_rows(Path(path))
+    return survey_rows(read_rows(Path(path)), packer, max_tokens, task)
+
+
+def survey_rows(rows: list[Row], packer: SequencePacker, max_tokens: int, task: str = "auto") -> dict:
+    """:func:`survey` of rows already read (the groups of an official dataset YAML)."""
     tasks: dict[str, int] = {}
     lengths, bad = [], []
     image_tokens = text_tokens = 0

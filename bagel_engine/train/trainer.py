@@ -32,6 +32,7 @@ from bagel_engine.params import BagelInputError
 from bagel_engine.train import checkpoint as checkpoints
 from bagel_engine.train import parallel as DP
 from bagel_engine.train.data import TASKS, DataStream, Prefetcher, pack_in_order
+from bagel_engine.train.official_mix import MixedStream, is_official_config, read_official_config
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
 from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales, merge_adapters
 from bagel_engine.train.latent_cache import LatentCache
@@ -48,7 +49,7 @@ FREEZABLE = ("vit", "und", "gen", "connector")
 @dataclass
 class TrainConfig:
     model: str  # base model: a directory or a hub id
-    data: str  # a CSV / JSONL / Parquet file or a folder of them
+    data: str  # a CSV / JSONL / Parquet file or a folder of them, or the official trainer's dataset YAML
     output_dir: str
     task: str = "auto"
     steps: int = 1000
@@ -68,6 +69,7 @@ class TrainConfig:
     ce_weight: float = 1.0
     dropout: Dropout = field(default_factory=Dropout)
     freeze: tuple[str, ...] = ()  # any of FREEZABLE; the VAE and the position tables are never trained
+    dataset_info: str | None = None  # with an official dataset YAML: its DATASET_INFO registry (YAML / JSON)
     visual_gen: bool = True  # False: understanding only; the generation expert is frozen, no image is generated
     visual_und: bool = True  # False: no ViT tokens at all; the ViT and connector are frozen
     ema: float = 0.0  # EMA decay (0: off; the official pre-training used 0.9999)
@@ -200,8 +202,12 @@ class Trainer:
                                 lambda image, key: self.pipe.prepare_image(image, key, max_side, vit_from_original=True),
                                 cfg.dropout, random.Random(cfg.seed * 1000 + self.dist.rank),
                                 visual_gen=cfg.visual_gen, visual_und=cfg.visual_und)
-        self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
-                                         rank=self.dist.rank, world=self.dist.world)
+        if is_official_config(cfg.data):  # the official trainer's dataset YAML, as it is
+            self.data = MixedStream(read_official_config(cfg.data, cfg.dataset_info), packer, cfg.max_tokens,
+                                    task=cfg.task, seed=cfg.seed, rank=self.dist.rank, world=self.dist.world)
+        else:
+            self.data = DataStream.from_path(cfg.data, packer, cfg.max_tokens, task=cfg.task, seed=cfg.seed,
+                                             rank=self.dist.rank, world=self.dist.world)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
         self.latent_cache = LatentCache(cfg.latent_cache_mb) if cfg.latent_cache_mb > 0 else None
         self.batches: Prefetcher | None = None
