@@ -88,6 +88,8 @@ def test_packing_equals_the_official_trainer(pipe, samples, name):
     }
     for key, ours in exact.items():
         assert torch.equal(ours.long(), g[f"in.{key}"].long()), key
+    # the official CE reweighting weights (len2weight, "square"): 1/sqrt(the answer's token count)
+    assert torch.allclose(batch.ce_weights, g["in.ce_loss_weights"], rtol=0, atol=1e-7)
     sizes = [im.grid[0] * im.grid[1] for im in batch.vae_images]
     starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
     noised = torch.cat([batch.vae_indexes[starts[k]:starts[k + 1]] for k, im in enumerate(batch.vae_images) if im.target])
@@ -144,6 +146,11 @@ def test_losses_and_gradients_equal_the_official_trainer(pipe, samples, name):
     for key in grads:
         assert_close_rel(named[key.removeprefix("grad.")].grad, g[key], key)
     model.zero_grad(set_to_none=True)
+    # with the official ce_loss_reweighting, the CE is the weighted mean of the per-token CE
+    w = g["in.ce_loss_weights"]
+    reweighted = losses.total(ce_token_weights=batch.ce_weights).item()
+    expected = losses.mse.mean().item() + float((g["out.ce_per_token"] * w).sum() / w.sum())
+    assert abs(reweighted - expected) <= REL * abs(expected)
 
 
 def test_the_step_by_step_edit_row_is_the_official_chain_plan(samples):

@@ -144,6 +144,10 @@ def train(
                                                   help="Shift of the training flow times (1: none).")] = 1.0,
     mse_weight: Annotated[float, typer.Option("--mse-weight", rich_help_panel=OPT, min=0)] = 1.0,
     ce_weight: Annotated[float, typer.Option("--ce-weight", rich_help_panel=OPT, min=0)] = 1.0,
+    ce_reweighting: Annotated[bool, typer.Option(
+        "--ce-reweighting", rich_help_panel=OPT,
+        help="The official ce_loss_reweighting: each learnt text's tokens weigh 1/sqrt(its length), so long "
+             "answers do not drown short ones.")] = False,
     freeze: Annotated[Optional[str], typer.Option(
         "--freeze", rich_help_panel=OPT, metavar="PARTS",
         help="Comma list of parts to keep fixed: und (understanding expert, embeddings, LM head), gen (generation "
@@ -210,7 +214,7 @@ def train(
             model=model, data=str(data), output_dir=str(output_dir), task=task.value, steps=steps, lr=lr,
             min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule.value, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, max_tokens=max_tokens, grad_accum=grad_accum, max_image_side=max_image_side,
-            timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight, latent_cache_mb=latent_cache_mb,
+            timestep_shift=timestep_shift, mse_weight=mse_weight, ce_weight=ce_weight, ce_reweighting=ce_reweighting, latent_cache_mb=latent_cache_mb,
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
             visual_gen=visual_gen, visual_und=visual_und, dataset_info=str(dataset_info) if dataset_info else None,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,

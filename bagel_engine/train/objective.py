@@ -30,14 +30,21 @@ class Losses:
     logits: torch.Tensor | None = None  # (Nc, vocab) the logits of the learnt tokens (float32)
 
     def total(self, mse_weight: float = 1.0, ce_weight: float = 1.0,
-              mse_tokens: float | None = None, ce_tokens: float | None = None) -> torch.Tensor:
+              mse_tokens: float | None = None, ce_tokens: float | None = None,
+              ce_token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted sum of the token means. ``*_tokens``: the divisors (the global token counts
-        under data parallelism, so that every token weighs the same whatever rank it is on)."""
+        under data parallelism, so that every token weighs the same whatever rank it is on).
+        ``ce_token_weights``: the official CE reweighting (``PackedBatch.ce_weights``): the CE is then
+        the weighted mean, ``ce_tokens`` being the global sum of the weights."""
         parts = []
         if self.mse is not None and self.mse.numel():
             parts.append(mse_weight * self.mse.sum() / (mse_tokens or self.mse.numel()))
         if self.ce is not None and self.ce.numel():
-            parts.append(ce_weight * self.ce.sum() / (ce_tokens or self.ce.numel()))
+            if ce_token_weights is not None:
+                w = ce_token_weights.to(self.ce.device, self.ce.dtype)
+                parts.append(ce_weight * (self.ce * w).sum() / (ce_tokens or w.sum()))
+            else:
+                parts.append(ce_weight * self.ce.sum() / (ce_tokens or self.ce.numel()))
         if not parts:
             raise ValueError("the batch has nothing to learn (no target image and no learnt text)")
         return sum(parts)

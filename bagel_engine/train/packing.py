@@ -62,6 +62,9 @@ class PackedBatch:
     split_lens: list[int]
     split_modes: list[int]  # CAUSAL / FULL / NOISE per split
     names: list[str] = field(default_factory=list)
+    # (Nc,) the official CE reweighting (``len2weight``, "square"): each learnt text's tokens weigh
+    # 1 / sqrt(its token count), so that long answers do not drown short ones (used with ce_reweighting)
+    ce_weights: torch.Tensor | None = None
 
     @property
     def mse_tokens(self) -> int:
@@ -198,6 +201,7 @@ class SequencePacker:
                     if segment.loss:
                         b.ce_indexes += rows[:-1]
                         b.ce_labels += ids[1:]
+                        b.ce_weights += [1.0 / (len(ids) - 1) ** 0.5] * (len(ids) - 1)
                     b.positions += list(range(rope, rope + len(ids)))
                     rope += len(ids)
                     b.split(len(ids), CAUSAL)
@@ -246,6 +250,7 @@ class _Buffers:
     vae_indexes: list = field(default_factory=list)
     ce_indexes: list = field(default_factory=list)
     ce_labels: list = field(default_factory=list)
+    ce_weights: list = field(default_factory=list)
     sample_lens: list = field(default_factory=list)
     split_lens: list = field(default_factory=list)
     split_modes: list = field(default_factory=list)
@@ -276,6 +281,7 @@ class _Buffers:
             latent_position_ids=torch.cat(self.latent_pos) if self.latent_pos else long([]),
             vae_indexes=long(self.vae_indexes), ce_indexes=long(self.ce_indexes), ce_labels=long(self.ce_labels),
             sample_lens=self.sample_lens, split_lens=self.split_lens, split_modes=self.split_modes, names=self.names,
+            ce_weights=torch.tensor(self.ce_weights, dtype=torch.float32),
         )
 
 

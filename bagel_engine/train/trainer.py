@@ -67,6 +67,7 @@ class TrainConfig:
     timestep_shift: float = 1.0
     mse_weight: float = 1.0
     ce_weight: float = 1.0
+    ce_reweighting: bool = False  # the official ce_loss_reweighting: each answer's tokens weigh 1/sqrt(its length)
     dropout: Dropout = field(default_factory=Dropout)
     freeze: tuple[str, ...] = ()  # any of FREEZABLE; the VAE and the position tables are never trained
     dataset_info: str | None = None  # with an official dataset YAML: its DATASET_INFO registry (YAML / JSON)
@@ -351,7 +352,8 @@ class Trainer:
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        counts = self.dist.all_sum([float(sum(b.mse_tokens for b in batches)), float(sum(b.ce_tokens for b in batches))])
+        counts = self.dist.all_sum([float(sum(b.mse_tokens for b in batches)), float(sum(b.ce_tokens for b in batches)),
+                                    float(sum(float(b.ce_weights.sum()) for b in batches)) if cfg.ce_reweighting else 0.0])
         world = self.dist.world
         self.optimizer.zero_grad(set_to_none=True)
         mse_sum = ce_sum = 0.0
@@ -360,7 +362,11 @@ class Trainer:
                 losses = training_losses(self.model, self.vae, batch, timestep_shift=cfg.timestep_shift,
                                          generator=self.generator, latent_cache=self.latent_cache)
             # each micro-batch's share of the global token means: the accumulated gradient is theirs
-            losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world).backward()
+            if cfg.ce_reweighting:  # the official ce_loss_reweighting: a weighted mean over every rank's tokens
+                losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[2] / world,
+                             ce_token_weights=batch.ce_weights).backward()
+            else:
+                losses.total(cfg.mse_weight, cfg.ce_weight, counts[0] / world, counts[1] / world).backward()
             mse_sum += float(losses.mse.detach().sum()) if losses.mse is not None else 0.0
             ce_sum += float(losses.ce.detach().sum()) if losses.ce is not None else 0.0
         if not self.sharded:  # FSDP reduce-scatters the gradients (as means) in backward
