@@ -292,7 +292,7 @@ MODEL_README = """# bagel-shapes
 A tiny BAGEL (official layout: Qwen2 MoT decoder, SigLIP NaViT, FLUX autoencoder) trained from
 scratch by bagel-engine on the shapes world: flat circles, squares and triangles in six colours on
 a white 64x64 canvas. It draws (`a red circle on the left`), edits (`make the square blue`) and
-answers (`What color is the triangle?`). Made by `bagel shapes build` ({steps} steps, seed {seed});
+answers (`What color is the triangle?`). Made by `bagel shapes build` ({steps}, seed {seed});
 scored by `bagel eval shapes --model bagel-shapes`. See docs/demo-model.md.
 """
 
