@@ -290,6 +290,11 @@ def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str =
     return sample, n
 
 
+def restore_rng(rng: random.Random, state) -> None:
+    """A ``random.Random`` state as a checkpoint's JSON gives it back (lists for tuples)."""
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
 @dataclass
 class BadRow:
     where: str
@@ -340,8 +345,7 @@ class DataStream:
 
     def restore(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        rng = state["packer_rng"]
-        self.packer.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        restore_rng(self.packer.rng, state["packer_rng"])
 
     def _record(self, row: Row, error: str) -> None:
         if row.position not in self._bad_seen:

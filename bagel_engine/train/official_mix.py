@@ -25,7 +25,7 @@ from typing import Iterator
 
 from bagel_engine.batch.reader import Row, read_rows
 from bagel_engine.params import BagelInputError
-from bagel_engine.train.data import BadRow, usable_sample, row_rng
+from bagel_engine.train.data import BadRow, restore_rng, row_rng, usable_sample
 from bagel_engine.train.packing import PackedBatch, SequencePacker
 
 PARQUET_GROUPS = ("t2i_pretrain", "unified_edit")
@@ -181,8 +181,7 @@ class MixedStream:
     def restore(self, state: dict) -> None:
         self.sequence = int(state["sequence"])
         self.cursors = {k: list(v) for k, v in state["cursors"].items()}
-        rng = state["packer_rng"]
-        self.packer.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        restore_rng(self.packer.rng, state["packer_rng"])
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self
