@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from bagel_engine import knobs as knob_table
 from bagel_engine import params
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.attention import check_backend
@@ -186,6 +187,10 @@ class BagelPipeline:
         on_text: Callable[[str], None] | None = None,
         on_step: Callable[[StepPreview], None] | None = None,
         trace: dict | None = None,
+        negative_prompt: str | None = None,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: str | Sequence[str] | None = None,
     ) -> BagelOutput:
         """The official ``interleave_inference``: ``inputs`` is an ordered list of texts and images.
 
@@ -198,13 +203,15 @@ class BagelPipeline:
         ``on_text(delta)`` with each new piece of the answer or think text as it is written;
         ``on_step(preview)`` after each denoising step with a :class:`StepPreview` (live previews).
         ``trace`` (a dict) collects intermediate tensors for debugging.
+        Beyond the official arguments: ``negative_prompt`` (images), ``top_p`` / ``top_k`` (sampling) and
+        ``stop`` (strings that end an answer), as in the task methods.
         """
         image = ImageParams(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min,
                             timestep_shift, num_timesteps, enable_taylorseer)
-        text = TextParams(max_think_token_n, do_sample, text_temperature)
+        text = TextParams(max_think_token_n, do_sample, text_temperature, top_p, top_k, params.stop_strings(stop))
         return self.engine.run([Request(
             list(inputs), understanding_output, think, text, image, tuple(image_shapes), seed, noise,
-            sample_posterior, callback, on_text, on_step, trace)])[0]
+            sample_posterior, callback, on_text, on_step, trace, negative_prompt=negative_prompt or None)])[0]
 
     # ----------------------------------------------------------------------------- task methods
     @staticmethod
@@ -225,13 +232,51 @@ class BagelPipeline:
     def _params(defaults: ImageParams, knobs: dict, image_params: ImageParams | None,
                 text_params: TextParams | None) -> tuple[ImageParams, TextParams]:
         """The call's params, built once: the given (or default) ones with the caller's knobs replaced."""
-        params.split_knobs(knobs, params.IMAGE_PARAM_NAMES + params.TEXT_PARAM_NAMES)
+        allowed = params.IMAGE_PARAM_NAMES + params.TEXT_PARAM_NAMES
+        params.split_knobs(knobs, allowed, hint=knob_table.did_you_mean)
         image = {k: v for k, v in knobs.items() if k in params.IMAGE_PARAM_NAMES}
         if "cfg_interval" in image and isinstance(image["cfg_interval"], (list, tuple)):
             image["cfg_interval"] = tuple(image["cfg_interval"])
         text = {k: v for k, v in knobs.items() if k in params.TEXT_PARAM_NAMES}
         base_text = text_params or TextParams(params.THINK_TOKENS_DEFAULT, False, 0.3)
         return replace(image_params or defaults, **image), replace(base_text, **text)
+
+    @staticmethod
+    def _image_call(task: str, knobs: dict, seed, noise) -> tuple[dict, dict]:
+        """Split a generate / edit call's keywords: aliases resolved (``guidance_scale``, ``latents``,
+        ``num_inference_steps``...), then the call-level ones (negative prompt, images per prompt, seed,
+        noise, generator) apart from the knobs of the params."""
+        knobs = knob_table.canonical({**knobs, "seed": seed, "noise": noise}, task)
+        call = {name: knobs.pop(name, None) for name in ("negative_prompt", "num_images_per_prompt", "seed",
+                                                         "noise", "generator")}
+        n = call["num_images_per_prompt"]
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise BagelInputError(f"num_images_per_prompt must be an integer >= 1 (got {n!r})")
+        if call["generator"] is not None:
+            if call["seed"] is not None:
+                raise BagelInputError("give seed or generator, not both")
+            if not isinstance(call["generator"], torch.Generator):
+                raise BagelInputError(f"generator must be a torch.Generator (got {type(call['generator']).__name__})")
+        neg = call["negative_prompt"]
+        if neg is not None and not isinstance(neg, str):
+            raise BagelInputError(f"negative_prompt must be a string (got {type(neg).__name__})")
+        call["negative_prompt"] = neg or None  # an empty negative prompt is none
+        return knobs, call
+
+    @staticmethod
+    def _seeds(seed, generator: torch.Generator | None, count: int, single: bool, what: str = "images") -> list:
+        """One seed per image: ``seed + k`` (one seed) or the list given; a ``generator`` draws them (the
+        same generator state, the same images; the generator advances as diffusers' would)."""
+        if generator is not None:
+            return [int(torch.randint(0, 2**31, (1,), generator=generator)) for _ in range(count)]
+        if seed is None or (single and count == 1):
+            return [seed] * count
+        if isinstance(seed, int):
+            return [seed + k for k in range(count)]
+        seeds = list(seed)
+        if len(seeds) != count:
+            raise BagelInputError(f"{len(seeds)} seeds for {count} {what}")
+        return seeds
 
     def generate(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
                  think: bool = False,
@@ -247,7 +292,15 @@ class BagelPipeline:
         ``task_defaults.json``, else 1024x1024 and the app's values); ``image_params`` / ``text_params``
         replace those defaults (knobs still apply on top). ``on_step(preview)`` after each denoising step
         (a :class:`StepPreview` per image: the predicted clean latent and its picture).
+
+        ``negative_prompt``: what the picture should not show (it conditions the text-unconditional
+        branch of the guidance; empty is none). diffusers' names are understood too (one table,
+        ``bagel_engine.knobs``): ``guidance_scale`` (cfg_text_scale), ``num_inference_steps`` (denoising
+        steps: num_timesteps = num_inference_steps + 1), ``latents`` (noise), ``generator`` (a
+        ``torch.Generator`` draws the seeds) and ``num_images_per_prompt`` (a list comes back, the
+        images of each prompt together, seeds ``seed + k``).
         """
+        knobs, call = self._image_call("t2i", knobs, seed, noise)
         height = self.task_defaults.height if height is None else height
         width = self.task_defaults.width if width is None else width
         single = isinstance(prompt, str)
@@ -257,61 +310,79 @@ class BagelPipeline:
         for p in prompts:
             self._need_prompt(p, "prompt" if single else "every prompt")
         self.check_size(height, width)
-        if seed is None or single:
-            seeds = [seed] * len(prompts)
-        elif isinstance(seed, int):
-            seeds = [seed + k for k in range(len(prompts))]
-        else:
-            seeds = list(seed)
-            if len(seeds) != len(prompts):
-                raise BagelInputError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        per_prompt = call["num_images_per_prompt"] or 1
+        if per_prompt > 1:
+            prompts = [p for p in prompts for _ in range(per_prompt)]
+            single = False
+        what = "prompts" if per_prompt == 1 else "images"
+        seeds = self._seeds(call["seed"], call["generator"], len(prompts), single, what)
+        noise = call["noise"]
         noises = [noise] if single else [None] * len(prompts) if noise is None else list(noise)
         if len(noises) != len(prompts):
-            raise BagelInputError(f"{len(noises)} noise tensors for {len(prompts)} prompts")
+            raise BagelInputError(f"{len(noises)} noise tensors for {len(prompts)} {what}")
         image, text = self._params(self.task_defaults.t2i, knobs, image_params, text_params)
         outs = self.engine.run([
             Request([p], think=think, text=text, image=image, image_shape=(height, width), seed=s, noise=n,
+                    negative_prompt=call["negative_prompt"],
                     callback=callback if k == 0 else None, on_step=on_step, index=k)  # they step in lockstep
             for k, (p, s, n) in enumerate(zip(prompts, seeds, noises))])
         return outs[0] if single else outs
 
     def edit(self, images, prompt: str, *, think: bool = False, seed: int | None = None,
              noise: torch.Tensor | None = None, callback=None, on_step=None, image_params: ImageParams | None = None,
-             text_params: TextParams | None = None, **knobs) -> BagelOutput:
+             text_params: TextParams | None = None, **knobs) -> BagelOutput | list[BagelOutput]:
         """Edit one or several images (the output has the last image's resized size); app defaults
-        (cfg 4.0 / 2.0, interval 0-1, text_channel renorm)."""
+        (cfg 4.0 / 2.0, interval 0-1, text_channel renorm). The keywords of ``generate`` apply
+        (``negative_prompt``, diffusers' names; with ``num_images_per_prompt`` > 1 a list of edits
+        comes back, seeds ``seed + k``)."""
+        knobs, call = self._image_call("edit", knobs, seed, noise)
         images = self._as_list(images)
         if not images:
             raise BagelInputError("edit needs at least one input image")
         self._need_prompt(prompt, "prompt")
         image, text = self._params(self.task_defaults.edit, knobs, image_params, text_params)
-        return self.engine.run([Request([*images, prompt], think=think, text=text, image=image, seed=seed,
-                                        noise=noise, callback=callback, on_step=on_step)])[0]
+        count = call["num_images_per_prompt"] or 1
+        seeds = self._seeds(call["seed"], call["generator"], count, count == 1)
+        outs = self.engine.run([Request([*images, prompt], think=think, text=text, image=image, seed=s,
+                                        noise=call["noise"], negative_prompt=call["negative_prompt"],
+                                        callback=callback if k == 0 else None, on_step=on_step, index=k)
+                                for k, s in enumerate(seeds)])
+        return outs[0] if count == 1 and call["num_images_per_prompt"] is None else outs
 
     def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
-                   do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
-                   callback=None, on_text=None) -> BagelOutput:
+                   do_sample: bool = False, text_temperature: float | None = None, seed: int | None = None,
+                   callback=None, on_text=None, **knobs) -> BagelOutput:
         """Answer a question about one or several images (``max_new_tokens``: default the model's, else 512).
         ``callback(k, max)`` after each answer token (raise in it to stop); ``on_text(delta)`` with each new
-        piece of the answer as it is written (streaming; the pieces add up to ``text``)."""
+        piece of the answer as it is written (streaming; the pieces add up to ``text``). Sampling:
+        ``do_sample`` with ``text_temperature`` (alias ``temperature``), ``top_p``, ``top_k``; ``stop``: strings
+        that end the answer (not included)."""
         images = self._as_list(images)
         if not images:
             raise BagelInputError("understand needs at least one input image")
         self._need_prompt(question, "question")
-        return self._answer([*images, question], think, max_new_tokens or self.task_defaults.understand_tokens,
-                            do_sample, text_temperature, seed, callback, on_text)
+        return self._answer("understand", [*images, question], think,
+                            dict(knobs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 text_temperature=text_temperature), seed, callback, on_text)
 
     def chat(self, prompt: str, *, think: bool = False, max_new_tokens: int | None = None,
-             do_sample: bool = False, text_temperature: float = 0.3, seed: int | None = None,
-             callback=None, on_text=None) -> BagelOutput:
-        """Text in, text out (``max_new_tokens``: default the model's, else 512); ``callback`` and
-        ``on_text`` as in ``understand``."""
+             do_sample: bool = False, text_temperature: float | None = None, seed: int | None = None,
+             callback=None, on_text=None, **knobs) -> BagelOutput:
+        """Text in, text out (``max_new_tokens``: default the model's, else 512); the other keywords as in
+        ``understand``."""
         self._need_prompt(prompt, "prompt")
-        return self._answer([prompt], think, max_new_tokens or self.task_defaults.chat_tokens, do_sample,
-                            text_temperature, seed, callback, on_text)
+        return self._answer("chat", [prompt], think,
+                            dict(knobs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 text_temperature=text_temperature), seed, callback, on_text)
 
-    def _answer(self, inputs: list, think: bool, max_new_tokens: int, do_sample: bool, temperature: float,
-                seed: int | None, callback, on_text) -> BagelOutput:
-        text = TextParams(max_new_tokens, do_sample, temperature)
+    def _answer(self, task: str, inputs: list, think: bool, knobs: dict, seed: int | None, callback,
+                on_text) -> BagelOutput:
+        knobs = knob_table.canonical(knobs, task)
+        allowed = ("max_new_tokens", "do_sample", "text_temperature", "top_p", "top_k", "stop")
+        params.split_knobs(knobs, allowed, hint=knob_table.did_you_mean)
+        default = self.task_defaults.understand_tokens if task == "understand" else self.task_defaults.chat_tokens
+        text = TextParams(knobs.get("max_new_tokens") or default, bool(knobs.get("do_sample", False)),
+                          knobs.get("text_temperature", 0.3), top_p=knobs.get("top_p", 1.0),
+                          top_k=knobs.get("top_k", 0), stop=tuple(params.stop_strings(knobs.get("stop"))))
         return self.engine.run([Request(inputs, understanding_output=True, think=think, text=text, seed=seed,
                                         callback=callback, on_text=on_text)])[0]

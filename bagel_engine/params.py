@@ -84,6 +84,9 @@ class TextParams:
     max_think_token_n: int = 1000
     do_sample: bool = False
     text_temperature: float = 0.3
+    top_p: float = 1.0  # with do_sample: keep the smallest set of tokens whose probabilities reach top_p
+    top_k: int = 0  # with do_sample: keep the k likeliest tokens (0: all)
+    stop: tuple[str, ...] = ()  # answers end before the first of these strings (not included)
 
     def validate(self) -> "TextParams":
         n = self.max_think_token_n
@@ -92,7 +95,13 @@ class TextParams:
         t = self.text_temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
             raise BagelInputError(f"text_temperature must be a number > 0 (got {t!r})")
-        return self
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise BagelInputError(f"top_p must be a number in (0, 1] (got {p!r})")
+        k = self.top_k
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise BagelInputError(f"top_k must be an integer >= 0 (got {k!r})")
+        return dataclasses.replace(self, stop=stop_strings(self.stop))
 
 
 # Defaults of the official app per task (app.py tabs); `interleave` uses the inferencer's own.
@@ -172,7 +181,44 @@ class TaskDefaults:
                    height=height, width=width, understand_tokens=tokens["understand"], chat_tokens=tokens["chat"])
 
 
-def split_knobs(knobs: dict[str, Any], allowed: tuple[str, ...]) -> None:
+def split_knobs(knobs: dict[str, Any], allowed: tuple[str, ...], hint: Any = None) -> None:
+    """Raise :class:`BagelInputError` naming the keys of ``knobs`` not in ``allowed``; ``hint(name)``
+    may add a suggestion (``" (did you mean 'cfg_text_scale'?)"``)."""
     unknown = sorted(set(knobs) - set(allowed))
     if unknown:
-        raise BagelInputError(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(allowed)}")
+        named = ", ".join(f"{u}{hint(u) if hint else ''}" for u in unknown)
+        raise BagelInputError(f"unknown parameter(s): {named}; known: {', '.join(allowed)}")
+
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+
+def stop_strings(value: Any) -> tuple[str, ...]:
+    """``stop`` as a tuple: None, one string or a list of at most four non-empty strings."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise BagelInputError(f"stop must be a string or a list of strings (got {value!r})")
+    if len(items) > MAX_STOP_STRINGS:
+        raise BagelInputError(f"stop takes at most {MAX_STOP_STRINGS} strings (got {len(items)})")
+    if any(not x for x in items):
+        raise BagelInputError("stop strings must not be empty")
+    return tuple(items)
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where ``text`` must end: the index of the earliest stop string in it, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string (a stream waits for them)."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return hold

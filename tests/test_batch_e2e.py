@@ -4,7 +4,6 @@ under torchrun (gloo on the CPU) against one."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -20,7 +19,8 @@ from typer.testing import CliRunner
 import bagel_engine
 import bagel_engine.cli.batch_cmd  # noqa: F401 - registers `batch`
 from bagel_engine.batch import manifest as M
-from bagel_engine.batch.knobs import derive_seed
+from bagel_engine.image_metadata import read_png_metadata
+from bagel_engine.knobs import derive_seed
 from bagel_engine.cli.main import app
 
 DATA = Path(__file__).parent / "data" / "tiny-v1"
@@ -39,10 +39,10 @@ def batch(*args, env=None):
     return CliRunner().invoke(app, ["batch", *[str(a) for a in args]], env=env)
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def pixels(source) -> tuple:
+    """A picture's size and pixels: written PNGs also carry metadata (prompt, seed, knobs)."""
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    return image.size, image.convert("RGB").tobytes()
 
 
 def manifest(out: Path, stem: str = "manifest") -> list[dict]:
@@ -99,7 +99,10 @@ def test_edit_batch_good_and_bad_rows_resume_retry_overwrite(tmp_path, pipe):
     # the row's seed comes from the base seed (0) and its id; the image is what the API draws
     assert rows["e1"]["seed"] == derive_seed(0, "e1") and rows["e1"]["output"] == "e1.png"
     expected = pipe.edit(Image.open(IMAGE), "make it blue", seed=derive_seed(0, "e1"), num_timesteps=3)
-    assert (out / "e1.png").read_bytes() == png(expected.image)
+    assert pixels(out / "e1.png") == pixels(expected.image)
+    meta = read_png_metadata(out / "e1.png")  # the picture says how it was made
+    assert (meta["task"], meta["prompt"], meta["seed"]) == ("edit", "make it blue", derive_seed(0, "e1"))
+    assert meta["parameters"]["num_timesteps"] == 3
     assert rows["e2"]["params"]["cfg_text_scale"] == 5.0 and rows["e2"]["params"]["num_timesteps"] == 3
     assert rows["e2"]["inputs"] == ["a.png", "a.png"] and rows["e2"]["timings"]["denoise_s"] > 0
     assert sorted(p.name for p in out.glob("*.png")) == ["e1.png", "e2.png"]
@@ -157,12 +160,12 @@ def test_t2i_knob_precedence_row_flag_variable_default(tmp_path, pipe):
     assert b["params"]["cfg_interval"] == [0.2, 0.8]
     expected = pipe.generate("a blue car", height=32, width=48, cfg_text_scale=6.0, timestep_shift=2.0,
                              num_timesteps=4, cfg_interval=(0.2, 0.8), cfg_renorm_type="channel", seed=11)
-    assert (out / "b.png").read_bytes() == png(expected.image)
+    assert pixels(out / "b.png") == pixels(expected.image)
     expected = pipe.generate("a poster", height=32, width=32, think=True, max_think_token_n=5, cfg_text_scale=3.0,
                              timestep_shift=2.0, num_timesteps=3, cfg_renorm_type="channel",
                              seed=derive_seed(5, "c"))
     assert c["text"] == expected.text and c["text"]  # the think text is kept
-    assert (out / "c.png").read_bytes() == png(expected.image)
+    assert pixels(out / "c.png") == pixels(expected.image)
     assert d["status"] == "failed" and "height 1024 is not supported" in d["error"]
     Image.open(out / "a.png").load()
 
@@ -313,7 +316,7 @@ def test_kill_9_mid_batch_then_resume(tmp_path, pipe):
     for key in ("r00", first_after):
         i = int(key[1:])
         expected = pipe.generate(f"picture {i}", height=64, width=64, num_timesteps=10, seed=derive_seed(0, key))
-        assert (out / f"{key}.png").read_bytes() == png(expected.image), key
+        assert pixels(out / f"{key}.png") == pixels(expected.image), key
 
 
 # ----------------------------------------------------------------------------- t2i rows denoised together

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bagel_engine.batch import dist as D
-from bagel_engine.batch import knobs as K
+from bagel_engine import knobs as K
 from bagel_engine.batch import manifest as M
 from bagel_engine.batch.reader import read_rows
 from bagel_engine.batch.request import build_call, image_values, plan_rows
@@ -49,8 +49,9 @@ def test_row_knobs_aliases_blank_cells_and_task_filter():
                                        "think": True, "max_think_token_n": 64}
     # text tasks ignore image knobs; max_think_tokens is the answer length there
     assert K.row_knobs(row, "chat") == {"text_temperature": 0.7, "think": True, "max_new_tokens": 64}
-    # a knob's own column beats its alias
-    assert K.row_knobs({"num_timesteps": "20", "steps": "5"}, "edit") == {"num_timesteps": 20}
+    # a knob set by two columns (its name and an alias) is an error that names both
+    with pytest.raises(BagelInputError, match="columns 'num_timesteps' and 'steps' both set num_timesteps"):
+        K.row_knobs({"num_timesteps": "20", "steps": "5"}, "edit")
     with pytest.raises(BagelInputError, match="column 'cfg_img_scale': expected a number"):
         K.row_knobs({"cfg_img_scale": "x"}, "edit")
 

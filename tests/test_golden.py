@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import bagel_engine
-from golden import (MODEL_DIR, assert_close, assert_uint8_close, cases, image_cases, inputs, tensors,
-                    text_cases)
+from golden import (MODEL_DIR, assert_close, assert_uint8_close, cases, image_cases, inputs, tensors)
 
 
 @pytest.fixture(scope="module")

@@ -73,10 +73,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_image(image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+def save_image(image, path: Path, meta: dict | None = None) -> None:
+    """Write ``image`` as a PNG atomically, with ``meta`` (prompt, seed, knobs, model) in its text chunks."""
+    from bagel_engine.image_metadata import encode_png
+
+    atomic_write_bytes(path, encode_png(image, meta))
 
 
 def remove_temp_files(folder: Path) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from bagel_engine.batch.knobs import normalize_column
+from bagel_engine.knobs import normalize_column
 from bagel_engine.params import BagelInputError
 
 SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",

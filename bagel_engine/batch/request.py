@@ -14,7 +14,7 @@ Column names (case and ``-``/``_`` do not matter):
   A value is a path (relative to the input file's folder), a ``file://``, ``http(s)://`` or
   ``data:`` URL, raw bytes, or ``{"bytes": ..., "path": ...}`` (the Hugging Face datasets layout).
 - ``id`` (output ``{id}.png``) or ``index`` (output ``{index:06d}.png``); neither: the row's position.
-- any knob (see :mod:`bagel_engine.batch.knobs`) overriding the command line for that row.
+- any knob (see :mod:`bagel_engine.knobs`) overriding the command line for that row.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from bagel_engine.batch import knobs as knob_table
+from bagel_engine import knobs as knob_table
 from bagel_engine.batch.reader import Row
 from bagel_engine.params import BagelInputError
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bagel_engine.batch import dist as data_parallel
-from bagel_engine.batch import knobs as knob_table
+from bagel_engine import knobs as knob_table
+from bagel_engine.image_metadata import describe
 from bagel_engine.batch import manifest as manifests
 from bagel_engine.batch.claims import RowClaims
 from bagel_engine.batch.lock import FolderInUse, FolderLock
@@ -320,11 +321,11 @@ def _start(record: dict[str, Any], plan: Plan, job: BatchJob, base: dict, base_s
     return call
 
 
-def _finish(record: dict[str, Any], out, call, plan: Plan, job: BatchJob, out_dir: Path) -> None:
+def _finish(record: dict[str, Any], out, call, plan: Plan, job: BatchJob, out_dir: Path, model: str | None) -> None:
     if job.task in knob_table.IMAGE_TASKS:
         if getattr(out, "image", None) is None:
             raise RuntimeError("the model returned no image")
-        manifests.save_image(out.image, out_dir / plan.output)
+        manifests.save_image(out.image, out_dir / plan.output, describe(job.task, call.prompt, out, model))
         record["output"] = plan.output
     params = getattr(out, "params", None)
     record.update(
@@ -353,7 +354,7 @@ def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_di
         if job.task in knob_table.IMAGE_TASKS:
             kwargs["callback"] = progress.step
         out = getattr(pipe, call.method)(*call.args, **kwargs)
-        _finish(record, out, call, plan, job, out_dir)
+        _finish(record, out, call, plan, job, out_dir, getattr(pipe, "model_name", None))
     except Exception as e:  # noqa: BLE001 - a bad row fails alone; the job goes on
         if is_disk_full(e):  # not the row's fault: stop, every finished row is kept
             raise e if isinstance(e, DiskFull) else disk_full(e, f"the output of row {plan.key!r}") from e
@@ -396,7 +397,7 @@ def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_s
         for (plan, call), out in zip(members, outs):
             record = results[plan.key]
             try:
-                _finish(record, out, call, plan, job, out_dir)
+                _finish(record, out, call, plan, job, out_dir, getattr(pipe, "model_name", None))
             except Exception as e:  # noqa: BLE001
                 if is_disk_full(e):
                     raise e if isinstance(e, DiskFull) else disk_full(e, f"the output of row {plan.key!r}") from e

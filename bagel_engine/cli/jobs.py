@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from bagel_engine.batch import knobs as knob_table
+from bagel_engine import knobs as knob_table
 from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
 from bagel_engine.params import RENORM_TYPES, BagelInputError
@@ -60,6 +60,17 @@ TimestepShift = Annotated[Optional[float], typer.Option(
 NumTimesteps = Annotated[Optional[int], typer.Option(
     "--num-timesteps", rich_help_panel=IMAGE, min=2,
     help="Points of the schedule (N-1 denoising steps). \\[default: 50]")]
+NegativePrompt = Annotated[Optional[str], typer.Option(
+    "--negative-prompt", rich_help_panel=IMAGE,
+    help="What the picture should not show (conditions the text-unconditional guidance branch). \\[default: none]")]
+GuidanceScale = Annotated[Optional[float], typer.Option(
+    "--guidance-scale", rich_help_panel=IMAGE, min=0.0, help="diffusers' name of --cfg-text-scale (give one of them).")]
+ImageGuidanceScale = Annotated[Optional[float], typer.Option(
+    "--image-guidance-scale", rich_help_panel=IMAGE, min=0.0,
+    help="diffusers' name of --cfg-img-scale (give one of them).")]
+NumInferenceSteps = Annotated[Optional[int], typer.Option(
+    "--num-inference-steps", rich_help_panel=IMAGE, min=1,
+    help="diffusers' count of denoising steps: the same as --num-timesteps N+1 (give one of them).")]
 Height = Annotated[Optional[int], typer.Option(
     "--height", rich_help_panel=IMAGE, help="Output height in pixels, a multiple of 16 up to 1024. \\[default: 1024]")]
 Width = Annotated[Optional[int], typer.Option(
@@ -82,7 +93,7 @@ DoSample = Annotated[Optional[bool], typer.Option(
 Temperature = Annotated[Optional[float], typer.Option(
     "--temperature", rich_help_panel=TEXT, help="Sampling temperature with --do-sample (official text_temperature). \\[default: 0.3]")]
 
-KNOB_NAMES = tuple(k.name for k in knob_table.KNOBS)
+KNOB_NAMES = tuple(knob_table.NAMES)  # the knobs' names and their aliases
 
 
 def knob_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +174,10 @@ def _plain(value: Any) -> Any:
 def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str | None, device: str | None,
              dtype: str | None, output: Path | None, as_json: bool) -> None:
     """Load, call one task method, save or print the result."""
-    knobs = knob_table.cli_knobs(knob_values(values), task)
+    try:
+        knobs = knob_table.cli_knobs(knob_values(values), task)
+    except BagelInputError as e:
+        fail(str(e).replace("_", "-") if "given twice" in str(e) else str(e), as_json)
     pipe = load_pipeline(model, device, dtype, as_json, **(values.get("load_options") or {}))
     bar, streamed = None, False
     if task in knob_table.IMAGE_TASKS:
@@ -189,10 +203,11 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
     written = None
     if task in knob_table.IMAGE_TASKS:
         from bagel_engine.batch.manifest import save_image
+        from bagel_engine.image_metadata import describe
 
         path = output or Path(f"{'generate' if task == 't2i' else 'edit'}-{out.seed}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(out.image, path)
+        save_image(out.image, path, describe(task, pipe_args[-1], out, model))
         written = str(path)
     elif output is not None:
         from bagel_engine.batch.manifest import atomic_write_bytes
@@ -252,6 +267,10 @@ def generate(
     cfg_renorm_min: CfgRenormMin = None,
     timestep_shift: TimestepShift = None,
     num_timesteps: NumTimesteps = None,
+    negative_prompt: NegativePrompt = None,
+    guidance_scale: GuidanceScale = None,
+    image_guidance_scale: ImageGuidanceScale = None,
+    num_inference_steps: NumInferenceSteps = None,
     max_think_token_n: MaxThinkTokens = None,
     do_sample: DoSample = None,
     text_temperature: Temperature = None,
@@ -290,6 +309,10 @@ def edit(
     cfg_renorm_min: CfgRenormMin = None,
     timestep_shift: TimestepShift = None,
     num_timesteps: NumTimesteps = None,
+    negative_prompt: NegativePrompt = None,
+    guidance_scale: GuidanceScale = None,
+    image_guidance_scale: ImageGuidanceScale = None,
+    num_inference_steps: NumInferenceSteps = None,
     max_think_token_n: MaxThinkTokens = None,
     do_sample: DoSample = None,
     text_temperature: Temperature = None,

@@ -98,6 +98,11 @@ def serve_command(
     allow_remote_urls: Annotated[
         bool, typer.Option("--allow-remote-urls", help="Let requests give http(s) image URLs the server fetches.")
     ] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse (400) the OpenAI fields that do not change the result (quality, style, user, "
+                         "background, moderation, reasoning_effort) instead of ignoring them with a Warning header.")] = False,
+    url_ttl: Annotated[float, typer.Option(
+        "--url-ttl", min=1.0, help="Seconds an image answered as response_format 'url' stays available.")] = 3600.0,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Mount the web UI at /ui (needs the 'ui' extra).")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
@@ -126,7 +131,7 @@ def serve_command(
         max_image_pixels=max_image_pixels, max_images=max_images, max_timesteps=max_timesteps,
         max_model_len=max_model_len, allow_local_paths=list(allow_local_paths or []),
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
-        mount_ui=build_ui is not None,
+        mount_ui=build_ui is not None, strict=strict, url_ttl_s=url_ttl,
     )
     pipe = _load(model, device, dtype, load_options)
     application = create_app(pipe, settings, ui=build_ui)

@@ -42,7 +42,7 @@ from bagel_engine.model.attention import check_backend, use_backend
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.model.config import ModelConfig
-from bagel_engine.params import BagelInputError, ImageParams, Limits, TextParams
+from bagel_engine.params import BagelInputError, ImageParams, Limits, TextParams, first_stop, held_back
 from bagel_engine.runtime import image_transforms as transforms
 from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
 from bagel_engine.runtime.image_generation import GuidanceContexts, ImageDenoise, denoise_step
@@ -111,6 +111,8 @@ class Request:
     starting latent. ``callback(k, total)`` after each denoising step or token (raise in it to stop
     the request); ``on_text(delta)`` with each new piece of text; ``on_step(preview)`` after each
     denoising step. ``index``: the request's place in its caller's list (given to previews).
+    ``negative_prompt``: text added to the text-unconditional guidance context (what the picture should
+    move away from; None: that context holds no text, as in the official code).
     """
 
     inputs: Sequence[str | ImageInput | PreparedImage]
@@ -127,6 +129,7 @@ class Request:
     on_step: Callable[[StepPreview], None] | None = None
     trace: dict | None = None
     index: int = 0
+    negative_prompt: str | None = None
 
 
 def _new_seed() -> int:
@@ -147,6 +150,10 @@ class _Active:
         self.height = self.width = 0
         self.stage = "validate"
         self.decoding: TextDecode | None = None
+        self.ids: list[int] = []
+        self.shown = ""
+        self.calls = 0
+        self.stopped = False  # an answer that ended on a stop string
         self.denoising: ImageDenoise | None = None
         self.error: BaseException | None = None
         self.t_stage = 0.0
@@ -301,11 +308,15 @@ class Engine:
                 gen = builder.add_vit_image(gen, item)
                 height, width = item.size_hw
                 cfg_text = gen
+        if r.negative_prompt and not r.understanding_output:
+            cfg_text = builder.add_text(cfg_text, r.negative_prompt)
         a.gen, a.cfg_text, a.cfg_img = gen, cfg_text, cfg_img
         a.height, a.width = int(height), int(width)
         a.out.timings["prefill_s"] = time.perf_counter() - a.t_start
         a.out.params = {"seed": a.seed, "understanding_output": r.understanding_output, "think": r.think,
                         **asdict(a.text_params)}
+        if r.negative_prompt and not r.understanding_output:
+            a.out.params["negative_prompt"] = r.negative_prompt
         if r.trace is not None:
             r.trace["contexts"] = {"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}
 
@@ -321,20 +332,32 @@ class Engine:
         """Stage 3: decode the answer (or the think text) from the full context, a token per tick."""
         r, params = a.request, a.text_params
         cap = params.max_think_token_n - 1  # tokens an answer may hold (the start token counts)
-        a.calls, a.ids, a.shown = 0, [self.tokenizer.special.bos], ""
+        a.calls, a.ids, a.shown, a.stopped = 0, [self.tokenizer.special.bos], "", False
         callback = r.callback if r.understanding_output else None  # think tokens do not count as steps
         on_text = r.on_text
+
+        stops = params.stop if r.understanding_output else ()  # stop strings end answers, not think text
 
         def on_token(token: int) -> None:
             a.calls += 1  # the token after the last kept one is seen too: calls > cap means it was cut
             if callback is not None:
                 callback(a.calls, cap)
-            if on_text is not None and a.calls <= cap:
-                a.ids.append(token)
-                text = self.tokenizer.decode_generation(a.ids)
-                if not text.endswith("\ufffd") and text.startswith(a.shown) and len(text) > len(a.shown):
-                    on_text(text[len(a.shown):])  # (a multi-byte character waits for its last byte)
-                    a.shown = text
+            if (on_text is None and not stops) or a.calls > cap:
+                return
+            a.ids.append(token)
+            text = self.tokenizer.decode_generation(a.ids)
+            if text.endswith("\ufffd"):
+                return  # a multi-byte character waits for its last byte
+            if stops:
+                cut = first_stop(text, stops)
+                if cut is not None:
+                    a.decoding.done = a.stopped = True  # a stop string: the answer ends before it
+                    text = text[:cut]
+                else:
+                    text = text[:len(text) - held_back(text, stops)]  # may begin a stop string: wait
+            if on_text is not None and text.startswith(a.shown) and len(text) > len(a.shown):
+                on_text(text[len(a.shown):])
+                a.shown = text
 
         a.decoding = TextDecode(self.model, self.tokenizer.special, a.gen, params, self.device, a.sample_gen,
                                 r.trace, on_token=a.guard(on_token))
@@ -344,13 +367,17 @@ class Engine:
 
     def _text_done(self, a: _Active) -> None:
         """Stage 6 for text (or the end of think): the tokens become text."""
-        r, tokens = a.request, a.decoding.tokens
+        r = a.request
+        tokens = a.ids if a.stopped else a.decoding.tokens  # (the token that ended on a stop string was not fed)
         text = self.tokenizer.decode_generation(tokens)
+        cut = first_stop(text, a.text_params.stop) if r.understanding_output else None
+        if cut is not None:
+            text = text[:cut]
         if r.on_text is not None and text.startswith(a.shown) and len(text) > len(a.shown):
             a.guard(r.on_text)(text[len(a.shown):])
         a.out.text = text
         a.out.prompt_tokens, a.out.completion_tokens = a.gen.length, len(tokens) - 1
-        a.out.finish_reason = "length" if a.calls > a.text_params.max_think_token_n - 1 else "stop"
+        a.out.finish_reason = "length" if cut is None and a.calls > a.text_params.max_think_token_n - 1 else "stop"
         a.decoding = None
         took = time.perf_counter() - a.t_stage
         if r.understanding_output:

@@ -54,8 +54,8 @@ class TextDecode:
         if self.trace is not None:
             self.trace.setdefault("logits", []).append(logits.detach())
         if self.params.do_sample:
-            probs = torch.softmax(logits.float() / self.params.text_temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=self.generator)
+            scaled = filter_logits(logits.float() / self.params.text_temperature, self.params.top_k, self.params.top_p)
+            nxt = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=self.generator)
         else:
             nxt = torch.argmax(logits).reshape(1)
         self.kv.advance()
@@ -67,6 +67,21 @@ class TextDecode:
             self.on_token(int(nxt))
         if len(self.tokens) >= self.params.max_think_token_n:
             self.done = True
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``logits`` (vocab,) with the tokens outside the top ``k`` and outside the nucleus ``p`` (the smallest
+    set of likeliest tokens whose probabilities reach ``p``; the likeliest always stays) set to -inf."""
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the likelier tokens
+        drop = before >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
 
 
 def decode_step(model: Bagel, states: list[TextDecode], decoder_fn: Callable | None = None) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import error_body
+from .image_store import PREFIX as IMAGE_FILES  # response_format "url": the unguessable URL is the key
 from .metrics import Metrics
 from .settings import ServeSettings
 
@@ -59,7 +60,8 @@ class _Gate:
             await send(message)
 
         try:
-            if self.settings.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+            if (self.settings.api_key and path not in OPEN_PATHS and not path.startswith(IMAGE_FILES)
+                    and not self._authorized(scope)):
                 await _send_json(send_wrapper, 401, error_body(401, "missing or wrong API key: send the header "
                                  "'Authorization: Bearer <key>'", code="invalid_api_key"),
                                  {"www-authenticate": "Bearer"})

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from bagel_engine.image_metadata import encode_png
+
 from .errors import APIError, bad_request, public_text
 from .settings import ServeSettings
 
@@ -134,14 +136,22 @@ def _fetch(url: str, settings: ServeSettings, what: str) -> bytes:
     return data
 
 
-def encode_image(img: Image.Image, output_format: str = "png") -> str:
-    """Base64 of ``img`` in ``output_format`` (png, jpeg, webp)."""
+def encode_image_bytes(img: Image.Image, output_format: str = "png", meta: dict | None = None) -> bytes:
+    """``img`` encoded as ``output_format`` (png, jpeg, webp); a PNG carries ``meta`` (prompt, seed, knobs,
+    model) in its text chunks."""
     fmt, _ = FORMATS[output_format]
+    if fmt == "PNG":
+        return encode_png(img, meta)
     buf = io.BytesIO()
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     img.save(buf, format=fmt)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def encode_image(img: Image.Image, output_format: str = "png", meta: dict | None = None) -> str:
+    """Base64 of ``img`` in ``output_format`` (png, jpeg, webp)."""
+    return base64.b64encode(encode_image_bytes(img, output_format, meta)).decode("ascii")
 
 
 def data_url(img: Image.Image, output_format: str = "png") -> str:

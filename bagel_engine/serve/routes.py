@@ -1,5 +1,6 @@
 """The HTTP routes, as top-level functions over the server's state (``state(request)``): /health, /metrics,
-/v1/models, /v1/images/generations, /v1/images/edits, /v1/chat/completions."""
+/v1/models, /v1/images/generations, /v1/images/edits, /v1/chat/completions, /v1/images/files/ (images
+answered as URLs)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from . import tasks
+from bagel_engine.image_metadata import describe
+
+from . import compat, tasks
 from .errors import APIError, bad_request
 from .gate import BodyTooLarge
 from .images import data_url, decode_image, read_image_ref
@@ -25,6 +28,7 @@ from .schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
 )
+from .image_store import PREFIX as IMAGE_FILES
 from .state import (ServerState, image_knobs, images_response, one_of, parse_json, sampling, split_list, usage,
                     validation_error)
 
@@ -33,6 +37,23 @@ router = APIRouter()
 
 def state(request: Request) -> ServerState:
     return request.app.state.bagel
+
+
+def answer(body: Any, ignored: list[str]) -> Any:
+    """A route's answer with the ``Warning`` header naming the fields it ignored."""
+    headers = compat.warning_headers(ignored)
+    if not headers:
+        return body
+    if isinstance(body, Response):
+        body.headers.update(headers)
+        return body
+    return JSONResponse(body, headers=headers)
+
+
+def images_answer(st: ServerState, request: Request, outs: list[Any], fmt: str, req: Any, task: str) -> dict[str, Any]:
+    url = req.response_format == "url"
+    return images_response(outs, fmt, req.think, st.images if url else None, str(request.base_url),
+                           lambda out: describe(task, req.prompt, out, st.names[0]))
 
 
 def body_schema(model: type[BaseModel], content_type: str = "application/json") -> dict:
@@ -68,29 +89,30 @@ async def model_info(model_id: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/images/generations", openapi_extra=body_schema(ImageGenerationRequest))
 async def images_generations(request: Request) -> Any:
     st = state(request)
-    req: ImageGenerationRequest = await parse_json(ImageGenerationRequest, await request.body())
+    req: ImageGenerationRequest
+    req, ignored = await parse_json(ImageGenerationRequest, await request.body(), st.settings.strict)
     st.check_model(req.model)
     st.check_n(req.n)
     width, height = st.parse_size(req.size)
     fmt = req.output_format or "png"
     if req.stream:
-        return st.stream_image(request, "generate", "image_generation", req, fmt, lambda on_step: tasks.generate_job(
+        return answer(st.stream_image(request, "generate", "image_generation", req, fmt, lambda on_step: tasks.generate_job(
             req.prompt, width=width, height=height, think=req.think, seed=req.seed, knobs=image_knobs(req),
-            on_step=on_step))
+            on_step=on_step)), ignored)
     fn = tasks.generate_job(req.prompt, width=width, height=height, n=req.n, think=req.think, seed=req.seed,
                             knobs=image_knobs(req))
     outs = await st.run_job(request, "generate", fn)
     st.metrics.inc("bagel_images_generated_total", len(outs))
-    return await run_in_threadpool(images_response, outs, fmt, req.think)
+    return answer(await run_in_threadpool(images_answer, st, request, outs, fmt, req, "t2i"), ignored)
 
 @router.post("/v1/images/edits", openapi_extra=body_schema(ImageEditJSONRequest))
 async def images_edits(request: Request) -> Any:
     st = state(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        req, images = await read_edit_form(request, st)
+        req, images, ignored = await read_edit_form(request, st)
     elif ctype in ("application/json", ""):
-        req = await parse_json(ImageEditJSONRequest, await request.body())
+        req, ignored = await parse_json(ImageEditJSONRequest, await request.body(), st.settings.strict)
         st.check_image_count(len(req.image), "image")
         images = []
         for i, ref in enumerate(req.image):
@@ -102,14 +124,23 @@ async def images_edits(request: Request) -> Any:
     st.check_n(req.n)
     fmt = req.output_format or "png"
     if req.stream:
-        return st.stream_image(request, "edit", "image_edit", req, fmt, lambda on_step: tasks.edit_job(
-            images, req.prompt, think=req.think, seed=req.seed, knobs=image_knobs(req), on_step=on_step))
+        return answer(st.stream_image(request, "edit", "image_edit", req, fmt, lambda on_step: tasks.edit_job(
+            images, req.prompt, think=req.think, seed=req.seed, knobs=image_knobs(req), on_step=on_step)), ignored)
     fn = tasks.edit_job(images, req.prompt, n=req.n, think=req.think, seed=req.seed, knobs=image_knobs(req))
     outs = await st.run_job(request, "edit", fn)
     st.metrics.inc("bagel_images_generated_total", len(outs))
-    return await run_in_threadpool(images_response, outs, fmt, req.think)
+    return answer(await run_in_threadpool(images_answer, st, request, outs, fmt, req, "edit"), ignored)
 
-async def read_edit_form(request: Request, st: ServerState) -> tuple[ImageEditRequest, list[Any]]:
+@router.get(IMAGE_FILES + "{name}")
+async def image_file(name: str, request: Request) -> Response:
+    """An image answered as ``response_format: "url"`` (kept for ``--url-ttl`` seconds)."""
+    found = state(request).images.get(name)
+    if found is None:
+        raise APIError(404, "no such image: its URL has expired (bagel serve --url-ttl) or was never issued",
+                       code="not_found")
+    return Response(found[0], media_type=found[1], headers={"Cache-Control": "private, max-age=3600"})
+
+async def read_edit_form(request: Request, st: ServerState) -> tuple[ImageEditRequest, list[Any], list[str]]:
     try:
         form = await request.form(max_files=st.settings.max_images + 1, max_fields=256,
                                   max_part_size=st.settings.max_body_bytes)
@@ -143,6 +174,7 @@ async def read_edit_form(request: Request, st: ServerState) -> tuple[ImageEditRe
             raise bad_request("missing required parameter(s): 'image' (one or several image files)", "image",
                               code="missing_parameter")
         st.check_image_count(len(uploads), "image")
+        fields, ignored = compat.normalize_fields(fields, st.settings.strict)
         try:
             req = ImageEditRequest.model_validate(fields, strict=False)
         except ValidationError as e:
@@ -155,15 +187,17 @@ async def read_edit_form(request: Request, st: ServerState) -> tuple[ImageEditRe
                 images.append(await run_in_threadpool(decode_image, raw, st.settings, what))
             else:
                 images.append(await run_in_threadpool(read_image_ref, value, st.settings, what))
-        return req, images
+        return req, images, ignored
     finally:
         await form.close()
 
 @router.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Any:
     st = state(request)
-    req: ChatCompletionRequest = await parse_json(ChatCompletionRequest, await request.body())
+    req: ChatCompletionRequest
+    req, ignored = await parse_json(ChatCompletionRequest, await request.body(), st.settings.strict)
     st.check_model(req.model)
+    n = req.n or 1
     modality = (req.modalities or ["text"])[0]
     # Count images before decoding any of them.
     refs = [p.image_url.url for m in req.messages for p in m.content if p.type == "image_url"]
@@ -185,21 +219,26 @@ async def chat_completions(request: Request) -> Any:
     if modality == "text":
         stray = [name for name in IMAGE_KNOBS + ("max_think_token_n", "size", "output_format")
                  if getattr(req, name) is not None]
+        if n > 1 and req.stream:
+            raise bad_request("stream: true writes one answer (n = 1)", "n")
+        st.check_n(n)
         if stray:
             raise bad_request(f"parameter(s) {', '.join(map(repr, stray))} only apply when modalities is "
                               '["image"]', stray[0])
         limit = one_of(req, ("max_new_tokens", "max_completion_tokens", "max_tokens"))
         if limit is not None:
             text_kw["max_new_tokens"] = limit
+        text_kw.update({k: getattr(req, k) for k in ("top_p", "top_k", "stop") if getattr(req, k) is not None})
         if req.stream:
-            return st.stream_chat(request, req, conv, text_kw)
-        fn = tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw)
-        out = await st.run_job(request, "chat", fn)
-        reasoning, answer = tasks.split_think(out.text) if req.think else (None, out.text or "")
-        if req.think:
-            reasoning = reasoning or ""  # think asked: always report it, even when the model wrote none
-        message: dict[str, Any] = {"role": "assistant", "content": answer}
+            return answer(st.stream_chat(request, req, conv, text_kw), ignored)
+        fn = tasks.text_job(conv, think=req.think, seed=req.seed, text_kw=text_kw, n=n)
+        outs = await st.run_job(request, "chat", fn)
+        choices = [chat_choice(i, out, req.think) for i, out in enumerate(outs)]
     else:
+        stray = [name for name in ("top_p", "top_k", "stop") if getattr(req, name) is not None] + \
+            (["n"] if n > 1 else [])
+        if stray:
+            raise bad_request(f"parameter(s) {', '.join(map(repr, stray))} apply to text answers only", stray[0])
         if req.stream:
             raise bad_request("stream applies to text answers; for a picture forming step by step use "
                               "/v1/images/generations", "stream")
@@ -225,19 +264,39 @@ async def chat_completions(request: Request) -> Any:
         st.metrics.inc("bagel_images_generated_total")
         fmt = req.output_format or "png"
         url = await run_in_threadpool(data_url, out.image, fmt)
-        reasoning = (out.text or "") if req.think else None
-        message = {"role": "assistant", "content": "",
-                   "images": [{"type": "image_url", "image_url": {"url": url}}]}
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
-    return {
+        message: dict[str, Any] = {"role": "assistant", "content": "",
+                                   "images": [{"type": "image_url", "image_url": {"url": url}}]}
+        if req.think:
+            message["reasoning_content"] = out.text or ""
+        outs = [out]
+        choices = [{"index": 0, "message": message, "logprobs": None,
+                    "finish_reason": getattr(out, "finish_reason", None) or "stop"}]
+    return answer({
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": req.model or st.names[0],
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": getattr(out, "finish_reason", None) or "stop"}],
-        "usage": usage(out),
-        "seed": getattr(out, "seed", None),
-        "timings": dict(getattr(out, "timings", {}) or {}),
-    }
+        "choices": choices,
+        "usage": total_usage(outs),
+        "seed": getattr(outs[0], "seed", None),
+        "timings": dict(getattr(outs[0], "timings", {}) or {}),
+    }, ignored)
+
+
+def chat_choice(index: int, out: Any, think: bool) -> dict[str, Any]:
+    reasoning, text = tasks.split_think(out.text) if think else (None, out.text or "")
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if think:
+        message["reasoning_content"] = reasoning or ""  # think asked: always report it, even when empty
+    return {"index": index, "message": message, "logprobs": None,
+            "finish_reason": getattr(out, "finish_reason", None) or "stop"}
+
+
+def total_usage(outs: list[Any]) -> dict[str, int] | None:
+    """Usage of all the choices: the prompt counted once (OpenAI's way), the completions summed."""
+    parts = [usage(o) for o in outs]
+    if any(p is None for p in parts):
+        return None
+    completion = sum(p["completion_tokens"] for p in parts)
+    return {"prompt_tokens": parts[0]["prompt_tokens"], "completion_tokens": completion,
+            "total_tokens": parts[0]["prompt_tokens"] + completion}

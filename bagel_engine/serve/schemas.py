@@ -19,7 +19,7 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 # Fields of the image knobs, in the engine's keyword names.
 IMAGE_KNOBS = ("cfg_text_scale", "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min",
-               "timestep_shift", "num_timesteps")
+               "timestep_shift", "num_timesteps", "negative_prompt")
 THINK_KNOBS = ("max_think_token_n", "do_sample", "text_temperature")
 
 
@@ -39,6 +39,7 @@ class BagelKnobs(Strict):
     cfg_renorm_min: float | None = Field(None, ge=0, le=1)
     timestep_shift: float | None = Field(None, gt=0)
     num_timesteps: int | None = Field(None, ge=2)
+    negative_prompt: str | None = Field(None, description="what the picture should not show (empty: none)")
     max_think_token_n: int | None = Field(None, ge=1)
     do_sample: bool | None = None
     text_temperature: float | None = Field(None, gt=0)
@@ -64,17 +65,12 @@ def _non_empty(v: str) -> str:
     return v
 
 
-def _b64_only(v: Any) -> Any:
-    if v == "url":
-        raise ValueError("'url' is not supported: this server returns images inline; use 'b64_json'")
-    return v
-
-
 class ImageRequest(BagelKnobs):
     prompt: str
     model: str | None = None
     n: int = Field(1, ge=1)
-    response_format: Literal["b64_json"] | None = None
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (inline) or url (served by this server for a bounded time: --url-ttl)")
     output_format: OutputFormat | None = None
     user: str | None = Field(None, description="an end-user id (OpenAI field); accepted, does not change the result")
 
@@ -82,7 +78,6 @@ class ImageRequest(BagelKnobs):
     partial_images: int | None = Field(None, ge=0, le=3, description="previews sent while drawing (with stream)")
 
     _prompt = field_validator("prompt")(_non_empty)
-    _fmt = field_validator("response_format", mode="before")(_b64_only)
 
     @model_validator(mode="after")
     def _stream_rules(self) -> "ImageRequest":
@@ -173,7 +168,10 @@ class ChatCompletionRequest(BagelKnobs):
     max_completion_tokens: int | None = Field(None, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    n: int | None = Field(None, ge=1, le=1, description="only 1")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (with temperature > 0)")
+    top_k: int | None = Field(None, ge=0, description="sample among the k likeliest tokens (0: all)")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the answer (not included)")
+    n: int | None = Field(None, ge=1, description="answers to write (text; seeds seed, seed+1, ...)")
     stream: bool | None = Field(None, description="text answers as server-sent events (OpenAI's chunks)")
     stream_options: StreamOptions | None = None
     size: str | None = None

@@ -29,6 +29,11 @@ class ServeSettings:
     served_model_names: list[str] = field(default_factory=list)
     # Web UI mounted at /ui (needs the `ui` extra).
     mount_ui: bool = False
+    # OpenAI clients: fields that do not change the result are ignored with a Warning header (strict: a 400).
+    strict: bool = False
+    # response_format "url": images kept in memory and served at /v1/images/files/... for this long.
+    url_ttl_s: float = 3600.0
+    url_max_images: int = 256  # the oldest go first beyond this
     # How often a waiting request checks whether its client is still connected (seconds).
     disconnect_poll_s: float = 0.1
 

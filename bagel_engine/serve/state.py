@@ -20,7 +20,10 @@ from bagel_engine.engine_protocol import Pipeline
 from . import tasks
 from ._engine import INPUT_ERRORS
 from .errors import APIError, bad_request, describe_validation_errors, internal_error
-from .images import encode_image
+from . import compat
+from .image_store import PREFIX as IMAGE_FILES
+from .image_store import ImageStore
+from .images import encode_image, encode_image_bytes
 from .metrics import Metrics
 from .schemas import IMAGE_KNOBS, THINK_KNOBS, ChatCompletionRequest
 from .settings import ServeSettings
@@ -49,6 +52,7 @@ class ServerState:
         self.default_w, self.default_h = (max(self.step, min(side, self.max_side) // self.step * self.step)
                                           for side in ((defaults.width, defaults.height) if defaults else (1024, 1024)))
         self.created = int(time.time())
+        self.images = ImageStore(settings.url_ttl_s, settings.url_max_images)  # response_format "url"
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.accepted:
@@ -228,24 +232,35 @@ class ServerState:
         return self.stream_job(request, kind, make_fn, [], partial, final)
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+def parse_body(model: type[BaseModel], raw: bytes, strict: bool = False) -> tuple[Any, list[str]]:
+    """The validated request and the fields ignored (``serve/compat.py``: OpenAI extras, ``extra_body``,
+    diffusers' names)."""
+    raw, ignored = compat.normalize(raw or b"", strict)
     try:
-        return model.model_validate_json(raw or b"")
+        return model.model_validate_json(raw), ignored
     except ValidationError as e:
         raise validation_error(e) from None
 
-async def parse_json(model: type[BaseModel], raw: bytes) -> Any:
+async def parse_json(model: type[BaseModel], raw: bytes, strict: bool = False) -> tuple[Any, list[str]]:
     if len(raw) > 256 * 1024:  # inline images: keep the event loop free while parsing
-        return await run_in_threadpool(parse_body, model, raw)
-    return parse_body(model, raw)
+        return await run_in_threadpool(parse_body, model, raw, strict)
+    return parse_body(model, raw, strict)
 
 def image_knobs(req: Any) -> dict[str, Any]:
     return req.given(IMAGE_KNOBS + THINK_KNOBS)
 
-def images_response(outs: list[Any], fmt: str, think: bool) -> dict[str, Any]:
+def images_response(outs: list[Any], fmt: str, think: bool, store: ImageStore | None = None,
+                    base_url: str = "", describe: Any = None) -> dict[str, Any]:
+    """OpenAI's images answer: each image inline (``b64_json``) or, with a ``store``, as a URL under
+    ``base_url`` that this server serves for a bounded time. ``describe(out)``: the metadata a PNG carries."""
     data = []
     for out in outs:
-        item: dict[str, Any] = {"b64_json": encode_image(out.image, fmt), "seed": out.seed}
+        meta = describe(out) if describe is not None else None
+        if store is not None:
+            name = store.put(encode_image_bytes(out.image, fmt, meta), fmt)
+            item: dict[str, Any] = {"url": f"{base_url.rstrip('/')}{IMAGE_FILES}{name}", "seed": out.seed}
+        else:
+            item = {"b64_json": encode_image(out.image, fmt, meta), "seed": out.seed}
         if think:
             item["revised_prompt"] = out.text
         data.append(item)

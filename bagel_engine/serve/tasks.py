@@ -87,14 +87,18 @@ def conversation_from_turns(turns: Sequence[tuple[Sequence[Image.Image], str]]) 
 
 
 def text_job(conv: Conversation, *, think: bool = False, seed: int | None = None,
-             text_kw: dict[str, Any] | None = None, on_text: Callable[[str], None] | None = None) -> JobFn:
+             text_kw: dict[str, Any] | None = None, on_text: Callable[[str], None] | None = None,
+             n: int | None = None) -> JobFn:
     """A text answer: ``chat`` for one text, ``understand`` for images + one text, ``interleave`` otherwise.
 
-    ``text_kw`` may hold max_new_tokens, do_sample, text_temperature; ``on_text(delta)`` gets the text as
-    it is written (streaming)."""
+    ``text_kw`` may hold max_new_tokens, do_sample, text_temperature, top_p, top_k, stop; ``on_text(delta)``
+    gets the text as it is written (streaming). ``n``: that many answers, a list (seeds ``seed + k``)."""
     text_kw = dict(text_kw or {})
     if on_text is not None:
         text_kw["on_text"] = on_text
+    if n is not None:
+        jobs = [text_job(conv, think=think, seed=_seed(seed, k), text_kw=text_kw) for k in range(n)]
+        return lambda pipe, callback: [job(pipe, callback) for job in jobs]
 
     def fn(pipe: Pipeline, callback: Callable[[int, int], None]) -> Any:
         simple = conv.simple()

@@ -1,8 +1,13 @@
-"""The knobs a shell user can set, one table for every front end of the command line.
+"""The knobs users set, one table for every front end: the public API's keywords, the CLI's options,
+the server's fields and the batch files' columns.
 
-Each knob has the keyword of the public API, a parser that accepts what a table cell, a JSON
-value or an environment variable may hold, the tasks it applies to, the column names a batch
-file may use for it, and (for diffgentor's files) its ``DG_BAGEL_*`` environment variable.
+Each knob has the keyword of the public API (the official name), a parser that accepts what a table
+cell, a JSON value or an environment variable may hold, the tasks it applies to, the other names users
+carry over from diffusers, vllm-omni and OpenAI clients (each alias with the conversion it needs:
+diffusers' ``num_inference_steps`` counts denoising steps, BAGEL's ``num_timesteps`` counts the points
+of the schedule, one more), and (for diffgentor's files) its ``DG_BAGEL_*`` environment variable.
+:func:`canonical` turns any mix of names and aliases into the official names; giving a knob under two
+names is an error.
 
 Precedence in a batch job: row column > command-line flag > ``DG_BAGEL_*`` variable > the
 task's default in the public API (a knob nobody set is not passed at all).
@@ -10,12 +15,13 @@ task's default in the public API (a knob nobody set is not passed at all).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from bagel_engine.params import RENORM_TYPES, BagelInputError
 
@@ -117,34 +123,126 @@ def parse_seed(value: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the table
+def parse_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _steps_to_timesteps(steps: Any) -> int:
+    """diffusers' ``num_inference_steps`` (denoising steps) as BAGEL's ``num_timesteps`` (schedule points)."""
+    n = parse_int(steps)
+    if n < 1:
+        raise ValueError(f"expected an integer >= 1, got {steps!r}")
+    return n + 1
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another name of a knob; ``convert`` maps the alias's value to the knob's (after parsing)."""
+
+    name: str
+    convert: Callable[[Any], Any] = _same
+    note: str = ""  # where the name comes from, or how it converts (docs and --help)
+
+
 @dataclass(frozen=True)
 class Knob:
     name: str  # keyword of the public API
     parse: Callable[[Any], Any]
     tasks: tuple[str, ...]
-    aliases: tuple[str, ...] = ()  # more column names (normalized: lower case, "_" for "-" and " ")
+    aliases: tuple[Alias, ...] = ()  # other names (normalized: lower case, "_" for "-" and " ")
     env: str | None = None  # diffgentor's variable
+    api_only: bool = False  # a Python object (a tensor, a generator): not a column, option or JSON field
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("cfg_text_scale", parse_float, IMAGE_TASKS, env="DG_BAGEL_CFG_TEXT_SCALE"),
-    Knob("cfg_img_scale", parse_float, IMAGE_TASKS, env="DG_BAGEL_CFG_IMG_SCALE"),
+    Knob("cfg_text_scale", parse_float, IMAGE_TASKS, env="DG_BAGEL_CFG_TEXT_SCALE",
+         aliases=(Alias("guidance_scale", note="diffusers, vllm-omni"),)),
+    Knob("cfg_img_scale", parse_float, IMAGE_TASKS, env="DG_BAGEL_CFG_IMG_SCALE",
+         aliases=(Alias("image_guidance_scale", note="diffusers"),)),
     Knob("cfg_interval", parse_interval, IMAGE_TASKS, env="DG_BAGEL_CFG_INTERVAL"),
     Knob("cfg_renorm_type", parse_renorm, IMAGE_TASKS, env="DG_BAGEL_CFG_RENORM_TYPE"),
     Knob("cfg_renorm_min", parse_float, IMAGE_TASKS, env="DG_BAGEL_CFG_RENORM_MIN"),
     Knob("timestep_shift", parse_float, IMAGE_TASKS, env="DG_BAGEL_TIMESTEP_SHIFT"),
-    Knob("num_timesteps", parse_int, IMAGE_TASKS, aliases=("steps", "num_inference_steps"),
-         env="DG_BAGEL_NUM_TIMESTEPS"),
+    Knob("num_timesteps", parse_int, IMAGE_TASKS, env="DG_BAGEL_NUM_TIMESTEPS",
+         aliases=(Alias("steps"),
+                  Alias("num_inference_steps", _steps_to_timesteps,
+                        "diffusers: denoising steps; num_timesteps = num_inference_steps + 1"))),
+    Knob("negative_prompt", parse_text, IMAGE_TASKS),
     Knob("height", parse_int, ("t2i",)),
     Knob("width", parse_int, ("t2i",)),
     Knob("think", parse_bool, TASKS, env="DG_BAGEL_THINK"),
-    Knob("max_think_token_n", parse_int, IMAGE_TASKS, aliases=("max_think_tokens",)),
+    Knob("max_think_token_n", parse_int, IMAGE_TASKS, aliases=(Alias("max_think_tokens"),),
+         env="DG_BAGEL_MAX_THINK_TOKEN_N"),
     # The official code uses max_think_token_n as the answer's length too.
-    Knob("max_new_tokens", parse_int, TEXT_TASKS, aliases=("max_think_token_n", "max_think_tokens")),
+    Knob("max_new_tokens", parse_int, TEXT_TASKS, aliases=(Alias("max_think_token_n"), Alias("max_think_tokens")),
+         env="DG_BAGEL_MAX_THINK_TOKEN_N"),
     Knob("do_sample", parse_bool, TASKS),
-    Knob("text_temperature", parse_float, TASKS, aliases=("temperature",)),
+    Knob("text_temperature", parse_float, TASKS, aliases=(Alias("temperature", note="OpenAI, transformers"),)),
     Knob("seed", parse_seed, TASKS),
+    Knob("num_images_per_prompt", parse_int, IMAGE_TASKS, api_only=True),
+    Knob("noise", _same, IMAGE_TASKS, aliases=(Alias("latents", note="diffusers"),), api_only=True),
+    Knob("generator", _same, IMAGE_TASKS, api_only=True),
 )
+
+# Every name a knob may be given under: the knob's own, then each alias.
+NAMES: dict[str, tuple[Knob, Alias | None]] = {k.name: (k, None) for k in KNOBS}
+for _knob in KNOBS:
+    for _alias in _knob.aliases:
+        NAMES.setdefault(_alias.name, (_knob, _alias))
+
+
+def canonical(values: Mapping[str, Any], task: str | None = None, where: str = "") -> dict[str, Any]:
+    """``values`` with every alias replaced by its knob's name (and value converted); ``None`` values are
+    left out (not set), names that are no knob's pass through (the caller's checks report them). For a
+    ``task``, an alias that belongs to another task's knob is left alone (``max_think_token_n`` is the
+    answer's length for questions and the think length for pictures). Raises :class:`BagelInputError`
+    when one knob is given twice (a name and its alias, or two aliases)."""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        knob, alias = _lookup(key, task)
+        if knob is None:
+            out[key] = value
+            continue
+        if knob.name in given_as:
+            first = given_as[knob.name]
+            raise BagelInputError(f"{where}{knob.name} is given twice, as {first!r} and as {key!r}: give one")
+        given_as[knob.name] = key
+        if alias is not None and alias.convert is not _same:
+            try:
+                value = alias.convert(value)
+            except (TypeError, ValueError) as e:
+                raise BagelInputError(f"{where}{key}: {e}") from None
+        out[knob.name] = value
+    return out
+
+
+def _lookup(name: str, task: str | None) -> tuple[Knob | None, Alias | None]:
+    if task is None:
+        return NAMES.get(name, (None, None))
+    for knob in KNOBS:
+        if task in knob.tasks:
+            if knob.name == name:
+                return knob, None
+            for alias in knob.aliases:
+                if alias.name == name:
+                    return knob, alias
+    return None, None
+
+
+def did_you_mean(name: str, known: Iterable[str] | None = None) -> str:
+    """`` (did you mean 'cfg_text_scale'?)`` for a misspelt knob, else ``""``."""
+    pool = list(known) if known is not None else list(NAMES)
+    close = difflib.get_close_matches(str(name), pool, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def knobs_for(task: str) -> tuple[Knob, ...]:
@@ -178,12 +276,25 @@ def row_knobs(row: Mapping[str, Any], task: str) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for knob in knobs_for(task):
-        for column in (knob.name, *knob.aliases):  # the knob's own name first, then its aliases
+        if knob.api_only:
+            continue
+        given = None
+        for alias in (None, *knob.aliases):  # the knob's own name, then its aliases
+            column = knob.name if alias is None else alias.name
             value = row.get(column)
-            if not _is_blank(value):
-                where = f"column {column!r}:" if column == knob.name else f"column {column!r} ({knob.name}):"
-                out[knob.name] = parse_knob(knob, value, where)
-                break
+            if _is_blank(value):
+                continue
+            if given is not None:
+                raise BagelInputError(f"columns {given!r} and {column!r} both set {knob.name}: keep one")
+            given = column
+            where = f"column {column!r}:" if alias is None else f"column {column!r} ({knob.name}):"
+            parsed = parse_knob(knob, value, where)
+            if alias is not None and alias.convert is not _same:
+                try:
+                    parsed = alias.convert(parsed)
+                except (TypeError, ValueError) as e:
+                    raise BagelInputError(f"{where} {e}") from None
+            out[knob.name] = parsed
     return out
 
 
@@ -203,10 +314,8 @@ def cli_knobs(values: Mapping[str, Any], task: str) -> dict[str, Any]:
     ``values`` uses API names; ``max_think_token_n`` given to a text task becomes ``max_new_tokens``
     (the official code uses one length for both).
     """
-    values = {k: v for k, v in values.items() if v is not None}
-    if task in TEXT_TASKS and "max_think_token_n" in values:
-        values.setdefault("max_new_tokens", values["max_think_token_n"])
-    names = {k.name for k in knobs_for(task)}
+    values = canonical(values, task)
+    names = {k.name for k in knobs_for(task) if not k.api_only}
     return {k: v for k, v in values.items() if k in names}
 
 
