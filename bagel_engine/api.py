@@ -70,8 +70,8 @@ def load(
     ``seed``): for benchmarks of the real architecture without the real checkpoint.
     ``compile=True`` compiles the denoising step and the decoding step with torch.compile (static
     shapes; CUDA graphs on a GPU). ``attention``: "auto", "sdpa", "flex" or "flash".
-    ``lora``: LoRA adapter file(s) (``lora_adapter.safetensors``, or a ``bagel train`` checkpoint
-    directory holding one) merged into the weights at load, each scaled by ``lora_strength``.
+    ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
+    or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
     """
     placement_device = torch.device(device) if device is not None else _default_device()
     placement = Placement(

@@ -35,7 +35,7 @@ SEED_MODULUS = 2**31  # seeds go to torch, numpy and random alike
 
 
 # ----------------------------------------------------------------------------- value parsers
-def _is_blank(value: Any) -> bool:
+def is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (
         isinstance(value, float) and math.isnan(value))
 
@@ -208,7 +208,7 @@ def canonical(values: Mapping[str, Any], task: str | None = None, where: str = "
     for key, value in values.items():
         if value is None:
             continue
-        knob, alias = _lookup(key, task)
+        knob, alias = lookup(key, task)
         if knob is None:
             out[key] = value
             continue
@@ -225,7 +225,9 @@ def canonical(values: Mapping[str, Any], task: str | None = None, where: str = "
     return out
 
 
-def _lookup(name: str, task: str | None) -> tuple[Knob | None, Alias | None]:
+def lookup(name: str, task: str | None) -> tuple[Knob | None, Alias | None]:
+    """The knob ``name`` sets (by its own name or an alias) and the alias used; ``(None, None)`` if none.
+    With a ``task``, only that task's knobs count."""
     if task is None:
         return NAMES.get(name, (None, None))
     for knob in KNOBS:
@@ -282,7 +284,7 @@ def row_knobs(row: Mapping[str, Any], task: str) -> dict[str, Any]:
         for alias in (None, *knob.aliases):  # the knob's own name, then its aliases
             column = knob.name if alias is None else alias.name
             value = row.get(column)
-            if _is_blank(value):
+            if is_blank(value):
                 continue
             if given is not None:
                 raise BagelInputError(f"columns {given!r} and {column!r} both set {knob.name}: keep one")
@@ -303,7 +305,7 @@ def env_knobs(task: str, environ: Mapping[str, str] | None = None) -> dict[str, 
     environ = os.environ if environ is None else environ
     out = {}
     for knob in knobs_for(task):
-        if knob.env and not _is_blank(environ.get(knob.env)):
+        if knob.env and not is_blank(environ.get(knob.env)):
             out[knob.name] = parse_knob(knob, environ[knob.env], f"environment variable {knob.env}:")
     return out
 

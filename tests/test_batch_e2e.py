@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import bagel_engine.cli.batch_cmd  # noqa: F401 - registers `batch`
 from bagel_engine.batch import manifest as M
 from bagel_engine.image_metadata import read_png_metadata
 from bagel_engine.knobs import derive_seed
+from bagel_engine.think_text import split_think
 from bagel_engine.cli.main import app
 
 DATA = Path(__file__).parent / "data" / "tiny-v1"
@@ -107,7 +109,7 @@ def test_edit_batch_good_and_bad_rows_resume_retry_overwrite(tmp_path, pipe):
     assert rows["e2"]["inputs"] == ["a.png", "a.png"] and rows["e2"]["timings"]["denoise_s"] > 0
     assert sorted(p.name for p in out.glob("*.png")) == ["e1.png", "e2.png"]
     csv_lines = (out / "manifest.csv").read_text(encoding="utf-8").splitlines()
-    assert csv_lines[0].startswith("id,index,status,output,text,error,seed") and len(csv_lines) == 8
+    assert csv_lines[0].startswith("id,index,status,output,text,think,answer,error,seed") and len(csv_lines) == 8
     assert leftovers(out) == []
 
     # resume: nothing to do, nothing changes
@@ -200,6 +202,35 @@ def test_understand_from_parquet_bytes_and_chat_from_jsonl(tmp_path, pipe):
     expected = pipe.chat("Name a color.", max_new_tokens=7, do_sample=True, text_temperature=0.9,
                          seed=derive_seed(0, "1"))
     assert rows["1"]["text"] == expected.text and rows["1"]["params"]["max_think_token_n"] == 7
+
+
+def test_manifest_has_think_and_answer_iso_times_params_of_failed_rows_and_names_typos(tmp_path, pipe):
+    src = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "plain", "prompt": "Name a color.", "max_new_tokens": 6},
+        {"id": "thinks", "prompt": "Name a color.", "think": True, "max_new_tokens": 9},
+        {"id": "bad", "prompt": "Name a color.", "temperature": "hot", "do_sample": "yes"},
+        {"id": "typo", "prompt": "Hi", "max_new_tokns": 3, "cfg_text_scale": 4, "category": "greeting"},
+    ])
+    out = tmp_path / "out"
+    r = batch(src, "--task", "chat", "-o", out, "--max-think-tokens", 5)
+    assert r.exit_code == 3, r.output
+    # the misspelt column and the picture knob are named; a column that is no knob's look-alike is carried silently
+    assert "column 'max_new_tokns' is not a knob and is ignored (did you mean 'max_new_tokens'?)" in r.stderr
+    assert "column 'cfg_text_scale' sets cfg_text_scale, which applies to t2i, edit, not chat: ignored" in r.stderr
+    assert "category" not in r.stderr
+    rows = by_id(manifest(out))
+    plain = pipe.chat("Name a color.", max_new_tokens=6, seed=derive_seed(0, "plain"))
+    assert rows["plain"]["answer"] == rows["plain"]["text"] == plain.text and rows["plain"]["think"] is None
+    thinks = pipe.chat("Name a color.", think=True, max_new_tokens=9, seed=derive_seed(0, "thinks"))
+    assert rows["thinks"]["text"] == thinks.text
+    assert (rows["thinks"]["think"], rows["thinks"]["answer"]) == split_think(thinks.text)
+    # a row that fails before its knobs parse keeps what it asked for
+    assert rows["bad"]["status"] == "failed" and "column 'temperature'" in rows["bad"]["error"]
+    assert rows["bad"]["params"] == {"max_new_tokens": 5, "temperature": "hot", "do_sample": "yes"}
+    when = datetime.fromisoformat(rows["plain"]["finished_at"])  # ISO-8601, in UTC
+    assert when.utcoffset() == timedelta(0) and abs(when.timestamp() - time.time()) < 600
+    header = (out / "manifest.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert header[header.index("text"):header.index("text") + 3] == ["text", "think", "answer"]
 
 
 def test_bad_job_input_exits_2(tmp_path):

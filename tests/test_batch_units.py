@@ -251,8 +251,20 @@ def test_merge_keeps_latest_record_per_id_and_removes_own_parts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "manifest.csv", "manifest.jsonl", "manifest.part-s0of2-r0of1.jsonl"]
     csv_text = (tmp_path / "manifest.csv").read_text()
-    assert csv_text.splitlines()[0].startswith("id,index,status,output,text,error,seed")
+    assert csv_text.splitlines()[0].startswith("id,index,status,output,text,think,answer,error,seed")
     assert len(M.read_records(tmp_path / "manifest.jsonl")) == 3
+
+
+def test_iso_times_and_the_epoch_floats_of_older_manifests_compare(tmp_path):
+    old = {"id": "a", "status": "failed", "finished_at": 1_700_000_000.5}  # a manifest from before ISO times
+    new = {"id": "a", "status": "ok", "finished_at": M.now()}
+    assert M.finished_time(new) > M.finished_time(old) > 0
+    assert M.finished_time({"id": "a", "finished_at": "2023-11-14T22:13:20.500000+00:00"}) == 1_700_000_000.5
+    assert M.finished_time({"id": "a"}) == M.finished_time({"id": "a", "finished_at": "garbage"}) == 0.0
+    M.write_manifest(tmp_path, "manifest", [new])
+    with M.PartWriter(M.part_path(tmp_path, None, 0, 1)) as w:
+        w.append(old)  # listed later, but older
+    assert M.latest_records(tmp_path)["a"]["status"] == "ok"
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -44,22 +44,22 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_and_no_half_one
     base = tmp_path / "base"
     base.mkdir()
     (base / "llm_config.json").write_text("{}")
-    C.save_file({"w": torch.ones(2)}, str(base / "ema.safetensors"))
-    C.save_file({"v": torch.ones(2)}, str(base / "ae.safetensors"))
+    C.save_safetensors({"w": torch.ones(2)}, base / "ema.safetensors")
+    C.save_safetensors({"v": torch.ones(2)}, base / "ae.safetensors")
     out = tmp_path / "run"
     first = C.save_checkpoint(out, 1, base, {"w": torch.full((2,), 1.0)}, {"step": 1}, {"model": {"w": torch.ones(2)}})
-    real = C.save_file
+    real = C.save_safetensors
 
     def full(tensors, path, *a, **kw):
-        if path.endswith("model.safetensors"):  # the disk fills up midway through the second checkpoint
+        if str(path).endswith("model.safetensors"):  # the disk fills up midway through the second checkpoint
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(C, "save_file", full)
+    monkeypatch.setattr(C, "save_safetensors", full)
     with pytest.raises(DiskFull, match=r"checkpoint-000002 .*the previous checkpoint \(checkpoint-000001\) is intact"):
         C.save_checkpoint(out, 2, base, {"w": torch.full((2,), 2.0)}, {"step": 2}, {"model": {"w": torch.ones(2)}})
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000001", "latest"]
     assert C.latest_checkpoint(out) == first
-    monkeypatch.setattr(C, "save_file", real)  # space freed: the next save works
+    monkeypatch.setattr(C, "save_safetensors", real)  # space freed: the next save works
     assert C.save_checkpoint(out, 2, base, {"w": torch.ones(2)}, {"step": 2}, {"model": {"w": torch.ones(2)}}).name \
         == "checkpoint-000002"

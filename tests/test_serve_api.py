@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_engine.serve.tasks import split_think
+from bagel_engine.think_text import split_think
 from test_serve_support import INPUT_IMAGE, TINY, ServerProcess, data_url, decode_b64_image, png_bytes
 
 pytest.importorskip("fastapi", reason="the server needs the 'serve' extra")

@@ -167,3 +167,10 @@ def test_server_pngs_carry_their_metadata(client):
     meta = read_png_metadata(base64.b64decode(b64))
     assert meta["prompt"] == "a red square" and meta["seed"] == 5 and meta["task"] == "t2i"
     assert meta["negative_prompt"] == "fog" and meta["parameters"]["num_timesteps"] == 3
+    # a picture drawn through chat says so too
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a green tree"}],
+                                                  "modalities": ["image"], "seed": 9, **FAST})
+    assert r.status_code == 200, r.text
+    url = r.json()["choices"][0]["message"]["images"][0]["image_url"]["url"]
+    meta = read_png_metadata(base64.b64decode(url.split(",", 1)[1]))
+    assert (meta["task"], meta["prompt"], meta["seed"]) == ("t2i", "a green tree", 9)

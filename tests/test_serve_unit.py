@@ -19,7 +19,8 @@ from bagel_engine.serve import ServeSettings, create_app  # noqa: E402
 from bagel_engine.serve.errors import APIError  # noqa: E402
 from bagel_engine.serve.images import decode_image, read_image_ref  # noqa: E402
 from bagel_engine.serve.metrics import Metrics  # noqa: E402
-from bagel_engine.serve.tasks import Conversation, split_think, text_job  # noqa: E402
+from bagel_engine.serve.tasks import Conversation, text_job  # noqa: E402
+from bagel_engine.think_text import split_think  # noqa: E402
 from bagel_engine.serve.worker import JobCancelled, ModelWorker, QueueFull  # noqa: E402
 from test_serve_support import ThreadedServer, data_url, png_bytes  # noqa: E402
 

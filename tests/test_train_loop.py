@@ -256,7 +256,8 @@ def test_lora_trains_adapters_only_and_publishes_merged_weights(tmp_path):
     merged_loss = fixed_loss(bagel_engine.load(path, device="cpu"))
     assert merged_loss < 0.8 * before
     # the small adapter file on the base model gives the merged checkpoint
-    assert (path / "lora_adapter.safetensors").stat().st_size < (path / "ema.safetensors").stat().st_size
+    assert (path / "adapter_model.safetensors").stat().st_size < (path / "ema.safetensors").stat().st_size
+    assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"  # PEFT's layout
     on_base = bagel_engine.load(MODEL_DIR, device="cpu", lora=path)
     assert fixed_loss(on_base) == pytest.approx(merged_loss, rel=1e-5)
     assert fixed_loss(bagel_engine.load(MODEL_DIR, device="cpu", lora=path, lora_strength=0.0)) == pytest.approx(
@@ -282,15 +283,15 @@ def test_bad_adapters_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "nothing.safetensors")
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ConfigError, match="not a bagel-engine LoRA adapter"):
+    with pytest.raises(ConfigError, match="not a LoRA adapter this loader knows"):
         bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "plain.safetensors")
     from bagel_engine.weights.adapters import save_adapter
 
     name = "language_model.model.layers.0.mlp.up_proj"
-    save_adapter(tmp_path / "wrong.safetensors", {f"{name}.lora_A": torch.zeros(2, 7), f"{name}.lora_B": torch.zeros(5, 2)},
+    save_adapter(tmp_path / "wrong", {f"{name}.lora_A": torch.zeros(2, 7), f"{name}.lora_B": torch.zeros(5, 2)},
                  rank=2, alpha=2, targets="und")
     with pytest.raises(ConfigError, match="another base model"):
-        bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "wrong.safetensors")
+        bagel_engine.load(MODEL_DIR, device="cpu", lora=tmp_path / "wrong")
 
 
 def test_lora_starts_from_the_base_model_and_merges_exactly():

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import threading
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,8 +33,8 @@ HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())  # temp names: .<
 TMP_RE = re.compile(r"\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?" + re.escape(TMP_MARK) + "$")
 PART_RE = re.compile(r"^manifest\.part-(?P<tag>[A-Za-z0-9]+)-r(?P<rank>\d+)of(?P<world>\d+)"
                      r"(?:-join(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)x(?P<token>[0-9a-f]+))?\.jsonl$")
-CSV_COLUMNS = ("id", "index", "status", "output", "text", "error", "seed", "prompt", "inputs", "params",
-               "timings", "source", "rank", "finished_at")
+CSV_COLUMNS = ("id", "index", "status", "output", "text", "think", "answer", "error", "seed", "prompt", "inputs",
+               "params", "timings", "source", "rank", "finished_at")
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -157,9 +157,25 @@ def latest_records(folder: Path) -> dict[str, dict[str, Any]]:
         for record in read_records(path):
             key = str(record["id"])
             old = latest.get(key)
-            if old is None or float(record.get("finished_at") or 0) >= float(old.get("finished_at") or 0):
+            if old is None or finished_time(record) >= finished_time(old):
                 latest[key] = record
     return latest
+
+
+def finished_time(record: dict[str, Any]) -> float:
+    """A record's ``finished_at`` as epoch seconds: ISO-8601 text, or the epoch float of older manifests."""
+    value = record.get("finished_at")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 class PartWriter:
@@ -222,8 +238,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def now() -> float:
-    return round(time.time(), 6)
+def now() -> str:
+    """The time a row finished, ISO-8601 in UTC to the microsecond (``2026-12-02T18:40:05.123456+00:00``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 # ----------------------------------------------------------------------------- merge

@@ -72,6 +72,44 @@ def _file_stem(key: str) -> str:
     return stem[:150]
 
 
+def knob_cells(data: dict[str, Any], task: str) -> dict[str, Any]:
+    """The row's cells that set a knob of ``task`` (by its name or an alias), as written: what a row that
+    fails before its knobs parse asked for."""
+    out = {}
+    for column, value in data.items():
+        knob, _ = knob_table.lookup(column, task)
+        if knob is not None and not knob.api_only and not knob_table.is_blank(value) and isinstance(
+                value, (str, int, float, bool)):
+            out[column] = value
+    return out
+
+
+def unknown_knob_columns(rows: list[Row], task: str) -> list[str]:
+    """Warnings for the columns that look like knobs but set nothing: a misspelt name
+    (``cfg_text_scal``: did you mean ``cfg_text_scale``?) or a knob of another task. Other unknown columns
+    (``category``, notes) are carried silently, as diffgentor does."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        if not row.error:
+            columns.update(dict.fromkeys(row.data))
+    warnings = []
+    for column in columns:
+        if column in PROMPT_COLUMNS or column in LIST_IMAGE_COLUMNS or _IMAGE_COLUMN.match(column):
+            continue
+        knob, _ = knob_table.lookup(column, task)
+        if knob is not None:
+            continue
+        other, _ = knob_table.lookup(column, None)
+        if other is not None:
+            warnings.append(f"column {column!r} sets {other.name}, which applies to "
+                            f"{', '.join(other.tasks)}, not {task}: ignored")
+            continue
+        hint = knob_table.did_you_mean(column)
+        if hint:
+            warnings.append(f"column {column!r} is not a knob and is ignored{hint}")
+    return warnings
+
+
 def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[Plan]:
     """Ids, output names and row-level errors for all rows, in input order."""
     knob_table.check_task(task)

@@ -22,8 +22,9 @@ from bagel_engine.batch import manifest as manifests
 from bagel_engine.batch.claims import RowClaims
 from bagel_engine.batch.lock import FolderInUse, FolderLock
 from bagel_engine.batch.reader import read_rows
-from bagel_engine.batch.request import Plan, build_call, plan_rows
+from bagel_engine.batch.request import Plan, build_call, knob_cells, plan_rows, unknown_knob_columns
 from bagel_engine.params import BagelInputError, DiskFull, disk_full, is_disk_full
+from bagel_engine.think_text import split_think
 
 DEFAULT_BASE_SEED = 0
 POLL_S = 0.5
@@ -216,6 +217,9 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
     base_seed = DEFAULT_BASE_SEED if base_seed is None else int(base_seed)
 
     rows = read_rows(Path(job.input), exclude=out_dir)
+    if dist.is_main:
+        for warning in unknown_knob_columns(rows, task):
+            _stderr(f"bagel batch {task}: warning: {warning}")
     plans = plan_rows(rows, task, job.id_column)
     chosen = [plans[i] for i in data_parallel.parse_rows(job.rows, len(plans))]
     selected, mine = data_parallel.take_share(chosen, job.shard, dist)
@@ -307,12 +311,25 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
     return dist.broadcast(summary)
 
 
-def _new_record(plan: Plan, job: BatchJob, dist: data_parallel.Dist, run_id: str) -> dict[str, Any]:
+def _new_record(plan: Plan, job: BatchJob, dist: data_parallel.Dist, run_id: str, base: dict) -> dict[str, Any]:
+    # params start as what was asked (the job's knobs and the row's cells, as written), so a row that fails
+    # before its knobs parse still says what it asked for; a row that gets further records the parsed ones
     return {
         "id": plan.key, "index": plan.row.position, "task": job.task, "status": "failed", "output": None,
-        "text": None, "error": None, "seed": None, "prompt": None, "inputs": None, "params": None,
+        "text": None, "think": None, "answer": None, "error": None, "seed": None, "prompt": None, "inputs": None,
+        "params": _plain({**base, **knob_cells(plan.row.data, job.task)}) or None,
         "timings": None, "source": plan.row.where(), "rank": dist.rank, "run": run_id,
     }
+
+
+def _think_and_answer(task: str, text: str | None, think: bool) -> tuple[str | None, str | None]:
+    """The manifest's ``think`` and ``answer`` columns: for pictures made with think, the think text."""
+    if text is None or not think:
+        return None, text if task in knob_table.TEXT_TASKS else None
+    plan, answer = split_think(text)
+    if task in knob_table.IMAGE_TASKS:  # the text of a picture is all plan
+        return plan if plan is not None else text.strip(), None
+    return plan, answer
 
 
 def _start(record: dict[str, Any], plan: Plan, job: BatchJob, base: dict, base_seed: int):
@@ -328,8 +345,10 @@ def _finish(record: dict[str, Any], out, call, plan: Plan, job: BatchJob, out_di
         manifests.save_image(out.image, out_dir / plan.output, describe(job.task, call.prompt, out, model))
         record["output"] = plan.output
     params = getattr(out, "params", None)
+    text = getattr(out, "text", None)
+    think, answer = _think_and_answer(job.task, text, bool(call.kwargs.get("think")))
     record.update(
-        status="ok", text=getattr(out, "text", None),
+        status="ok", text=text, think=think, answer=answer,
         seed=out.seed if getattr(out, "seed", None) is not None else call.seed,
         params=_plain(params) if params else record["params"],
         timings=_plain(dict(getattr(out, "timings", None) or {})),
@@ -347,7 +366,7 @@ def _close(record: dict[str, Any], t0: float) -> dict[str, Any]:
 def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: data_parallel.Dist,
              run_id: str, progress: _Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
-    record = _new_record(plan, job, dist, run_id)
+    record = _new_record(plan, job, dist, run_id, base)
     try:
         call = _start(record, plan, job, base, base_seed)
         kwargs = dict(call.kwargs)
@@ -371,7 +390,7 @@ def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_s
     results: dict[str, dict[str, Any]] = {}
     groups: dict[str, list[tuple[Plan, Any]]] = {}
     for plan in plans:
-        record = _new_record(plan, job, dist, run_id)
+        record = _new_record(plan, job, dist, run_id, base)
         try:
             call = _start(record, plan, job, base, base_seed)
         except Exception as e:  # noqa: BLE001

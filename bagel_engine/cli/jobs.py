@@ -13,6 +13,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Optional
 
 import typer
@@ -20,7 +21,7 @@ import typer
 from bagel_engine import knobs as knob_table
 from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
-from bagel_engine.params import RENORM_TYPES, BagelInputError
+from bagel_engine.params import EDIT_DEFAULTS, RENORM_TYPES, TEXT_TO_IMAGE_DEFAULTS, BagelInputError, ImageParams
 
 # ----------------------------------------------------------------------------- shared options
 RUN = "Model and output"
@@ -38,28 +39,54 @@ Dtype = Annotated[Optional[str], typer.Option(
 Json = Annotated[bool, typer.Option(
     "--json", rich_help_panel=RUN, help="Print one JSON object (output, text, seed, params, timings) instead of text.")]
 
-CfgTextScale = Annotated[Optional[float], typer.Option(
-    "--cfg-text-scale", rich_help_panel=IMAGE, min=0.0,
-    help="Text guidance: how strongly the image follows the prompt (official 4-8). \\[default: 4.0]")]
-CfgImgScale = Annotated[Optional[float], typer.Option(
-    "--cfg-img-scale", rich_help_panel=IMAGE, min=0.0,
-    help="Image guidance: how much an edit keeps of the input image (official 1-2). \\[default: 1.5 generate, 2.0 edit]")]
-CfgInterval = Annotated[Optional[tuple[float, float]], typer.Option(
-    "--cfg-interval", metavar="LO HI", rich_help_panel=IMAGE,
-    help="Apply guidance only for timesteps in [LO, HI]. \\[default: 0.4 1.0 generate, 0.0 1.0 edit]")]
 RenormType = Enum("RenormType", {name: name for name in RENORM_TYPES}, type=str)
-CfgRenormType = Annotated[Optional[RenormType], typer.Option(
-    "--cfg-renorm-type", rich_help_panel=IMAGE, case_sensitive=False,
-    help="How the guided velocity is renormalized. \\[default: global generate, text_channel edit]")]
-CfgRenormMin = Annotated[Optional[float], typer.Option(
-    "--cfg-renorm-min", rich_help_panel=IMAGE, min=0.0, max=1.0,
-    help="Lower bound of the renorm factor; 0 (default) cures blur, 1 turns renorm off. \\[default: 0.0]")]
-TimestepShift = Annotated[Optional[float], typer.Option(
-    "--timestep-shift", rich_help_panel=IMAGE,
-    help="Shift of the schedule: higher spends more steps on layout, lower on detail. \\[default: 3.0]")]
-NumTimesteps = Annotated[Optional[int], typer.Option(
-    "--num-timesteps", rich_help_panel=IMAGE, min=2,
-    help="Points of the schedule (N-1 denoising steps). \\[default: 50]")]
+
+
+def _image_knob_options(defaults: dict[str, ImageParams]) -> SimpleNamespace:
+    """The image knobs' options, their help showing the defaults of ``defaults`` ({command: params}):
+    ``generate`` and ``edit`` each show their own, ``batch`` both."""
+
+    def shown(name: str) -> str:
+        values = {}
+        for command, params in defaults.items():
+            value = getattr(params, name)
+            values[command] = " ".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+        if len(set(values.values())) == 1:
+            return f"\\[default: {next(iter(values.values()))}]"
+        return "\\[default: " + ", ".join(f"{v} {c}" for c, v in values.items()) + "]"
+
+    return SimpleNamespace(
+        cfg_text_scale=Annotated[Optional[float], typer.Option(
+            "--cfg-text-scale", rich_help_panel=IMAGE, min=0.0,
+            help=f"Text guidance: how strongly the image follows the prompt (official 4-8). {shown('cfg_text_scale')}")],
+        cfg_img_scale=Annotated[Optional[float], typer.Option(
+            "--cfg-img-scale", rich_help_panel=IMAGE, min=0.0,
+            help=f"Image guidance: how much an edit keeps of the input image (official 1-2). {shown('cfg_img_scale')}")],
+        cfg_interval=Annotated[Optional[tuple[float, float]], typer.Option(
+            "--cfg-interval", metavar="LO HI", rich_help_panel=IMAGE,
+            help=f"Apply guidance only for timesteps in [LO, HI]. {shown('cfg_interval')}")],
+        cfg_renorm_type=Annotated[Optional[RenormType], typer.Option(
+            "--cfg-renorm-type", rich_help_panel=IMAGE, case_sensitive=False,
+            help=f"How the guided velocity is renormalized. {shown('cfg_renorm_type')}")],
+        cfg_renorm_min=Annotated[Optional[float], typer.Option(
+            "--cfg-renorm-min", rich_help_panel=IMAGE, min=0.0, max=1.0,
+            help=f"Lower bound of the renorm factor; 0 cures blur, 1 turns renorm off. {shown('cfg_renorm_min')}")],
+        timestep_shift=Annotated[Optional[float], typer.Option(
+            "--timestep-shift", rich_help_panel=IMAGE,
+            help=f"Shift of the schedule: higher spends more steps on layout, lower on detail. {shown('timestep_shift')}")],
+        num_timesteps=Annotated[Optional[int], typer.Option(
+            "--num-timesteps", rich_help_panel=IMAGE, min=2,
+            help=f"Points of the schedule (N-1 denoising steps). {shown('num_timesteps')}")],
+    )
+
+
+# the official app's defaults; a model directory may carry its own (task_defaults.json: bagel-shapes does)
+T2I_KNOBS = _image_knob_options({"generate": TEXT_TO_IMAGE_DEFAULTS})
+EDIT_KNOBS = _image_knob_options({"edit": EDIT_DEFAULTS})
+ANY_KNOBS = _image_knob_options({"t2i": TEXT_TO_IMAGE_DEFAULTS, "edit": EDIT_DEFAULTS})
+CfgTextScale, CfgImgScale, CfgInterval = ANY_KNOBS.cfg_text_scale, ANY_KNOBS.cfg_img_scale, ANY_KNOBS.cfg_interval
+CfgRenormType, CfgRenormMin = ANY_KNOBS.cfg_renorm_type, ANY_KNOBS.cfg_renorm_min
+TimestepShift, NumTimesteps = ANY_KNOBS.timestep_shift, ANY_KNOBS.num_timesteps
 NegativePrompt = Annotated[Optional[str], typer.Option(
     "--negative-prompt", rich_help_panel=IMAGE,
     help="What the picture should not show (conditions the text-unconditional guidance branch). \\[default: none]")]
@@ -71,10 +98,10 @@ ImageGuidanceScale = Annotated[Optional[float], typer.Option(
 NumInferenceSteps = Annotated[Optional[int], typer.Option(
     "--num-inference-steps", rich_help_panel=IMAGE, min=1,
     help="diffusers' count of denoising steps: the same as --num-timesteps N+1 (give one of them).")]
-Height = Annotated[Optional[int], typer.Option(
-    "--height", rich_help_panel=IMAGE, help="Output height in pixels, a multiple of 16 up to 1024. \\[default: 1024]")]
-Width = Annotated[Optional[int], typer.Option(
-    "--width", rich_help_panel=IMAGE, help="Output width in pixels, a multiple of 16 up to 1024. \\[default: 1024]")]
+_SIZE = ("in pixels: a multiple of the model's grid, up to its largest side (BAGEL-7B-MoT: multiples of 16 up to "
+         "1024; bagel-shapes: of 8 up to 128; `bagel inspect MODEL` says). \\[default: the model's: 1024, bagel-shapes 64]")
+Height = Annotated[Optional[int], typer.Option("--height", rich_help_panel=IMAGE, help=f"Output height {_SIZE}")]
+Width = Annotated[Optional[int], typer.Option("--width", rich_help_panel=IMAGE, help=f"Output width {_SIZE}")]
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", rich_help_panel=RUN, min=0, max=2**32 - 1,
     help="Random seed; the same seed gives the same result. \\[default: a random one, reported]")]
@@ -260,13 +287,13 @@ def generate(
     width: Width = None,
     seed: Seed = None,
     think: Think = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_img_scale: CfgImgScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    cfg_renorm_min: CfgRenormMin = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
+    cfg_text_scale: T2I_KNOBS.cfg_text_scale = None,
+    cfg_img_scale: T2I_KNOBS.cfg_img_scale = None,
+    cfg_interval: T2I_KNOBS.cfg_interval = None,
+    cfg_renorm_type: T2I_KNOBS.cfg_renorm_type = None,
+    cfg_renorm_min: T2I_KNOBS.cfg_renorm_min = None,
+    timestep_shift: T2I_KNOBS.timestep_shift = None,
+    num_timesteps: T2I_KNOBS.num_timesteps = None,
     negative_prompt: NegativePrompt = None,
     guidance_scale: GuidanceScale = None,
     image_guidance_scale: ImageGuidanceScale = None,
@@ -279,7 +306,10 @@ def generate(
     load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
-    """Text to image: draw PROMPT and write a PNG (with --think, print the plan first)."""
+    """Text to image: draw PROMPT and write a PNG (with --think, print the plan first).
+
+    The defaults shown are the official app's; a model directory may carry its own (task_defaults.json:
+    bagel-shapes draws 64x64 in 25 steps)."""
     run_task("t2i", (prompt,), locals(), model=model, device=device, dtype=dtype, output=output, as_json=json_)
 
 
@@ -302,13 +332,13 @@ def edit(
         "--output", "-o", rich_help_panel=RUN, help="Where to write the PNG. \\[default: edit-SEED.png]")] = None,
     seed: Seed = None,
     think: Think = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_img_scale: CfgImgScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    cfg_renorm_min: CfgRenormMin = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
+    cfg_text_scale: EDIT_KNOBS.cfg_text_scale = None,
+    cfg_img_scale: EDIT_KNOBS.cfg_img_scale = None,
+    cfg_interval: EDIT_KNOBS.cfg_interval = None,
+    cfg_renorm_type: EDIT_KNOBS.cfg_renorm_type = None,
+    cfg_renorm_min: EDIT_KNOBS.cfg_renorm_min = None,
+    timestep_shift: EDIT_KNOBS.timestep_shift = None,
+    num_timesteps: EDIT_KNOBS.num_timesteps = None,
     negative_prompt: NegativePrompt = None,
     guidance_scale: GuidanceScale = None,
     image_guidance_scale: ImageGuidanceScale = None,
@@ -321,7 +351,10 @@ def edit(
     load_options: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
-    """Edit one or several images by an instruction and write a PNG."""
+    """Edit one or several images by an instruction and write a PNG.
+
+    The defaults shown are the official app's for editing; a model directory may carry its own
+    (task_defaults.json, as bagel-shapes does)."""
     pictures = open_images(images, json_)
     run_task("edit", (pictures, prompt), locals(), model=model, device=device, dtype=dtype, output=output,
              as_json=json_)

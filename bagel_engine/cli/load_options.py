@@ -23,7 +23,7 @@ AttentionBackend = Enum("AttentionBackend", {b: b for b in BACKENDS}, type=str)
 Quantize = Annotated[Optional[QuantizeMethod], typer.Option(
     "--quantize", rich_help_panel=PANEL, case_sensitive=False,
     help="Quantize the decoder's linear layers at load time: int8 (anywhere), fp8 (Ada/Hopper GPUs), "
-         "nf4 (GPU, bitsandbytes). Needs `pip install bagel-engine[quant]`. See docs/memory.md.")]
+         "nf4 (GPU, bitsandbytes). Needs `pip install bagel-engine\\[quant]`. See docs/memory.md.")]
 Offload = Annotated[Optional[OffloadMode], typer.Option(
     "--offload", rich_help_panel=PANEL, case_sensitive=False,
     help="Keep the weights in CPU memory and stream them to the GPU: model (one expert resident, ~24 GB "
@@ -35,8 +35,8 @@ Attention = Annotated[AttentionBackend, typer.Option(
     "--attention", rich_help_panel=PANEL, case_sensitive=False, help="Attention backend.")]
 Lora = Annotated[Optional[list[str]], typer.Option(
     "--lora", rich_help_panel=PANEL, metavar="ADAPTER",
-    help="Merge a LoRA adapter at load: a lora_adapter.safetensors file or a `bagel train` checkpoint folder "
-         "(repeat for several).")]
+    help="Merge a LoRA adapter at load: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), "
+         "a `bagel train` checkpoint folder or an older lora_adapter.safetensors (repeat for several).")]
 LoraStrength = Annotated[float, typer.Option(
     "--lora-strength", rich_help_panel=PANEL, help="Scale of the LoRA updates (1: as trained).")]
 OfficialNumerics = Annotated[bool, typer.Option(

@@ -184,6 +184,9 @@ def ui_command(
     max_batch: MaxBatchOpt = 8,
     max_step_tokens: MaxStepTokensOpt = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+    share: Annotated[bool, typer.Option(
+        "--share", help="Also publish a temporary public link through Gradio's share servers (*.gradio.live, 72 "
+                        "hours; needs internet access). Anyone with the link can use the model: set --api-key.")] = False,
 ) -> None:
     """The web UI alone (no HTTP API): text to image, editing, understanding and chat, every knob
     with the official defaults, think text, seed and step progress."""
@@ -195,12 +198,14 @@ def ui_command(
         typer.echo(f"error: {e.name} is missing; install the UI with: pip install 'bagel-engine[ui]'", err=True)
         raise typer.Exit(2) from None
     _setup_logging(log_level)
+    if share and not api_key:
+        typer.echo("warning: --share without --api-key: anyone with the public link can use the model", err=True)
     settings = ServeSettings(queue_size=queue_size, max_batch=max_batch, max_step_tokens=max_step_tokens,
                              api_key=api_key)
     pipe = _load(model, device, dtype, load_options)
     worker = ModelWorker(pipe, queue_size=settings.queue_size, max_batch=settings.max_batch,
                          max_step_tokens=settings.max_step_tokens).start()
     try:
-        launch_ui(worker, pipe, settings, host=host, port=port or None)
+        launch_ui(worker, pipe, settings, host=host, port=port or None, share=share)
     finally:
         worker.stop(5.0)

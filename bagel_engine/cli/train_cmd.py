@@ -27,6 +27,12 @@ class Task(str, Enum):
     conversation = "conversation"
 
 
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
 class Schedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -186,6 +192,11 @@ def train(
     save_every: Annotated[int, typer.Option("--save-every", rich_help_panel=RUN, min=1, help="Checkpoint every N steps.")] = 500,
     keep: Annotated[int, typer.Option("--keep", rich_help_panel=RUN, min=1, help="Checkpoints to keep.")] = 2,
     log_every: Annotated[int, typer.Option("--log-every", rich_help_panel=RUN, min=1, help="Log every N steps.")] = 10,
+    report_to: Annotated[ReportTo, typer.Option(
+        "--report-to", rich_help_panel=RUN,
+        help="Also send the losses, learning rate and speed to TensorBoard (event files in OUTPUT_DIR/tensorboard: "
+             "tensorboard --logdir OUTPUT_DIR/tensorboard) or Weights & Biases (project $WANDB_PROJECT, default "
+             "bagel-engine; pip install wandb). train_log.jsonl is always written.")] = ReportTo.none,
     overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=RUN,
                                             help="Start afresh, removing the checkpoints in OUTPUT_DIR.")] = False,
     device: Device = None,
@@ -219,7 +230,7 @@ def train(
             visual_gen=visual_gen, visual_und=visual_und, dataset_info=str(dataset_info) if dataset_info else None,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,
-            save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, device=device, dtype=dtype,
+            save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, report_to=report_to.value, device=device, dtype=dtype,
             autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress)
         trainer = Trainer(cfg)
         path = trainer.run()

@@ -154,5 +154,5 @@ def encode_image(img: Image.Image, output_format: str = "png", meta: dict | None
     return base64.b64encode(encode_image_bytes(img, output_format, meta)).decode("ascii")
 
 
-def data_url(img: Image.Image, output_format: str = "png") -> str:
-    return f"data:{FORMATS[output_format][1]};base64,{encode_image(img, output_format)}"
+def data_url(img: Image.Image, output_format: str = "png", meta: dict | None = None) -> str:
+    return f"data:{FORMATS[output_format][1]};base64,{encode_image(img, output_format, meta)}"

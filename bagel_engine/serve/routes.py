@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from bagel_engine.image_metadata import describe
+from bagel_engine.think_text import split_think
 
 from . import compat, tasks
 from .errors import APIError, bad_request
@@ -263,7 +264,9 @@ async def chat_completions(request: Request) -> Any:
             raise APIError(500, "the model returned no image", code="internal_error")
         st.metrics.inc("bagel_images_generated_total")
         fmt = req.output_format or "png"
-        url = await run_in_threadpool(data_url, out.image, fmt)
+        texts = [x for x in conv.items if isinstance(x, str)]
+        meta = describe("edit" if conv.images else "t2i", texts[-1] if texts else None, out, st.names[0])
+        url = await run_in_threadpool(data_url, out.image, fmt, meta)
         message: dict[str, Any] = {"role": "assistant", "content": "",
                                    "images": [{"type": "image_url", "image_url": {"url": url}}]}
         if req.think:
@@ -284,7 +287,7 @@ async def chat_completions(request: Request) -> Any:
 
 
 def chat_choice(index: int, out: Any, think: bool) -> dict[str, Any]:
-    reasoning, text = tasks.split_think(out.text) if think else (None, out.text or "")
+    reasoning, text = split_think(out.text) if think else (None, out.text or "")
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if think:
         message["reasoning_content"] = reasoning or ""  # think asked: always report it, even when empty

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from bagel_engine.engine_protocol import Pipeline
+from bagel_engine.think_text import ThinkStream
 from . import tasks
 from ._engine import INPUT_ERRORS
 from .errors import APIError, bad_request, describe_validation_errors, internal_error
@@ -174,7 +175,7 @@ class ServerState:
         """The answer in OpenAI's chunk format: a first chunk with the role, then ``delta.reasoning_content``
         (think text) and ``delta.content`` as the model writes them, a last chunk with ``finish_reason``,
         the usage chunk when asked, ``data: [DONE]``."""
-        splitter = tasks.ThinkStream(req.think)
+        splitter = ThinkStream(req.think)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": req.model or self.names[0]}
 

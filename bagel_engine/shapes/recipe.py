@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bagel_engine.shapes import world as shapes_world
+from bagel_engine.weights.files import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,6 @@ class Recipe:
 
     def init_weights(self) -> None:
         """Random initial weights for everything but the trained autoencoder (``ema.safetensors``)."""
-        from safetensors.torch import save_file
-
         from bagel_engine.model.bagel import Bagel
         from bagel_engine.weights.config import load_model_config
         from bagel_engine.weights.loader import init_random
@@ -192,7 +191,7 @@ class Recipe:
         init_random(model, torch.device("cpu"), torch.float32, self.seed)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_safetensors(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(path)
 
     def train_config(self):

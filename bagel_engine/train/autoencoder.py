@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from bagel_engine.model.autoencoder import AutoEncoder
+from bagel_engine.weights.files import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def reconstruction_psnr(ae: AutoEncoder, x: torch.Tensor, sample: bool = True, s
 def save_autoencoder(ae: AutoEncoder, path: str | Path) -> None:
     """The weights as ``ae.safetensors`` (official key names)."""
     state = {k: v.detach().float().cpu().contiguous() for k, v in ae.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    save_safetensors(state, str(path), metadata={"format": "pt"})
 
 
 def load_autoencoder_weights(ae: AutoEncoder, path: str | Path) -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from bagel_engine.params import disk_full, is_disk_full
+from bagel_engine.weights.files import save_safetensors
 
 WEIGHTS = ("ema.safetensors", "ae.safetensors")
 PREFIX = "checkpoint-"
@@ -62,8 +63,8 @@ def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[s
     """Write ``checkpoint-{step}`` (see the module doc) and point ``latest`` at it. ``weights``: the
     full state dict to publish; ``trainer_tensors``: named float32 tensor sets for resuming (the
     trained parameters, their EMA), each stored as ``trainer/{name}.safetensors``. ``adapter``: the
-    keyword arguments of ``weights.adapters.save_adapter`` (LoRA runs), written as
-    ``lora_adapter.safetensors`` beside the merged weights."""
+    keyword arguments of ``weights.adapters.save_adapter`` (LoRA runs), written in PEFT's layout
+    (``adapter_config.json``, ``adapter_model.safetensors``) beside the merged weights."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / (final.name + ".tmp")
@@ -99,15 +100,15 @@ def _write_checkpoint(tmp: Path, base_dir: Path, weights: dict[str, torch.Tensor
             shutil.copy2(src, tmp / src.name)
     _link_or_copy(base_dir / "ae.safetensors", tmp / "ae.safetensors")
     dtype = dtype or stored_dtype(base_dir / "ema.safetensors")
-    save_file(_state(weights, dtype), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+    save_safetensors(_state(weights, dtype), tmp / "ema.safetensors", metadata={"format": "pt"})
     if adapter is not None:
-        from bagel_engine.weights.adapters import ADAPTER_FILE, save_adapter
+        from bagel_engine.weights.adapters import save_adapter
 
-        save_adapter(tmp / ADAPTER_FILE, **adapter)
+        save_adapter(tmp, **adapter)
     state_dir = tmp / "trainer"
     state_dir.mkdir()
     for name, tensors in (trainer_tensors or {}).items():
-        save_file(_state(tensors, torch.float32), str(state_dir / f"{name}.safetensors"))
+        save_safetensors(_state(tensors, torch.float32), state_dir / f"{name}.safetensors")
     torch.save(trainer_state, state_dir / "state.pt")
     (state_dir / "summary.json").write_text(json.dumps(
         {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, bool, dict, list))

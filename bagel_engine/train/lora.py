@@ -6,7 +6,7 @@ stay), frozen, plus ``lora_A`` (rank x in, Kaiming-uniform) and ``lora_B`` (out 
 kept in float32: ``y = x W^T + b + (alpha / rank) * x A^T B^T``, so training starts from the base
 model exactly. ``merged_state_dict`` folds the adapters into the weights (the official layout,
 for ``bagel_engine.load``); the trainer writes the adapters alone
-as ``lora_adapter.safetensors`` (``bagel_engine.weights.adapters``).
+in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``; ``bagel_engine.weights.adapters``).
 
 Targets: ``gen`` (the generation expert's ``*_moe_gen`` projections: what image generation and
 editing use), ``und`` (the understanding expert's: text and understanding), or ``all``.

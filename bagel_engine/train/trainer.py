@@ -38,6 +38,8 @@ from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales,
 from bagel_engine.train.latent_cache import LatentCache
 from bagel_engine.train.objective import training_losses
 from bagel_engine.train.packing import SequencePacker
+from bagel_engine.train.reporters import CHOICES as REPORT_TO
+from bagel_engine.train.reporters import Reporter, open_reporter
 from bagel_engine.train.sample import Dropout
 from bagel_engine.weights.loader import resolve_model_dir
 
@@ -89,6 +91,7 @@ class TrainConfig:
     eval_every: int | None = None  # default: save_every
     keep: int = 2  # checkpoints kept (the newest)
     log_every: int = 10
+    report_to: str = "none"  # also send the figures to "tensorboard" (OUTPUT/tensorboard) or "wandb"
     device: str | None = None
     dtype: str = "float32"  # parameter (master) dtype
     autocast: str | None = "auto"  # "bfloat16" / None; auto: bfloat16 on CUDA
@@ -111,6 +114,11 @@ class TrainConfig:
             raise BagelInputError("grad_accum must be >= 1")
         if self.steps < 1 or self.max_tokens < 2 or self.save_every < 1 or self.log_every < 1 or self.keep < 1:
             raise BagelInputError("steps, save_every, log_every and keep must be >= 1 and max_tokens >= 2")
+        if self.report_to not in REPORT_TO:
+            raise BagelInputError(f"unknown report_to {self.report_to!r}; choose one of {', '.join(REPORT_TO)}")
+        if self.warmup_steps > self.steps:
+            log.warning("warmup_steps (%d) is more than steps (%d): the learning rate never reaches lr=%g, it stops "
+                        "at %g", self.warmup_steps, self.steps, self.lr, self.lr * self.steps / self.warmup_steps)
         if self.schedule not in ("constant", "cosine"):
             raise BagelInputError(f"unknown schedule {self.schedule!r}; use constant or cosine")
         if self.strategy not in DP.STRATEGIES:
@@ -219,6 +227,7 @@ class Trainer:
             self.eval_batches, self.eval_bad = pack_in_order(cfg.eval_data, eval_packer, cfg.max_tokens, cfg.task)
         self.step = 0
         self.history: list[dict] = []
+        self.reporter: Reporter | None = None  # rank 0, while run() runs
         if cfg.resume:
             self._resume()
         elif self.dist.rank == 0:
@@ -324,7 +333,7 @@ class Trainer:
                 source = tensors.get("ema", tensors["model"])
                 adapter = {"tensors": source, "rank": self.cfg.lora_rank,
                            "alpha": float(self.cfg.lora_alpha if self.cfg.lora_alpha is not None else self.cfg.lora_rank),
-                           "targets": self.cfg.lora_targets}
+                           "targets": self.cfg.lora_targets, "base_model": self.cfg.model}
             path = checkpoints.save_checkpoint(self.output_dir, self.step, self.base_dir, published, state, tensors,
                                      keep=self.cfg.keep, adapter=adapter)
             if bad:
@@ -416,6 +425,12 @@ class Trainer:
         return {"step": self.step, "eval_mse": total[0] / total[1] if total[1] else None,
                 "eval_ce": total[2] / total[3] if total[3] else None, "eval_tokens": int(total[1] + total[3])}
 
+    def _log(self, log_path: Path, record: dict) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(record)
+
     def _loop_step(self, bar, log_path: Path) -> Path | None:
         """One step of ``run``: train, log, evaluate and save when due; the checkpoint if one was written."""
         cfg = self.cfg
@@ -424,15 +439,13 @@ class Trainer:
         shown = {k: f"{record[k]:.4g}" for k in ("mse", "ce") if record[k] is not None}
         bar.set_postfix(shown | {"lr": f"{record['lr']:.2g}", "tok/s": f"{record['tokens_per_s']:.0f}"})
         if self.dist.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._log(log_path, record)
             log.info("step %d: %s", self.step, json.dumps(record))
         if self.eval_batches and (self.step % (cfg.eval_every or cfg.save_every) == 0 or self.step == cfg.steps):
             evaluation = self.evaluate()
             self.history[-1].update(evaluation)
             if self.dist.rank == 0:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(evaluation) + "\n")
+                self._log(log_path, evaluation)
                 shown = {k: f"{evaluation[k]:.4g}" for k in ("eval_mse", "eval_ce") if evaluation[k] is not None}
                 bar.write(f"step {self.step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
         if self.step % cfg.save_every == 0 or self.step == cfg.steps:
@@ -451,12 +464,19 @@ class Trainer:
                    disable=not cfg.progress or self.dist.rank != 0, dynamic_ncols=True)
         log_path = self.output_dir / "train_log.jsonl"
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0:
+            config = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                      for k, v in asdict(cfg).items()}
+            self.reporter = open_reporter(cfg.report_to, self.output_dir, config, resume_step=self.step)
         path = None
         try:
             while self.step < cfg.steps:
                 path = self._loop_step(bar, log_path) or path
         finally:
             bar.close()
+            if self.reporter is not None:
+                self.reporter.close()
+                self.reporter = None
             if self.batches is not None:  # stop the packing thread before the interpreter ends
                 self.batches.close()
                 self.batches = None

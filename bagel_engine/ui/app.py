@@ -29,6 +29,7 @@ from bagel_engine.serve.errors import APIError, internal_error
 from bagel_engine.serve.images import decode_image
 from bagel_engine.serve.settings import ServeSettings
 from bagel_engine.serve.worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
+from bagel_engine.think_text import split_think
 
 TEXT_DEFAULTS = TextParams()
 CSS = """
@@ -91,13 +92,13 @@ def _stream_text(worker: ModelWorker, kind: str, conv: Any, think: bool, seed: A
             next(poll)
         except StopIteration as done:
             out = done.value
-            plan, answer = tasks.split_think(out.text) if think else (None, out.text or "")
+            plan, answer = split_think(out.text) if think else (None, out.text or "")
             yield plan or "", answer, out
             return
         if len(written) != shown:
             shown = len(written)
             text = "".join(written[:shown])
-            plan, answer = tasks.split_think(text) if think else (None, text)
+            plan, answer = split_think(text) if think else (None, text)
             yield plan or "", answer, None
 
 
@@ -394,10 +395,11 @@ def ui_auth(settings: ServeSettings):
 
 
 def launch_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings, *, host: str = "127.0.0.1",
-              port: int = 7860, prevent_thread_lock: bool = False) -> Any:
+              port: int = 7860, prevent_thread_lock: bool = False, share: bool = False) -> Any:
+    """Serve the UI on ``host:port``; ``share``: also through a temporary public gradio.live link."""
     demo = build_ui(worker, pipe, settings)
     demo.queue()
-    return demo.launch(server_name=host, server_port=port, auth=ui_auth(settings),
+    return demo.launch(server_name=host, server_port=port, auth=ui_auth(settings), share=share,
                        auth_message="Log in with any user name and the API key as the password.",
                        show_error=True, footer_links=[], max_file_size=settings.max_body_bytes, css=CSS,
                        prevent_thread_lock=prevent_thread_lock, quiet=False)
