@@ -50,6 +50,26 @@ def encode_png(image: Image.Image, meta: dict[str, Any] | None = None) -> bytes:
     return buffer.getvalue()
 
 
+# file suffix -> PIL format; the suffix of an output name chooses how the picture is written
+SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", meta: dict[str, Any] | None = None) -> bytes:
+    """``image`` as PNG (with ``meta`` in its text chunks), JPEG (quality 95) or WebP (lossless)."""
+    fmt = fmt.upper()
+    if fmt == "PNG":
+        return encode_png(image, meta)
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+        image.save(buffer, format="JPEG", quality=95)
+    elif fmt == "WEBP":
+        image.save(buffer, format="WEBP", lossless=True)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}: use PNG, JPEG or WEBP")
+    return buffer.getvalue()
+
+
 def read_png_metadata(source: str | Path | bytes | Image.Image) -> dict[str, Any]:
     """The metadata a PNG carries (numbers and JSON values decoded), ``{}`` when none."""
     if isinstance(source, Image.Image):

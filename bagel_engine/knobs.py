@@ -310,6 +310,46 @@ def env_knobs(task: str, environ: Mapping[str, str] | None = None) -> dict[str, 
     return out
 
 
+ENV_PREFIX = "DG_BAGEL_"
+ENV_NAMES = tuple(dict.fromkeys(k.env for k in KNOBS if k.env))
+
+
+def env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per ``DG_BAGEL_*`` variable that sets nothing (a typo, or one diffgentor never had)."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in ENV_NAMES:
+            close = difflib.get_close_matches(name, ENV_NAMES, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(ENV_NAMES)}"
+            out.append(f"environment variable {name} is not one bagel reads and is ignored{hint}")
+    return out
+
+
+# Defaults of other tools, for files and scripts made for them. diffgentor calls the official
+# InterleaveInferencer with its own defaults (diffgentor/backends/editing/bagel.py), the same for every task.
+_DIFFGENTOR_IMAGE = {"cfg_text_scale": 3.0, "cfg_img_scale": 1.5, "cfg_interval": (0.4, 1.0),
+                     "cfg_renorm_type": "global", "cfg_renorm_min": 0.0, "timestep_shift": 3.0, "num_timesteps": 50}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "official": {},  # the official app's defaults per task (the model's task_defaults.json where it has one)
+    "diffgentor": {"t2i": _DIFFGENTOR_IMAGE, "edit": _DIFFGENTOR_IMAGE},
+}
+
+
+def resolve_preset(preset: str, environ: Mapping[str, str] | None = None) -> str:
+    """``auto`` is ``diffgentor`` when a ``DG_BAGEL_*`` variable is set (a diffgentor script), else ``official``."""
+    if preset == "auto":
+        environ = os.environ if environ is None else environ
+        return "diffgentor" if any(n.startswith(ENV_PREFIX) for n in environ) else "official"
+    if preset not in PRESETS:
+        raise BagelInputError(f"unknown preset {preset!r}; choose one of auto, {', '.join(PRESETS)}")
+    return preset
+
+
+def preset_knobs(preset: str, task: str) -> dict[str, Any]:
+    return dict(PRESETS[preset].get(check_task(task), {}))
+
+
 def cli_knobs(values: Mapping[str, Any], task: str) -> dict[str, Any]:
     """Keep the command-line knobs that were set (not None) and apply to ``task``.
 

@@ -135,6 +135,54 @@ def test_edit_batch_good_and_bad_rows_resume_retry_overwrite(tmp_path, pipe):
     assert (out / "e1.png").read_bytes() == before
 
 
+def test_a_diffgentor_job_output_names_results_csv_variables_and_preset(tmp_path, pipe):
+    Image.open(IMAGE).save(tmp_path / "a.png")
+    csv = tmp_path / "dg.csv"
+    csv.write_text(
+        "index,instruction,input_images,output_path,category\n"
+        "0,make it blue,a.png,shapes/combo.jpg,colour\n"
+        "1,make it red,a.png,b/two.webp,colour\n"
+        "2,make it green,a.png,,colour\n"
+        "3,escape,a.png,../escape.png,bad\n"
+        "4,animated,a.png,x.gif,bad\n", encoding="utf-8")
+    out = tmp_path / "out"
+    env = {"DG_BAGEL_NUM_TIMESTEPS": "3", "DG_BAGEL_CFG_TXT_SCALE": "9"}
+    r = batch(csv, "--task", "edit", "-o", out, "--output-name-column", "output_path", env=env)
+    assert r.exit_code == 3, r.output
+    assert "DG_BAGEL_CFG_TXT_SCALE is not one bagel reads and is ignored (did you mean DG_BAGEL_CFG_TEXT_SCALE?)" \
+        in r.stderr
+    assert "diffgentor's defaults (DG_BAGEL_* variables are set" in r.stderr
+    # the row's own path, sub-folders made, the suffix choosing the format; a blank cell: the default name
+    assert Image.open(out / "shapes" / "combo.jpg").format == "JPEG"
+    assert Image.open(out / "b" / "two.webp").format == "WEBP"
+    assert (out / "000002.png").exists() and not (tmp_path / "escape.png").exists()
+    rows = by_id(manifest(out))
+    assert rows["0"]["output"] == "shapes/combo.jpg"
+    assert "not a relative path inside the output folder" in rows["3"]["error"]
+    assert "ends in .gif" in rows["4"]["error"]
+    # diffgentor's defaults under the variables: its guidance, renorm and interval, our step count from DG_BAGEL_*
+    params = rows["2"]["params"]
+    assert (params["cfg_text_scale"], params["cfg_img_scale"], params["cfg_renorm_type"], params["num_timesteps"]) == (
+        3.0, 1.5, "global", 3) and list(params["cfg_interval"]) == [0.4, 1.0]
+    expected = pipe.edit(Image.open(IMAGE), "make it green", seed=derive_seed(0, "2"), num_timesteps=3,
+                         cfg_text_scale=3.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global")
+    assert pixels(out / "000002.png") == pixels(expected.image)
+    # results.csv: the input columns plus output_image, as diffgentor writes it
+    import csv as csv_module
+
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        results = list(csv_module.DictReader(f))
+    assert list(results[0]) == ["index", "instruction", "input_images", "output_path", "category", "output_image"]
+    assert [x["output_image"] for x in results] == ["shapes/combo.jpg", "b/two.webp", "000002.png", "", ""]
+    assert results[1]["category"] == "colour"
+    # resume finds the named outputs; --preset official keeps the official edit defaults under the same variables
+    r = batch(csv, "--task", "edit", "-o", out, "--output-name-column", "output_path", env=env)
+    assert "0 this run" in r.stderr, r.stderr
+    r = batch(csv, "--task", "edit", "-o", tmp_path / "official", "--rows", "2", "--preset", "official", env=env)
+    params = by_id(manifest(tmp_path / "official"))["2"]["params"]
+    assert (params["cfg_text_scale"], params["cfg_img_scale"], params["cfg_renorm_type"]) == (4.0, 2.0, "text_channel")
+
+
 # ----------------------------------------------------------------------------- t2i: knobs and seeds
 def test_t2i_knob_precedence_row_flag_variable_default(tmp_path, pipe):
     src = write_jsonl(tmp_path / "prompts.jsonl", [
@@ -337,7 +385,7 @@ def test_kill_9_mid_batch_then_resume(tmp_path, pipe):
     assert [x["id"] for x in records] == [f"r{i:02d}" for i in range(n)]  # every row exactly once
     assert all(x["status"] == "ok" for x in records)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"r{i:02d}.png" for i in range(n)] + ["manifest.csv", "manifest.jsonl"])  # no temp or part files
+        [f"r{i:02d}.png" for i in range(n)] + ["manifest.csv", "manifest.jsonl", "results.csv"])  # no temp or part files
     for i in range(n):
         with Image.open(out / f"r{i:02d}.png") as im:
             im.load()

@@ -74,10 +74,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_image(image, path: Path, meta: dict | None = None) -> None:
-    """Write ``image`` as a PNG atomically, with ``meta`` (prompt, seed, knobs, model) in its text chunks."""
-    from bagel_engine.image_metadata import encode_png
+    """Write ``image`` atomically in the format its suffix names (``.png``, ``.jpg`` / ``.jpeg``, ``.webp``),
+    creating sub-folders; a PNG carries ``meta`` (prompt, seed, knobs, model) in its text chunks."""
+    from bagel_engine.image_metadata import SUFFIX_FORMATS, encode_image
 
-    atomic_write_bytes(path, encode_png(image, meta))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, encode_image(image, SUFFIX_FORMATS.get(path.suffix.lower(), "PNG"), meta))
 
 
 def remove_temp_files(folder: Path) -> int:
@@ -265,6 +268,21 @@ def write_manifest(folder: Path, stem: str, records: Iterable[dict[str, Any]]) -
     out_csv = folder / f"{stem}.csv"
     atomic_write_bytes(out_csv, buffer.getvalue().encode("utf-8"))
     return out_jsonl, out_csv
+
+
+def write_results(folder: Path, name: str, rows: list[dict[str, str]]) -> Path:
+    """diffgentor's results table: each row's input columns plus ``output_image`` (the picture's path in the
+    output folder; empty for a row that failed or is not finished), written atomically."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(c for c in row if c != "output_image"))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*columns, "output_image"], extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(folder) / name
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+    return path
 
 
 def merge(folder: Path, keys: list[str], shard: tuple[int, int] | None, own: Path | None = None,

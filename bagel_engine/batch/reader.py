@@ -48,6 +48,20 @@ class Row:
     def where(self) -> str:
         return f"{self.source.name}:{self.line}"
 
+    def cells_as_text(self) -> dict[str, str]:
+        """The row's cells as a results table shows them: lists and objects as JSON, embedded bytes left
+        out (a ``{"bytes", "path"}`` image as its path)."""
+        out = {}
+        for column, value in self.data.items():
+            if isinstance(value, LazyCell) or isinstance(value, (bytes, bytearray)):
+                value = None
+            elif isinstance(value, dict) and "bytes" in value:
+                value = value.get("path")
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value, ensure_ascii=False, default=str)
+            out[column] = "" if value is None else str(value)
+        return out
+
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (

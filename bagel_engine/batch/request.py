@@ -110,10 +110,37 @@ def unknown_knob_columns(rows: list[Row], task: str) -> list[str]:
     return warnings
 
 
-def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[Plan]:
-    """Ids, output names and row-level errors for all rows, in input order."""
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def output_name(value: Any, column: str) -> str:
+    """A row's own output name (diffgentor's ``--output_name_column``): a relative path inside the output
+    folder, sub-folders allowed; its suffix (.png, .jpg, .jpeg, .webp) chooses the format, none means .png."""
+    text = str(value).strip().replace("\\", "/")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or not parts or ".." in parts:
+        raise BagelInputError(f"column {column!r}: {value!r} is not a relative path inside the output folder")
+    if any(p.startswith(".") for p in parts):
+        raise BagelInputError(f"column {column!r}: {value!r} names a hidden file or folder")
+    suffix = Path(parts[-1]).suffix.lower()
+    if suffix and suffix not in OUTPUT_SUFFIXES:
+        if suffix[1:].isalpha() and len(suffix) <= 5:
+            raise BagelInputError(f"column {column!r}: {value!r} ends in {suffix}; use {', '.join(OUTPUT_SUFFIXES)} "
+                                  "(or no suffix for .png)")
+        suffix = ""  # "v1.2": a dot in the name, not a suffix
+    if not suffix:
+        parts[-1] += ".png"
+    return "/".join(parts)
+
+
+def plan_rows(rows: list[Row], task: str, id_column: str | None = None,
+              output_column: str | None = None) -> list[Plan]:
+    """Ids, output names and row-level errors for all rows, in input order. ``output_column``: a column
+    naming each row's output file (sub-folders and suffix included); rows that leave it blank get the
+    default name."""
     knob_table.check_task(task)
     id_col = knob_table.normalize_column(id_column) if id_column else "id"
+    out_col = knob_table.normalize_column(output_column) if output_column else None
     image_task = task in knob_table.IMAGE_TASKS
     plans: list[Plan] = []
     seen_keys: dict[str, int] = {}
@@ -134,6 +161,12 @@ def plan_rows(rows: list[Row], task: str, id_column: str | None = None) -> list[
                 error = f"column 'index': expected an integer, got {raw_index!r}"
         else:
             key, output = str(row.position), f"{row.position:06d}.png"
+        own_name = None if row.error or out_col is None else row.get(out_col)
+        if own_name is not None and image_task:
+            try:
+                output = output_name(own_name, out_col)
+            except BagelInputError as e:
+                error = error or str(e)
         if key in seen_keys:
             error = error or f"duplicate id {key!r} (first used by input row {seen_keys[key]})"
             key = f"{key}@row{row.position}"

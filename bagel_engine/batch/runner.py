@@ -45,6 +45,8 @@ class BatchJob:
     rows: str | None = None
     prompt_column: str | None = None
     id_column: str | None = None
+    output_column: str | None = None  # a column naming each row's output file (sub-folders, .png/.jpg/.webp)
+    preset: str = "auto"  # defaults under the variables and flags: official, diffgentor, or auto (see knobs.PRESETS)
     progress: bool = True
     environ: Mapping[str, str] | None = None  # for DG_BAGEL_*; default os.environ
     batch_size: int = 1  # t2i: rows with the same size and knobs denoised together (pipe.generate(list))
@@ -212,15 +214,22 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
     """``joined``: the holder of the folder's lock this job joined (``--join``): the two share the rows
     through claims, this one from the end of the list."""
     task = job.task
-    base = {**knob_table.env_knobs(task, job.environ), **knob_table.cli_knobs(job.knobs, task)}
+    preset = knob_table.resolve_preset(job.preset, job.environ)
+    base = {**knob_table.preset_knobs(preset, task), **knob_table.env_knobs(task, job.environ),
+            **knob_table.cli_knobs(job.knobs, task)}
     base_seed = base.pop("seed", None)
     base_seed = DEFAULT_BASE_SEED if base_seed is None else int(base_seed)
 
     rows = read_rows(Path(job.input), exclude=out_dir)
     if dist.is_main:
-        for warning in unknown_knob_columns(rows, task):
+        for warning in [*knob_table.env_warnings(job.environ), *unknown_knob_columns(rows, task)]:
             _stderr(f"bagel batch {task}: warning: {warning}")
-    plans = plan_rows(rows, task, job.id_column)
+        if preset != "official" and knob_table.preset_knobs(preset, task):
+            why = " (DG_BAGEL_* variables are set; --preset official keeps the official defaults)" if (
+                job.preset == "auto") else ""
+            shown = ", ".join(f"{k}={v}" for k, v in knob_table.preset_knobs(preset, task).items())
+            _stderr(f"bagel batch {task}: {preset}'s defaults{why}: {shown}")
+    plans = plan_rows(rows, task, job.id_column, job.output_column)
     chosen = [plans[i] for i in data_parallel.parse_rows(job.rows, len(plans))]
     selected, mine = data_parallel.take_share(chosen, job.shard, dist)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +304,7 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
         # The manifest covers every row of the input (of the shard), not only the --rows chosen now.
         scope = data_parallel.take_share(plans, job.shard, data_parallel.Dist())[0]
         merged = manifests.merge(out_dir, [p.key for p in scope], job.shard, own=part, joined=joined is not None)
+        _write_results(out_dir, job.shard, scope, merged)
         chosen_keys = {p.key for p in selected}
         records = [r for r in merged if r["id"] in chosen_keys]
         stem = manifests.manifest_stem(job.shard)
@@ -309,6 +319,19 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
             failures=[{"id": str(r["id"]), "error": str(r.get("error"))} for r in failed[:10]],
         )
     return dist.broadcast(summary)
+
+
+def _write_results(out_dir: Path, shard: tuple[int, int] | None, plans: list[Plan], merged: list[dict]) -> None:
+    """``results.csv`` (``results.shardKofN.csv``): the input columns plus ``output_image``, as diffgentor writes."""
+    by_id = {str(r["id"]): r for r in merged}
+    rows = []
+    for plan in plans:
+        record = by_id.get(plan.key)
+        cells = plan.row.cells_as_text()
+        cells["output_image"] = record["output"] if record and record.get("status") == "ok" and record.get("output") else ""
+        rows.append(cells)
+    name = "results.csv" if shard is None else f"results.shard{shard[0]}of{shard[1]}.csv"
+    manifests.write_results(out_dir, name, rows)
 
 
 def _new_record(plan: Plan, job: BatchJob, dist: data_parallel.Dist, run_id: str, base: dict) -> dict[str, Any]:

@@ -19,6 +19,12 @@ from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.params import BagelInputError
 
 
+class Preset(str, Enum):
+    auto = "auto"
+    official = "official"
+    diffgentor = "diffgentor"
+
+
 class Task(str, Enum):
     t2i = "t2i"
     edit = "edit"
@@ -37,8 +43,9 @@ optional [cyan]id[/cyan] (output {id}.png) or [cyan]index[/cyan] (output {index:
 name (cfg_text_scale, num_timesteps, think, seed, ...) overrides the command line for that row. diffgentor's
 BAGEL edit files and its DG_BAGEL_* variables work unchanged (flags beat variables, columns beat flags).
 
-[bold]Output[/bold]: images in OUTPUT_DIR and manifest.jsonl + manifest.csv with one row per input row: status,
-output, text (answer or think text), error, seed, params, timings. A row's seed is derived from --seed (the
+[bold]Output[/bold]: images in OUTPUT_DIR (or where --output-name-column says), manifest.jsonl + manifest.csv with
+one row per input row: status, output, text, think, answer, error, seed, params, timings, finished_at (ISO-8601);
+and results.csv, diffgentor's table: the input columns plus output_image. A row's seed is derived from --seed (the
 base, default 0) and the row id, so rerunning a row gives the same image; a seed column sets it exactly.
 
 [bold]Resume[/bold] is the default: run the same command again and finished rows are skipped, unfinished ones
@@ -82,6 +89,16 @@ def batch(
         "--prompt-column", rich_help_panel=JOB, help="Column holding the prompt. \\[default: prompt or instruction]")] = None,
     id_column: Annotated[Optional[str], typer.Option(
         "--id-column", rich_help_panel=JOB, help="Column naming each row's output. \\[default: id, else index]")] = None,
+    output_name_column: Annotated[Optional[str], typer.Option(
+        "--output-name-column", "--output_name_column", rich_help_panel=JOB,
+        help="Column holding each row's output path inside OUTPUT_DIR, sub-folders allowed (shapes/combo.jpg); its "
+             "suffix chooses the format (.png, .jpg, .jpeg, .webp; none: .png). Rows leaving it blank get the "
+             "default name.")] = None,
+    preset: Annotated[Preset, typer.Option(
+        "--preset", rich_help_panel=JOB,
+        help="Defaults under the variables and flags: official (the official app's), diffgentor (cfg 3.0 / 1.5, "
+             "interval 0.4-1, global renorm, 50 steps, for every image task), or auto: diffgentor when a "
+             "DG_BAGEL_* variable is set, else official.")] = Preset.auto,
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", rich_help_panel=JOB, help="Show the progress bar.")] = True,
     batch_size: Annotated[int, typer.Option(
@@ -121,7 +138,8 @@ def batch(
         job = BatchJob(
             input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
             device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=dist.parse_shard(shard),
-            rows=rows, prompt_column=prompt_column, id_column=id_column, progress=progress, batch_size=batch_size,
+            rows=rows, prompt_column=prompt_column, id_column=id_column, output_column=output_name_column,
+            preset=preset.value, progress=progress, batch_size=batch_size,
             load_options=load_options, join=join,
         )
         summary = run_batch(job)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from bagel_engine.image_metadata import encode_png
+from bagel_engine.image_metadata import encode_image as encode_image_as
 
 from .errors import APIError, bad_request, public_text
 from .settings import ServeSettings
@@ -139,14 +139,7 @@ def _fetch(url: str, settings: ServeSettings, what: str) -> bytes:
 def encode_image_bytes(img: Image.Image, output_format: str = "png", meta: dict | None = None) -> bytes:
     """``img`` encoded as ``output_format`` (png, jpeg, webp); a PNG carries ``meta`` (prompt, seed, knobs,
     model) in its text chunks."""
-    fmt, _ = FORMATS[output_format]
-    if fmt == "PNG":
-        return encode_png(img, meta)
-    buf = io.BytesIO()
-    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")
-    img.save(buf, format=fmt)
-    return buf.getvalue()
+    return encode_image_as(img, FORMATS[output_format][0], meta)
 
 
 def encode_image(img: Image.Image, output_format: str = "png", meta: dict | None = None) -> str:
