@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -26,7 +27,8 @@ from bagel_engine.runtime.context import PreparedImage
 from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelOutput, Engine,
                                          ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
-from bagel_engine.weights.config import ModelConfig, load_model_config, read_task_defaults
+from bagel_engine.weights.config import ConfigError, ModelConfig, checkpoint_config, read_task_defaults_file
+from bagel_engine.weights.layout import Checkpoint, find_checkpoint
 from bagel_engine.weights.loader import parse_dtype, resolve_model_dir
 from bagel_engine.weights.placement import (OFFLOAD_MODES, QUANTIZE_METHODS, Placement, load_modules,
                                             weight_bytes_bar)
@@ -57,6 +59,9 @@ def load(
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
+    weights_file: str | os.PathLike | None = None,
+    base_config: str | os.PathLike | None = None,
+    task_defaults: str | os.PathLike | dict | None = None,
 ) -> "BagelPipeline":
     """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
 
@@ -72,6 +77,13 @@ def load(
     shapes; CUDA graphs on a GPU). ``attention``: "auto", "sdpa", "flex" or "flash".
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
+
+    The BAGEL family's layouts load as they are (``bagel_engine.weights.layout``): ``ema.safetensors``,
+    ``model_bf16.safetensors``, ``model.safetensors``, sharded weights with an index, or one file with its
+    configs in the metadata; ``weights_file`` picks a file (or an index). ``base_config``: where configs,
+    tokenizer and VAE missing from the directory come from (a directory, a hub id, or ``bagel-7b-mot``, the
+    real model's configs shipped in the package). ``task_defaults``: a JSON file (or dict) of per-task
+    defaults, as a model directory's ``task_defaults.json`` holds them (it replaces that file).
     """
     placement_device = torch.device(device) if device is not None else _default_device()
     placement = Placement(
@@ -80,21 +92,36 @@ def load(
         lora_strength=lora_strength, random_weights=random_weights, seed=seed)
     check_backend(attention)
     model_dir = resolve_model_dir(model)
-    cfg = load_model_config(model_dir)
+    reads_weights = not random_weights and placement.device.type != "meta"
+    checkpoint = find_checkpoint(model_dir, weights_file, base_config, need_weights=reads_weights)
+    cfg = checkpoint_config(checkpoint)
     device, dtype = placement.device, placement.dtype
     t0 = time.perf_counter()
-    bar = weight_bytes_bar(model_dir) if progress and not random_weights and device.type != "meta" else None
-    bagel, vae = load_modules(model_dir, cfg, placement, progress=bar.update if bar else None)
+    bar = weight_bytes_bar(checkpoint) if progress and reads_weights else None
+    bagel, vae = load_modules(checkpoint, cfg, placement, progress=bar.update if bar else None)
     if bar:
         bar.close()
-    tokenizer = BagelTokenizer.from_dir(model_dir, fallback=random_weights or device.type == "meta")
-    log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.perf_counter() - t0)
-    defaults = params.TaskDefaults.from_dict(read_task_defaults(model_dir), str(model_dir / "task_defaults.json"))
+    tokenizer = BagelTokenizer.from_dir(checkpoint.tokenizer_dir or model_dir, fallback=not reads_weights)
+    log.info("loaded %s (%s) on %s (%s) in %.1f s", model_dir, checkpoint.describe(), device, dtype,
+             time.perf_counter() - t0)
+    defaults = _task_defaults(checkpoint, task_defaults)
     pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
                          official_numerics=official_numerics, task_defaults=defaults, attention=attention)
     if compile:
         pipe.compile()
     return pipe
+
+
+def _task_defaults(checkpoint: Checkpoint, given: str | os.PathLike | dict | None) -> params.TaskDefaults:
+    """The given per-task defaults, else the model directory's ``task_defaults.json`` (else the base's)."""
+    if isinstance(given, dict):
+        return params.TaskDefaults.from_dict(given, "task_defaults")
+    path = Path(given) if given is not None else checkpoint.file("task_defaults.json")
+    if path is None:
+        return params.TaskDefaults()
+    if not path.exists():
+        raise ConfigError(f"task defaults file {path} not found")
+    return params.TaskDefaults.from_dict(read_task_defaults_file(path), str(path))
 
 
 class BagelPipeline:

@@ -5,23 +5,35 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-from bagel_engine.weights.config import load_model_config
-from bagel_engine.weights.loader import check_file, expected_tensors, resolve_model_dir
+from bagel_engine.model.config import ModelConfig
+from bagel_engine.weights.config import checkpoint_config
+from bagel_engine.weights.layout import Checkpoint, find_checkpoint
+from bagel_engine.weights.loader import AE_FILE, MODEL_FILE, check_file, expected_tensors, resolve_model_dir
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
 
 
-def inspect_model(model: str | os.PathLike) -> dict[str, Any]:
-    """A JSON-ready report: the configs as the engine reads them, every expected tensor name and
-    shape per file, parameter counts and sizes per dtype, and (where the weight files are present)
+def checkpoint_of(model: str | os.PathLike, weights_file: str | None = None,
+                  base_config: str | None = None) -> tuple[Checkpoint, ModelConfig]:
+    """The checkpoint's files (any layout of the BAGEL family) and its configuration; no weight is read."""
+    ck = find_checkpoint(resolve_model_dir(model), weights_file, base_config, need_weights=False)
+    return ck, checkpoint_config(ck)
+
+
+def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
+                  base_config: str | None = None) -> dict[str, Any]:
+    """A JSON-ready report: the layout found, the configs as the engine reads them, every expected tensor
+    name and shape per file, parameter counts and sizes per dtype, and (where the weight files are present)
     missing, unexpected and wrongly shaped tensors with hints for known mistakes."""
-    model_dir = resolve_model_dir(model)
-    cfg = load_model_config(model_dir)
+    ck, cfg = checkpoint_of(model, weights_file, base_config)
+    model_dir = ck.model_dir
     expected = expected_tensors(cfg)
     report: dict[str, Any] = {
         "model_dir": str(model_dir),
+        "layout": ck.describe(),
         "config": {
             "llm": asdict(cfg.llm),
             "vit": asdict(cfg.vit),
@@ -45,13 +57,14 @@ def inspect_model(model: str | os.PathLike) -> dict[str, Any]:
             "parameters": params,
             "bytes": {dt: int(params * b) for dt, b in BYTES_PER_DTYPE.items()},
         }
-        path = model_dir / fname
-        entry["present"] = path.exists()
-        if path.exists():
-            r = check_file(path, shapes, cfg)
+        paths = list(ck.weights) if fname == MODEL_FILE else [ck.vae] if fname == AE_FILE else [model_dir / fname]
+        entry["read_from"] = [str(p) for p in paths]
+        entry["present"] = bool(paths) and all(p.exists() for p in paths)
+        if entry["present"]:
+            r = check_file(paths, shapes, cfg)
             entry.update(
                 ok=r.ok,
-                size_bytes=path.stat().st_size,
+                size_bytes=sum(p.stat().st_size for p in paths),
                 dtypes=r.dtypes,
                 missing=r.missing,
                 unexpected=r.unexpected,
@@ -61,14 +74,15 @@ def inspect_model(model: str | os.PathLike) -> dict[str, Any]:
                 hints=r.hints,
             )
         report["files"][fname] = entry
-    tok = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if (model_dir / n).exists()]
+    tok_dir = ck.tokenizer_dir or model_dir
+    tok = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if (tok_dir / n).exists()]
     report["tokenizer_files"] = tok
     report["ok"] = all(e.get("ok", False) for e in report["files"].values()) and bool(tok)
     return report
 
 
 def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
-    lines = [f"model: {report['model_dir']}"]
+    lines = [f"model: {report['model_dir']}", f"layout: {report['layout']}"]
     c = report["config"]
     llm, vit, d = c["llm"], c["vit"], c["derived"]
     lines.append(
@@ -82,7 +96,9 @@ def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
     )
     for fname, e in report["files"].items():
         sizes = ", ".join(f"{dt} {_gb(b)}" for dt, b in e["bytes"].items() if dt in ("float32", "bfloat16"))
-        lines.append(f"{fname}: expects {e['tensors']} tensors, {e['parameters']:,} parameters ({sizes})")
+        shown = [Path(p).name for p in e.get("read_from", [])]
+        label = fname if shown in ([fname], []) else f"{fname} (read from {', '.join(shown)})"
+        lines.append(f"{label}: expects {e['tensors']} tensors, {e['parameters']:,} parameters ({sizes})")
         if not e["present"]:
             lines.append("  not present")
             continue

@@ -33,6 +33,12 @@ def inspect_command(
     width: Annotated[int, typer.Option("--width", help="Image width to plan for (pixels).")] = 1024,
     fp8: Annotated[bool, typer.Option("--fp8", help="The GPU supports fp8 (compute capability >= 8.9): "
                                       "may recommend --quantize fp8.")] = False,
+    weights_file: Annotated[str | None, typer.Option(
+        "--weights-file", metavar="FILE", help="The decoder's weight file (or a shard index) to check. "
+        "\\[default: the one the layout names]")] = None,
+    base_config: Annotated[str | None, typer.Option(
+        "--base-config", metavar="MODEL", help="Where configs missing from MODEL come from: a directory, a hub id "
+        "or bagel-7b-mot (shipped).")] = None,
 ) -> None:
     """Report what the engine expects from MODEL (every tensor name and shape per file, parameter
     counts, bytes per dtype) and, where the weight files are present, what they hold: missing,
@@ -42,8 +48,9 @@ def inspect_command(
     from bagel_engine.inspection import format_report
 
     try:
-        report = inspect_model(model)
-        memory_plan = _plan(report, model, gpu_memory, height, width, fp8) if (plan or gpu_memory) else None
+        report = inspect_model(model, weights_file, base_config)
+        memory_plan = _plan(model, weights_file, base_config, gpu_memory, height, width, fp8) if (
+            plan or gpu_memory) else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -62,11 +69,10 @@ def inspect_command(
         raise typer.Exit(1)
 
 
-def _plan(report: dict, model: str, gpu_memory: str | None, height: int, width: int, fp8: bool):
-    from pathlib import Path
-
+def _plan(model: str, weights_file: str | None, base_config: str | None, gpu_memory: str | None, height: int,
+          width: int, fp8: bool):
+    from bagel_engine.inspection import checkpoint_of
     from bagel_engine.memory_plan import parse_size, plan
-    from bagel_engine.weights.config import load_model_config
 
-    cfg = load_model_config(Path(report["model_dir"]))
+    _, cfg = checkpoint_of(model, weights_file, base_config)
     return plan(cfg, parse_size(gpu_memory) if gpu_memory else None, height, width, model=model, fp8=fp8)

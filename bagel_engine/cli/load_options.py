@@ -7,6 +7,7 @@ import functools
 import inspect
 import typing
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -44,6 +45,22 @@ OfficialNumerics = Annotated[bool, typer.Option(
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
 
 
+WeightsFile = Annotated[Optional[str], typer.Option(
+    "--weights-file", rich_help_panel=PANEL, metavar="FILE",
+    help="The decoder's weight file in the model directory (or a path), or a *.safetensors.index.json of "
+         "shards. \\[default: ema.safetensors, else model_bf16.safetensors, model.safetensors, one index, "
+         "or the only other *.safetensors]")]
+BaseConfig = Annotated[Optional[str], typer.Option(
+    "--base-config", rich_help_panel=PANEL, metavar="MODEL",
+    help="Where configs, tokenizer and ae.safetensors missing from the model directory come from: a "
+         "directory, a hub id (ByteDance-Seed/BAGEL-7B-MoT: its small files only) or bagel-7b-mot (the real "
+         "model's configs, shipped).")]
+TaskDefaultsFile = Annotated[Optional[Path], typer.Option(
+    "--task-defaults", rich_help_panel=PANEL, metavar="JSON",
+    help="Per-task defaults for this checkpoint, as a model directory's task_defaults.json holds them "
+         '({"t2i": {"cfg_text_scale": 4.0, ...}, "edit": {...}}); replaces that file.')]
+
+
 def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     """The ``bagel_engine.load`` keyword arguments a command's parameters ask for (non-defaults only)."""
     out: dict[str, Any] = {}
@@ -60,6 +77,9 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
             out["attention"] = attention
     if values.get("official_numerics"):
         out["official_numerics"] = True
+    for name in ("weights_file", "base_config", "task_defaults"):
+        if values.get(name) is not None:
+            out[name] = str(values[name])
     if values.get("lora"):
         out["lora"] = list(values["lora"])
         strength = values.get("lora_strength")
@@ -78,6 +98,9 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("official_numerics", OfficialNumerics, False),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
+    ("weights_file", WeightsFile, None),
+    ("base_config", BaseConfig, None),
+    ("task_defaults", TaskDefaultsFile, None),
 )
 
 

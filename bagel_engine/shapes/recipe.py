@@ -62,8 +62,9 @@ BAGEL_CONFIG = {  # latent tokens of 8 px (VAE /4, patches of 2): 64 per 64x64 p
 # What the task methods, CLI, server and UI use with this model when the caller sets nothing: the guidance
 # that scored best in a sweep on the shipped model (docs/demo-model.md; sweep seed 555, not the eval's).
 TASK_DEFAULTS = {
-    "t2i": {"height": 64, "width": 64, "num_timesteps": 25, "cfg_text_scale": 6.0, "cfg_img_scale": 1.0,
-            "cfg_interval": [0.0, 1.0], "timestep_shift": 1.0, "cfg_renorm_type": "global", "cfg_renorm_min": 0.0},
+    # t2i guidance and shift from benchmarks/shapes_sweep.py on seed 555 (docs/demo-model.md)
+    "t2i": {"height": 64, "width": 64, "num_timesteps": 25, "cfg_text_scale": 3.0, "cfg_img_scale": 1.0,
+            "cfg_interval": [0.0, 1.0], "timestep_shift": 2.0, "cfg_renorm_type": "global", "cfg_renorm_min": 0.0},
     "edit": {"num_timesteps": 25, "cfg_text_scale": 2.0, "cfg_img_scale": 1.5, "cfg_interval": [0.0, 1.0],
              "timestep_shift": 1.0, "cfg_renorm_type": "global", "cfg_renorm_min": 0.0},
     "understand": {"max_new_tokens": 16},

@@ -15,6 +15,7 @@ from typing import Any
 
 from bagel_engine.model.config import BagelConfig, LLMConfig, ModelConfig, VAEConfig, ViTConfig
 from bagel_engine.params import ConfigError
+from bagel_engine.weights.layout import Checkpoint
 
 __all__ = ["BagelConfig", "ConfigError", "LLMConfig", "ModelConfig", "VAEConfig", "ViTConfig", "load_model_config"]
 
@@ -56,28 +57,49 @@ def vit_config_from_json(data: dict[str, Any]) -> ViTConfig:
     return _pick(ViTConfig, data, num_hidden_layers=int(data["num_hidden_layers"]) - 1)
 
 
+def model_config_from(llm: dict[str, Any], vit: dict[str, Any], ae: dict[str, Any] | None = None,
+                      bagel: dict[str, Any] | None = None, where: str = "") -> ModelConfig:
+    """The model's configuration from the official config objects (llm_config, vit_config, optional
+    ae_config and bagel_config)."""
+    vae = VAEConfig()
+    if ae is not None:
+        vae = _pick(VAEConfig, ae)
+        if "downsample" in ae and int(ae["downsample"]) != vae.downsample:
+            raise ConfigError(
+                f"{where}ae_config: downsample {ae['downsample']} does not match ch_mult {list(vae.ch_mult)} "
+                f"(which gives {vae.downsample})"
+            )
+    cfg = ModelConfig(llm=llm_config_from_json(llm), vit=vit_config_from_json(vit), vae=vae,
+                      bagel=_pick(BagelConfig, bagel) if bagel is not None else BagelConfig())
+    validate(cfg)
+    return cfg
+
+
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Read the configuration of an official-layout model directory."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"model directory {model_dir} does not exist")
-    llm = llm_config_from_json(_read_json(model_dir / "llm_config.json"))
-    vit = vit_config_from_json(_read_json(model_dir / "vit_config.json"))
-    vae = VAEConfig()
-    if (model_dir / "ae_config.json").exists():
-        ae = _read_json(model_dir / "ae_config.json")
-        vae = _pick(VAEConfig, ae)
-        if "downsample" in ae and int(ae["downsample"]) != vae.downsample:
-            raise ConfigError(
-                f"ae_config.json: downsample {ae['downsample']} does not match ch_mult {list(vae.ch_mult)} "
-                f"(which gives {vae.downsample})"
-            )
-    bagel = BagelConfig()
-    if (model_dir / "bagel_config.json").exists():
-        bagel = _pick(BagelConfig, _read_json(model_dir / "bagel_config.json"))
-    cfg = ModelConfig(llm=llm, vit=vit, vae=vae, bagel=bagel)
-    validate(cfg)
-    return cfg
+    optional = {name: _read_json(model_dir / f"{name}.json") if (model_dir / f"{name}.json").exists() else None
+                for name in ("ae_config", "bagel_config")}
+    return model_config_from(_read_json(model_dir / "llm_config.json"), _read_json(model_dir / "vit_config.json"),
+                             optional["ae_config"], optional["bagel_config"])
+
+
+def checkpoint_config(ck: Checkpoint) -> ModelConfig:
+    """The configuration of a checkpoint of any layout (``weights.layout``): from its directory, the
+    metadata of its single weight file, or the base model's configs."""
+    def read(name: str) -> dict[str, Any] | None:
+        if name in ck.metadata_configs and (ck.config_dir is None or not (ck.config_dir / f"{name}.json").exists()):
+            return ck.metadata_configs[name]
+        if name in ("llm_config", "vit_config"):
+            if ck.config_dir is None:
+                raise ConfigError(f"{ck.weights[0].name}: its metadata has no {name}")
+            return _read_json(ck.config_dir / f"{name}.json")
+        path = ck.file(f"{name}.json")
+        return _read_json(path) if path is not None else None
+
+    return model_config_from(read("llm_config"), read("vit_config"), read("ae_config"), read("bagel_config"))
 
 
 TASK_DEFAULTS_FILE = "task_defaults.json"
@@ -88,6 +110,11 @@ def read_task_defaults(model_dir: str | Path) -> dict[str, Any]:
     task methods use with this model (``bagel_engine.params.TaskDefaults``)."""
     path = Path(model_dir) / TASK_DEFAULTS_FILE
     return _read_json(path) if path.exists() else {}
+
+
+def read_task_defaults_file(path: str | Path) -> dict[str, Any]:
+    """A ``task_defaults.json`` file's content (``{"t2i": {...}, "edit": {...}, ...}``)."""
+    return _read_json(Path(path))
 
 
 def validate(cfg: ModelConfig) -> None:

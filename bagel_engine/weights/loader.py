@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -107,20 +108,22 @@ def _unreadable(path: Path, e: Exception) -> str:
             f"{size:,} bytes: truncated (an interrupted download?) or not safetensors. Download it again.")
 
 
-def check_file(path: Path, expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
+def check_file(path: Path | Sequence[Path], expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
+    """How the tensors in ``path`` (a file, or the shards of one checkpoint) match ``expected``."""
     found: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, int] = {}
     stored: dict[str, str] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                found[key] = tuple(sl.get_shape())
-                dt = str(sl.get_dtype())
-                stored[key] = dt
-                dtypes[dt] = dtypes.get(dt, 0) + 1
-    except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError: all "unreadable"
-        return FileReport([], [], {}, {}, [], error=_unreadable(path, e))
+    for one in [path] if isinstance(path, (str, Path)) else list(path):
+        try:
+            with safe_open(str(one), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[key] = tuple(sl.get_shape())
+                    dt = str(sl.get_dtype())
+                    stored[key] = dt
+                    dtypes[dt] = dtypes.get(dt, 0) + 1
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError: all "unreadable"
+            return FileReport([], [], {}, {}, [], error=_unreadable(Path(one), e))
     wrong = {k: (expected[k], found[k]) for k in expected.keys() & found.keys() if expected[k] != found[k]}
     bad_dtype = {k: stored[k] for k in expected.keys() & found.keys() if stored[k] not in _FLOAT_DTYPES}
     report = FileReport(sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys()), wrong, dtypes, [],
@@ -162,13 +165,17 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def load_weights(module: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, cfg: ModelConfig,
-                 progress=None) -> None:
-    """Stream ``path`` into ``module`` (built on meta): strict names and shapes, cast, placed."""
-    if not path.exists():
-        raise CheckpointError(f"{path.name} not found in {path.parent}")
+def load_weights(module: nn.Module, path: Path | Sequence[Path], device: torch.device, dtype: torch.dtype,
+                 cfg: ModelConfig, progress=None) -> None:
+    """Stream ``path`` (one file, or the shards of one checkpoint) into ``module`` (built on meta): strict
+    names and shapes, cast, placed."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    for one in paths:
+        if not one.exists():
+            raise CheckpointError(f"{one.name} not found in {one.parent}")
+    path = paths[0] if len(paths) == 1 else paths[0].parent
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    report = check_file(path, expected, cfg)
+    report = check_file(paths, expected, cfg)
     if report.error:
         raise CheckpointError(f"{path}: {report.error}")
     if not report.ok:
@@ -184,21 +191,22 @@ def load_weights(module: nn.Module, path: Path, device: torch.device, dtype: tor
         lines += [f"  hint: {h}" for h in report.hints]
         lines.append("  run `bagel inspect MODEL` for the full report")
         raise CheckpointError("\n".join(lines))
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(dtype)
-                _set_tensor(module, key, t.to(device))
-                if progress is not None:
-                    progress(t.numel() * t.element_size())
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
+    for one in paths:
+        try:
+            with safe_open(str(one), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point():
+                        t = t.to(dtype)
+                    _set_tensor(module, key, t.to(device))
+                    if progress is not None:
+                        progress(t.numel() * t.element_size())
+        except torch.cuda.OutOfMemoryError:
             raise
-        raise CheckpointError(f"{path}: {_unreadable(path, e)}") from None
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{one}: {_unreadable(one, e)}") from None
     module.eval().requires_grad_(False)
 
 

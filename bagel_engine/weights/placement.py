@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -15,7 +14,8 @@ import torch
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.model.config import ModelConfig
-from bagel_engine.weights.loader import AE_FILE, MODEL_FILE, build_modules, init_random, load_weights
+from bagel_engine.weights.layout import Checkpoint
+from bagel_engine.weights.loader import build_modules, init_random, load_weights
 
 log = logging.getLogger("bagel_engine")
 
@@ -63,9 +63,10 @@ class Placement:
         return torch.bfloat16 if self.vae_device.type == "cuda" else torch.float32
 
 
-def load_modules(model_dir: Path, cfg: ModelConfig, placement: Placement,
+def load_modules(checkpoint: Checkpoint, cfg: ModelConfig, placement: Placement,
                  progress: Callable[[int], None] | None = None) -> tuple[Bagel, AutoEncoder]:
-    """The decoder and the VAE of ``model_dir``, placed; ``progress(bytes)`` as the weights are read."""
+    """The decoder and the VAE of ``checkpoint`` (``weights.layout``), placed; ``progress(bytes)`` as the
+    weights are read."""
     p = placement
     bagel, vae = build_modules(cfg, "meta")
     if p.device.type == "meta":
@@ -74,8 +75,8 @@ def load_modules(model_dir: Path, cfg: ModelConfig, placement: Placement,
         init_random(bagel, p.weights_device, p.dtype, p.seed)
         init_random(vae, p.vae_device, p.vae_dtype, p.seed + 1)
     else:
-        load_weights(bagel, model_dir / MODEL_FILE, p.weights_device, p.dtype, cfg, progress=progress)
-        load_weights(vae, model_dir / AE_FILE, p.vae_device, p.vae_dtype, cfg, progress=progress)
+        load_weights(bagel, checkpoint.weights, p.weights_device, p.dtype, cfg, progress=progress)
+        load_weights(vae, checkpoint.vae, p.vae_device, p.vae_dtype, cfg, progress=progress)
     for adapter in p.lora:
         from bagel_engine.weights.adapters import merge_adapter
 
@@ -92,9 +93,9 @@ def load_modules(model_dir: Path, cfg: ModelConfig, placement: Placement,
     return bagel, vae
 
 
-def weight_bytes_bar(model_dir: Path):
+def weight_bytes_bar(checkpoint: Checkpoint):
     """A progress bar over the bytes of the weight files (``bar.update(n)`` as they are read)."""
     from tqdm import tqdm
 
-    total = sum((model_dir / f).stat().st_size for f in (MODEL_FILE, AE_FILE) if (model_dir / f).exists())
+    total = sum(f.stat().st_size for f in (*checkpoint.weights, checkpoint.vae) if f.exists())
     return tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
