@@ -28,6 +28,7 @@ from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYST
                                          ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.weights.config import ConfigError, ModelConfig, checkpoint_config, read_task_defaults_file
+from bagel_engine.weights.hub import HubOptions
 from bagel_engine.weights.layout import Checkpoint, find_checkpoint
 from bagel_engine.weights.loader import parse_dtype, resolve_model_dir
 from bagel_engine.weights.placement import (OFFLOAD_MODES, QUANTIZE_METHODS, Placement, load_modules,
@@ -62,6 +63,9 @@ def load(
     weights_file: str | os.PathLike | None = None,
     base_config: str | os.PathLike | None = None,
     task_defaults: str | os.PathLike | dict | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
 ) -> "BagelPipeline":
     """Load BAGEL from a directory in the official layout or a hub id (``ByteDance-Seed/BAGEL-7B-MoT``).
 
@@ -84,6 +88,10 @@ def load(
     tokenizer and VAE missing from the directory come from (a directory, a hub id, or ``bagel-7b-mot``, the
     real model's configs shipped in the package). ``task_defaults``: a JSON file (or dict) of per-task
     defaults, as a model directory's ``task_defaults.json`` holds them (it replaces that file).
+
+    A hub id may name a revision (``org/name@rev``, or ``revision=``); ``cache_dir`` and ``token`` default to
+    the hub client's (``HF_HUB_CACHE``, ``HF_TOKEN``). With ``device="meta"`` or ``random_weights`` only the
+    configs and the tokenizer are downloaded.
     """
     placement_device = torch.device(device) if device is not None else _default_device()
     placement = Placement(
@@ -91,9 +99,10 @@ def load(
         official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
         lora_strength=lora_strength, random_weights=random_weights, seed=seed)
     check_backend(attention)
-    model_dir = resolve_model_dir(model)
+    hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     reads_weights = not random_weights and placement.device.type != "meta"
-    checkpoint = find_checkpoint(model_dir, weights_file, base_config, need_weights=reads_weights)
+    model_dir = resolve_model_dir(model, hub, weights=reads_weights)
+    checkpoint = find_checkpoint(model_dir, weights_file, base_config, need_weights=reads_weights, hub=hub)
     cfg = checkpoint_config(checkpoint)
     device, dtype = placement.device, placement.dtype
     t0 = time.perf_counter()

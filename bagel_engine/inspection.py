@@ -10,25 +10,55 @@ from typing import Any
 
 from bagel_engine.model.config import ModelConfig
 from bagel_engine.weights.config import checkpoint_config
+from bagel_engine.weights.hub import HubOptions, RemoteHeader, describe, list_files, read_header
 from bagel_engine.weights.layout import Checkpoint, find_checkpoint
-from bagel_engine.weights.loader import AE_FILE, MODEL_FILE, check_file, expected_tensors, resolve_model_dir
+from bagel_engine.weights.loader import (AE_FILE, MODEL_FILE, FileReport, check_file, compare_tensors, expected_tensors,
+                                         hub_repo, resolve_model_dir)
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
 
 
-def checkpoint_of(model: str | os.PathLike, weights_file: str | None = None,
-                  base_config: str | None = None) -> tuple[Checkpoint, ModelConfig]:
-    """The checkpoint's files (any layout of the BAGEL family) and its configuration; no weight is read."""
-    ck = find_checkpoint(resolve_model_dir(model), weights_file, base_config, need_weights=False)
+class _HubHeaders:
+    """The safetensors headers of a hub repo's files, each read once (a byte range, no weights)."""
+
+    def __init__(self, repo: str, hub: HubOptions) -> None:
+        self.repo, self.hub, self._seen = repo, hub, {}
+
+    def __call__(self, name: str) -> RemoteHeader:
+        if name not in self._seen:
+            self._seen[name] = read_header(self.repo, name, self.hub)
+        return self._seen[name]
+
+
+def _checkpoint(model: str | os.PathLike, weights_file: str | None, base_config: str | None,
+                hub: HubOptions | None) -> tuple[Checkpoint, _HubHeaders | None]:
+    remote = hub_repo(model, hub)
+    model_dir = resolve_model_dir(model, hub, weights=False)
+    if remote is None:
+        return find_checkpoint(model_dir, weights_file, base_config, need_weights=False, hub=hub), None
+    headers = _HubHeaders(*remote)
+    files = list_files(*remote) or ()
+    ck = find_checkpoint(model_dir, weights_file, base_config, need_weights=False, hub=hub, remote_files=files,
+                         remote_metadata=lambda name: headers(name).metadata)
+    return ck, headers
+
+
+def checkpoint_of(model: str | os.PathLike, weights_file: str | None = None, base_config: str | None = None,
+                  hub: HubOptions | None = None) -> tuple[Checkpoint, ModelConfig]:
+    """The checkpoint's files (any layout of the BAGEL family) and its configuration; no weight is read
+    (a hub model: its configs, tokenizer and indexes are downloaded, not its weights)."""
+    ck, _ = _checkpoint(model, weights_file, base_config, hub)
     return ck, checkpoint_config(ck)
 
 
 def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
-                  base_config: str | None = None) -> dict[str, Any]:
+                  base_config: str | None = None, hub: HubOptions | None = None) -> dict[str, Any]:
     """A JSON-ready report: the layout found, the configs as the engine reads them, every expected tensor
     name and shape per file, parameter counts and sizes per dtype, and (where the weight files are present)
-    missing, unexpected and wrongly shaped tensors with hints for known mistakes."""
-    ck, cfg = checkpoint_of(model, weights_file, base_config)
+    missing, unexpected and wrongly shaped tensors with hints for known mistakes. A hub model's weight files
+    are judged by their headers, read over HTTP: nothing but configs, tokenizer and headers is downloaded."""
+    ck, headers = _checkpoint(model, weights_file, base_config, hub)
+    cfg = checkpoint_config(ck)
     model_dir = ck.model_dir
     expected = expected_tensors(cfg)
     report: dict[str, Any] = {
@@ -50,6 +80,8 @@ def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
         "expected": {f: {k: list(v) for k, v in shapes.items()} for f, shapes in expected.items()},
         "files": {},
     }
+    if headers is not None:
+        report["hub"] = describe(headers.repo, headers.hub)
     for fname, shapes in expected.items():
         params = sum(math.prod(s) for s in shapes.values())
         entry: dict[str, Any] = {
@@ -59,12 +91,16 @@ def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
         }
         paths = list(ck.weights) if fname == MODEL_FILE else [ck.vae] if fname == AE_FILE else [model_dir / fname]
         entry["read_from"] = [str(p) for p in paths]
-        entry["present"] = bool(paths) and all(p.exists() for p in paths)
+        on_hub = bool(paths) and headers is not None and all(p.name in ck.remote for p in paths)
+        entry["present"] = bool(paths) and (on_hub or all(p.exists() for p in paths))
+        if on_hub:
+            entry["on_hub"] = True
         if entry["present"]:
-            r = check_file(paths, shapes, cfg)
+            r, size = _remote_report(paths, headers, shapes, cfg) if on_hub else (
+                check_file(paths, shapes, cfg), sum(p.stat().st_size for p in paths))
             entry.update(
                 ok=r.ok,
-                size_bytes=sum(p.stat().st_size for p in paths),
+                size_bytes=size,
                 dtypes=r.dtypes,
                 missing=r.missing,
                 unexpected=r.unexpected,
@@ -81,8 +117,21 @@ def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
     return report
 
 
+def _remote_report(paths: list[Path], headers: _HubHeaders, expected: dict[str, tuple[int, ...]],
+                   cfg: ModelConfig) -> tuple[FileReport, int]:
+    found, size = {}, 0
+    for p in paths:
+        header = headers(p.name)
+        found.update(header.tensors)
+        size += header.data_bytes
+    return compare_tensors(found, expected, cfg), size
+
+
 def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
     lines = [f"model: {report['model_dir']}", f"layout: {report['layout']}"]
+    if report.get("hub"):
+        lines.insert(1, f"hub: {report['hub']['repo_id']} at {report['hub']['revision']} "
+                        "(configs and tokenizer downloaded; weights judged by their headers)")
     c = report["config"]
     llm, vit, d = c["llm"], c["vit"], c["derived"]
     lines.append(
@@ -107,7 +156,8 @@ def format_report(report: dict[str, Any], show_tensors: bool = False) -> str:
             lines.append(f"  error: {e['error']}")
             continue
         dts = ", ".join(f"{n} x {k}" for k, n in e["dtypes"].items())
-        lines.append(f"  present: {_gb(e['size_bytes'])} ({dts}): {'OK' if e['ok'] else 'MISMATCH'}")
+        where = "on the hub, headers read" if e.get("on_hub") else "present"
+        lines.append(f"  {where}: {_gb(e['size_bytes'])} ({dts}): {'OK' if e['ok'] else 'MISMATCH'}")
         for k in e["missing"]:
             lines.append(f"  missing: {k}")
         for k in e["unexpected"]:

@@ -70,9 +70,12 @@ def _open_settings(page, tab: str) -> None:
 
 
 def _image_size(page, elem_id: str) -> list[int]:
-    page.wait_for_function(f"() => {{ const i = document.querySelector('#{elem_id} img');"
-                           " return i && i.complete && i.naturalWidth > 0; }")
-    return page.locator(f"#{elem_id} img").evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    """The size of the picture shown in ``elem_id``, read in the same check that finds it loaded (gradio may
+    swap the <img> element between two separate calls, and a fresh one reads 0 x 0)."""
+    handle = page.wait_for_function(f"() => {{ const i = document.querySelector('#{elem_id} img');"
+                                    " return i && i.complete && i.naturalWidth > 0"
+                                    " ? [i.naturalWidth, i.naturalHeight] : null; }")
+    return handle.json_value()
 
 
 def test_ui_is_mounted_and_guarded(server):

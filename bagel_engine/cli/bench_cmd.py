@@ -189,6 +189,12 @@ def bench(
         "--attention", rich_help_panel=RUN, help="Attention backend: auto, sdpa, flex or flash.")] = None,
     official_numerics: Annotated[bool, typer.Option(
         "--official-numerics", rich_help_panel=RUN, help="VAE and Euler update on the CPU in float32, as the official app.")] = False,
+    revision: Annotated[Optional[str], typer.Option(
+        "--revision", rich_help_panel=RUN, metavar="REV",
+        help="The hub model's branch, tag or commit (also MODEL@REV). A token comes from HF_TOKEN only: "
+             "the command line is recorded with the figures.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", rich_help_panel=RUN, metavar="DIR", help="Where hub downloads are kept.")] = None,
     workload: Annotated[Kind, typer.Option(
         "--workload", "-w", rich_help_panel=WORK, help="What to time.")] = Kind.t2i,
     height: Annotated[Optional[int], typer.Option(
@@ -262,6 +268,10 @@ def bench(
         _fail("give --model or --random-weights CONFIG_DIR, not both", json_)
     if not model and not random_weights:
         _fail("no model: pass --model DIR_OR_HUB_ID, --random-weights CONFIG_DIR or set BAGEL_MODEL", json_)
+    if revision and model:  # one spelling for every workload (serve and train start from the model string)
+        if "@" in model:
+            _fail(f"--model {model} already names a revision; drop --revision {revision}", json_)
+        model = f"{model}@{revision}"
     if workload is Kind.serve:
         options = {k: v for k, v in (("quantize", quantize), ("offload", offload), ("compile", compile_),
                                      ("attention", attention)) if v is not None}
@@ -287,6 +297,8 @@ def bench(
             load_options[key] = value
     if official_numerics:
         load_options["official_numerics"] = True
+    if cache_dir:
+        load_options["cache_dir"] = str(cache_dir)
     try:
         work = Workload(kind=workload.value, height=height, width=width, num_timesteps=num_timesteps,
                         cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,

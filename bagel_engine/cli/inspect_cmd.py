@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from bagel_engine.cli.load_options import CacheDir, Revision, Token
 from bagel_engine.cli.main import app
 
 
@@ -14,7 +15,8 @@ from bagel_engine.cli.main import app
     "inspect",
     epilog=(
         "Examples:\n\n"
-        "  bagel inspect ByteDance-Seed/BAGEL-7B-MoT\n\n"
+        "  bagel inspect ByteDance-Seed/BAGEL-7B-MoT   [dim]# configs, tokenizer and safetensors headers only[/dim]\n\n"
+        "  bagel inspect multimodal-reasoning-lab/Bagel-Zebra-CoT@main --json\n\n"
         "  bagel inspect ./BAGEL-7B-MoT --tensors\n\n"
         "  bagel inspect ./my-finetune --json | jq '.files[\"ema.safetensors\"].missing'\n\n"
         "  bagel inspect ByteDance-Seed/BAGEL-7B-MoT --plan --gpu-memory 24GB\n\n"
@@ -39,17 +41,23 @@ def inspect_command(
     base_config: Annotated[str | None, typer.Option(
         "--base-config", metavar="MODEL", help="Where configs missing from MODEL come from: a directory, a hub id "
         "or bagel-7b-mot (shipped).")] = None,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    token: Token = None,
 ) -> None:
     """Report what the engine expects from MODEL (every tensor name and shape per file, parameter
     counts, bytes per dtype) and, where the weight files are present, what they hold: missing,
-    unexpected and wrongly shaped tensors, with hints for known mistakes. Reads no weights.
+    unexpected and wrongly shaped tensors, with hints for known mistakes. Reads no weights: a hub
+    model's weight files are judged by their safetensors headers, read over HTTP.
     Exits 1 when a present file does not match."""
     from bagel_engine import inspect_model
     from bagel_engine.inspection import format_report
+    from bagel_engine.weights.hub import HubOptions
 
+    hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     try:
-        report = inspect_model(model, weights_file, base_config)
-        memory_plan = _plan(model, weights_file, base_config, gpu_memory, height, width, fp8) if (
+        report = inspect_model(model, weights_file, base_config, hub)
+        memory_plan = _plan(model, weights_file, base_config, hub, gpu_memory, height, width, fp8) if (
             plan or gpu_memory) else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
@@ -69,10 +77,10 @@ def inspect_command(
         raise typer.Exit(1)
 
 
-def _plan(model: str, weights_file: str | None, base_config: str | None, gpu_memory: str | None, height: int,
+def _plan(model: str, weights_file: str | None, base_config: str | None, hub, gpu_memory: str | None, height: int,
           width: int, fp8: bool):
     from bagel_engine.inspection import checkpoint_of
     from bagel_engine.memory_plan import parse_size, plan
 
-    _, cfg = checkpoint_of(model, weights_file, base_config)
+    _, cfg = checkpoint_of(model, weights_file, base_config, hub)
     return plan(cfg, parse_size(gpu_memory) if gpu_memory else None, height, width, model=model, fp8=fp8)

@@ -61,6 +61,25 @@ TaskDefaultsFile = Annotated[Optional[Path], typer.Option(
          '({"t2i": {"cfg_text_scale": 4.0, ...}, "edit": {...}}); replaces that file.')]
 
 
+HUB_PANEL = "Hub"
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", rich_help_panel=HUB_PANEL, metavar="REV",
+    help="The hub model's branch, tag or commit (also written MODEL@REV). \\[default: main]")]
+CacheDir = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", rich_help_panel=HUB_PANEL, metavar="DIR",
+    help="Where hub downloads are kept. \\[default: the hub client's, HF_HUB_CACHE or ~/.cache/huggingface/hub]")]
+Token = Annotated[Optional[str], typer.Option(
+    "--token", rich_help_panel=HUB_PANEL, metavar="TOKEN",
+    help="A hub token for private or gated models. Prefer HF_TOKEN or `hf auth login`: a token on the command "
+         "line shows in the process list. \\[default: HF_TOKEN, else the saved login]")]
+HUB_KEYS = ("revision", "cache_dir", "token")
+
+
+def hub_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+    """The hub options a command's parameters set (``revision``, ``cache_dir``, ``token``)."""
+    return {k: str(values[k]) for k in HUB_KEYS if values.get(k) is not None}
+
+
 def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     """The ``bagel_engine.load`` keyword arguments a command's parameters ask for (non-defaults only)."""
     out: dict[str, Any] = {}
@@ -80,6 +99,7 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     for name in ("weights_file", "base_config", "task_defaults"):
         if values.get(name) is not None:
             out[name] = str(values[name])
+    out.update(hub_kwargs(values))
     if values.get("lora"):
         out["lora"] = list(values["lora"])
         strength = values.get("lora_strength")
@@ -101,6 +121,9 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("weights_file", WeightsFile, None),
     ("base_config", BaseConfig, None),
     ("task_defaults", TaskDefaultsFile, None),
+    ("revision", Revision, None),
+    ("cache_dir", CacheDir, None),
+    ("token", Token, None),
 )
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from bagel_engine.cli.jobs import Device, Json, Model, app
+from bagel_engine.cli.load_options import CacheDir, Revision, Token, hub_kwargs
 from bagel_engine.params import BagelInputError
 
 DATA = "Data"
@@ -70,13 +71,13 @@ from the newest checkpoint (same data order, random draws and optimizer state); 
 
 
 def _check(data: Path, model: str, task: str, max_tokens: int, max_image_side: int | None, as_json: bool,
-           dataset_info: Path | None = None) -> None:
+           dataset_info: Path | None = None, hub: dict | None = None) -> None:
     import bagel_engine
     from bagel_engine.train.data import survey, survey_rows
     from bagel_engine.train.official_mix import is_official_config, read_official_config
     from bagel_engine.train.packing import SequencePacker
 
-    pipe = bagel_engine.load(model, device="meta")  # configs and tokenizer only
+    pipe = bagel_engine.load(model, device="meta", **(hub or {}))  # configs and tokenizer only (a hub model too)
     packer = SequencePacker(pipe.config, pipe.tokenizer,
                             lambda image, key: pipe.prepare_image(image, key, max_image_side, vit_from_original=True))
     if is_official_config(data):
@@ -210,6 +211,9 @@ def train(
         help="Only read the data (no weights loaded, nothing trained): rows per task, bad rows and why, tokens "
              "per sample, sequences per epoch and packing efficiency at --max-tokens.")] = False,
     json_: Json = False,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    token: Token = None,
 ) -> None:
     """Fine-tune BAGEL on text-to-image, editing, understanding and chat data (packed, resumable)."""
     from bagel_engine.train import Dropout, TrainConfig, Trainer
@@ -218,7 +222,8 @@ def train(
         if not model:
             raise BagelInputError("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL")
         if check:
-            _check(data, model, task.value, max_tokens, max_image_side, json_, dataset_info)
+            _check(data, model, task.value, max_tokens, max_image_side, json_, dataset_info,
+                   hub_kwargs({"revision": revision, "cache_dir": cache_dir, "token": token}))
             return
         parts = tuple(p.strip() for p in (freeze or "").split(",") if p.strip())
         cfg = TrainConfig(
@@ -231,7 +236,8 @@ def train(
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,
             save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, report_to=report_to.value, device=device, dtype=dtype,
-            autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress)
+            autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress,
+            revision=revision, cache_dir=str(cache_dir) if cache_dir else None, token=token)
         trainer = Trainer(cfg)
         path = trainer.run()
     except (BagelInputError, OSError, ValueError) as e:

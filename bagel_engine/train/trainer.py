@@ -24,6 +24,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ from bagel_engine.train.packing import SequencePacker
 from bagel_engine.train.reporters import CHOICES as REPORT_TO
 from bagel_engine.train.reporters import Reporter, open_reporter
 from bagel_engine.train.sample import Dropout
+from bagel_engine.weights.hub import HubOptions
 from bagel_engine.weights.loader import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ FREEZABLE = ("vit", "und", "gen", "connector")
 
 @dataclass
 class TrainConfig:
-    model: str  # base model: a directory or a hub id
+    model: str  # base model: a directory or a hub id (org/name[@revision])
     data: str  # a CSV / JSONL / Parquet file or a folder of them, or the official trainer's dataset YAML
     output_dir: str
     task: str = "auto"
@@ -97,6 +99,13 @@ class TrainConfig:
     autocast: str | None = "auto"  # "bfloat16" / None; auto: bfloat16 on CUDA
     resume: bool = True  # continue from the newest checkpoint in output_dir
     progress: bool = True
+    revision: str | None = None  # the hub model's branch, tag or commit
+    cache_dir: str | None = None  # hub downloads (default: the hub client's)
+    token: str | None = field(default=None, repr=False)  # a hub token; never written with the run
+
+    def public(self) -> dict[str, Any]:
+        """The settings as written with a checkpoint and sent to dashboards: all but the hub token."""
+        return {k: v for k, v in asdict(self).items() if k != "token"}
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -178,7 +187,7 @@ class Trainer:
         self.cfg = cfg
         self.dist, self.device = DP.init_distributed(cfg.device)
         self.output_dir = Path(cfg.output_dir)
-        self.base_dir = resolve_model_dir(cfg.model)
+        self.base_dir = resolve_model_dir(cfg.model, HubOptions(cfg.revision, cfg.cache_dir, cfg.token))
         self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype,
                                       random_weights=cfg.random_weights, seed=cfg.seed)
         self.model, self.vae = self.pipe.model, self.pipe.vae
@@ -326,7 +335,7 @@ class Trainer:
         if self.dist.rank == 0:
             state = {"step": self.step, "optimizer": optimizer, "data": data_states, "strategy": self.cfg.strategy,
                      "rng": rngs, "trainable": sorted(self.params), "history": self.history[-1000:],
-                     "config": {k: v for k, v in asdict(self.cfg).items() if k != "dropout"} | {
+                     "config": {k: v for k, v in self.cfg.public().items() if k != "dropout"} | {
                          "dropout": asdict(self.cfg.dropout)}}
             adapter = None
             if self.cfg.lora_rank:  # the adapters alone (the EMA's when EMA is on), for load(base, lora=...)
@@ -466,7 +475,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0:
             config = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-                      for k, v in asdict(cfg).items()}
+                      for k, v in cfg.public().items()}
             self.reporter = open_reporter(cfg.report_to, self.output_dir, config, resume_step=self.step)
         path = None
         try:

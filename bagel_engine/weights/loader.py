@@ -20,11 +20,11 @@ from torch import nn
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.weights.config import ConfigError, ModelConfig
+from bagel_engine.weights.hub import ALL_PATTERNS, SMALL_PATTERNS, HubOptions, looks_like_hub_id, snapshot, split_id
 
 log = logging.getLogger("bagel_engine.weights")
 
 MODEL_FILE, AE_FILE = "ema.safetensors", "ae.safetensors"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -46,10 +46,11 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 EMBEDDED_MODELS = {"bagel-shapes": Path(__file__).resolve().parent.parent / "assets" / "bagel-shapes"}
 
 
-def resolve_model_dir(model: str | os.PathLike) -> Path:
+def resolve_model_dir(model: str | os.PathLike, hub: HubOptions | None = None, weights: bool = True) -> Path:
     """A local directory as is; a name of ``EMBEDDED_MODELS`` (the demo model ``bagel-shapes``); otherwise
-    a hub id (``owner/name``) fetched through huggingface-hub, which honours ``HF_HOME`` /
-    ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``."""
+    a hub id (``owner/name``, ``owner/name@revision``) fetched through huggingface-hub (``weights=False``: its
+    configs, tokenizer and indexes only), which honours ``HF_ENDPOINT``, ``HF_HUB_CACHE`` / ``HF_HOME``,
+    ``HF_TOKEN`` and ``HF_HUB_OFFLINE``; ``hub`` gives the revision, cache folder and token."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -59,15 +60,18 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         if not (embedded / MODEL_FILE).exists():
             raise ConfigError(f"the embedded model {text!r} is missing from this installation ({embedded})")
         return embedded
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if path.exists() or not looks_like_hub_id(text):
         raise ConfigError(f"model {text!r} is neither a model directory nor a hub id like 'owner/name'")
-    from huggingface_hub import snapshot_download
+    repo, hub = split_id(text, hub)
+    return snapshot(repo, hub, ALL_PATTERNS if weights else SMALL_PATTERNS)
 
-    log.info("fetching %s from the hub (or its local cache)", text)
-    try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # the hub client raises many kinds; all mean "not available"
-        raise ConfigError(f"could not get {text!r} from the hub or its cache: {e}") from e
+
+def hub_repo(model: str | os.PathLike, hub: HubOptions | None = None) -> tuple[str, HubOptions] | None:
+    """``(repo id, options)`` when ``model`` names a hub model (not a local directory nor an embedded one)."""
+    text = str(model)
+    if Path(text).expanduser().exists() or text in EMBEDDED_MODELS or not looks_like_hub_id(text):
+        return None
+    return split_id(text, hub)
 
 
 def build_modules(cfg: ModelConfig, device: str | torch.device = "meta") -> tuple[Bagel, AutoEncoder]:
@@ -108,28 +112,44 @@ def _unreadable(path: Path, e: Exception) -> str:
             f"{size:,} bytes: truncated (an interrupted download?) or not safetensors. Download it again.")
 
 
-def check_file(path: Path | Sequence[Path], expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
-    """How the tensors in ``path`` (a file, or the shards of one checkpoint) match ``expected``."""
-    found: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, int] = {}
-    stored: dict[str, str] = {}
+TensorTable = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype as safetensors names it)
+
+
+def read_headers(path: Path | Sequence[Path]) -> tuple[TensorTable, str | None]:
+    """Every tensor's shape and stored dtype in ``path`` (a file, or the shards of one checkpoint), from the
+    headers alone; the second value says why a file is unreadable."""
+    found: TensorTable = {}
     for one in [path] if isinstance(path, (str, Path)) else list(path):
         try:
             with safe_open(str(one), framework="pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    found[key] = tuple(sl.get_shape())
-                    dt = str(sl.get_dtype())
-                    stored[key] = dt
-                    dtypes[dt] = dtypes.get(dt, 0) + 1
+                    found[key] = (tuple(sl.get_shape()), str(sl.get_dtype()))
         except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError: all "unreadable"
-            return FileReport([], [], {}, {}, [], error=_unreadable(Path(one), e))
-    wrong = {k: (expected[k], found[k]) for k in expected.keys() & found.keys() if expected[k] != found[k]}
-    bad_dtype = {k: stored[k] for k in expected.keys() & found.keys() if stored[k] not in _FLOAT_DTYPES}
-    report = FileReport(sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys()), wrong, dtypes, [],
-                        wrong_dtype=bad_dtype)
+            return found, _unreadable(Path(one), e)
+    return found, None
+
+
+def compare_tensors(found: TensorTable, expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
+    """How the tensors ``found`` (names, shapes, stored dtypes) match ``expected``, with hints."""
+    dtypes: dict[str, int] = {}
+    for _, dt in found.values():
+        dtypes[dt] = dtypes.get(dt, 0) + 1
+    shapes = {k: shape for k, (shape, _) in found.items()}
+    wrong = {k: (expected[k], shapes[k]) for k in expected.keys() & shapes.keys() if expected[k] != shapes[k]}
+    bad_dtype = {k: found[k][1] for k in expected.keys() & found.keys() if found[k][1] not in _FLOAT_DTYPES}
+    report = FileReport(sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys()), wrong, dtypes,
+                        [], wrong_dtype=bad_dtype)
     report.hints = _hints(report, cfg)
     return report
+
+
+def check_file(path: Path | Sequence[Path], expected: dict[str, tuple[int, ...]], cfg: ModelConfig) -> FileReport:
+    """How the tensors in ``path`` (a file, or the shards of one checkpoint) match ``expected``."""
+    found, error = read_headers(path)
+    if error:
+        return FileReport([], [], {}, {}, [], error=error)
+    return compare_tensors(found, expected, cfg)
 
 
 def _hints(report: FileReport, cfg: ModelConfig) -> list[str]:
