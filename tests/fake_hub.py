@@ -103,44 +103,34 @@ class FakeHub:
             return None
         return repo
 
+    ROUTES = (("info", r"/api/models/([^/]+/[^/]+)/revision/([^/]+)"),
+              ("tree", r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/.*)?"),
+              ("file", r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)"))
+
     def _answer(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        url = urlparse(h.path)
-        path = unquote(url.path)
+        path = unquote(urlparse(h.path).path)
         self.requests.append((h.command, path, h.headers.get("Range")))
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
-        if m:
-            repo = self._repo(h, m[1], head)
-            if repo is None:
-                return
-            files = repo.files_at(m[2])
-            if files is None:
-                return self._send_json(h, 404, {"error": f"Invalid rev id: {m[2]}"}, head, "RevisionNotFound")
+        for route, pattern in self.ROUTES:
+            m = re.fullmatch(pattern, path)
+            if m:
+                break
+        else:
+            return self._send_json(h, 404, {"error": f"no route {path}"}, head)
+        repo = self._repo(h, m[1], head)
+        if repo is None:
+            return
+        files = repo.files_at(m[2])
+        if files is None:
+            return self._send_json(h, 404, {"error": f"Invalid rev id: {m[2]}"}, head, "RevisionNotFound")
+        if route == "info":
             return self._send_json(h, 200, {"id": m[1], "modelId": m[1], "sha": repo.commit_of(m[2]), "private": False,
                                             "siblings": [{"rfilename": n} for n in files]}, head)
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path)
-        if m:
-            repo = self._repo(h, m[1], head)
-            if repo is None:
-                return
-            files = repo.files_at(m[2])
-            if files is None:
-                return self._send_json(h, 404, {"error": f"Invalid rev id: {m[2]}"}, head, "RevisionNotFound")
+        if route == "tree":
             return self._send_json(h, 200, [{"type": "file", "path": n, "size": len(b),
                                              "oid": hashlib.sha1(b).hexdigest()} for n, b in files.items()], head)
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if m:
-            repo = self._repo(h, m[1], head)
-            if repo is None:
-                return
-            files = repo.files_at(m[2])
-            if files is None or m[3] not in files:
-                h.send_response(404)
-                h.send_header("X-Error-Code", "EntryNotFound" if files is not None else "RevisionNotFound")
-                h.send_header("Content-Length", "0")
-                h.end_headers()
-                return
-            return self._send_file(h, files[m[3]], m[3], repo.commit_of(m[2]), head)
-        self._send_json(h, 404, {"error": f"no route {path}"}, head)
+        if m[3] not in files:
+            return self._send_json(h, 404, {"error": f"{m[3]} not found"}, head, "EntryNotFound")
+        self._send_file(h, files[m[3]], m[3], repo.commit_of(m[2]), head)
 
     def _send_file(self, h: BaseHTTPRequestHandler, data: bytes, name: str, commit: str, head: bool) -> None:
         start, end = 0, len(data) - 1
