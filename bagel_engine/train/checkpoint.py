@@ -1,8 +1,10 @@
 """Training checkpoints as model directories in the official layout.
 
 ``OUTPUT/checkpoint-000100/`` holds everything ``bagel_engine.load`` (and the official code) reads:
-the configs and tokenizer files of the base model, its ``ae.safetensors`` (the VAE is not
-trained: a hard link where the file system allows, else a copy) and ``ema.safetensors`` with the
+the configs and tokenizer files of the base model (from wherever its layout keeps them: its directory,
+the base configs it was filled from, the metadata of a single-file checkpoint), its ``ae.safetensors``
+(the VAE is not trained: a hard link where the file system allows, else a copy) and ``ema.safetensors``
+with the
 trained weights (the EMA weights when ``ema`` is on), in the base checkpoint's dtype and with the
 official key names. ``trainer/`` beside them holds what resuming needs: the raw weights when they
 differ from the EMA, the optimizer, the step, the data position and the random states.
@@ -24,6 +26,7 @@ from safetensors.torch import load_file
 
 from bagel_engine.params import disk_full, is_disk_full
 from bagel_engine.weights.files import save_safetensors
+from bagel_engine.weights.layout import CONFIG_FILES, INDEX_SUFFIX, TOKENIZER_FILES, Checkpoint
 
 WEIGHTS = ("ema.safetensors", "ae.safetensors")
 PREFIX = "checkpoint-"
@@ -56,12 +59,45 @@ def _state(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
             for k, v in tensors.items()}
 
 
-def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[str, torch.Tensor],
+def _as_checkpoint(base: Path | Checkpoint) -> Checkpoint:
+    if isinstance(base, Checkpoint):
+        return base
+    return Checkpoint(model_dir=base, layout="official", weights=(base / WEIGHTS[0],), vae=base / WEIGHTS[1],
+                      config_dir=base, tokenizer_dir=base)
+
+
+def _is_weights(name: str) -> bool:
+    """Weight files (and what describes them) of the base, which a checkpoint does not carry over: its own
+    ``ema.safetensors`` replaces them, a LoRA run writes its own adapter."""
+    return name.endswith(".safetensors") or name.endswith(INDEX_SUFFIX) or name == "adapter_config.json"
+
+
+def _copy_base_files(base: Checkpoint, into: Path) -> None:
+    """The base model's small files: everything in its directory but weights, then the configs and tokenizer
+    files its layout found elsewhere (the base it was filled from, or a single file's metadata)."""
+    for src in base.model_dir.iterdir():
+        if src.is_file() and not _is_weights(src.name) and not src.name.startswith("."):
+            shutil.copy2(src, into / src.name)
+    for folder, names in ((base.config_dir, CONFIG_FILES), (base.tokenizer_dir, TOKENIZER_FILES)):
+        for name in names:
+            if folder is not None and not (into / name).exists() and (folder / name).exists():
+                shutil.copy2(folder / name, into / name)
+    for key, config in base.metadata_configs.items():
+        if not (into / f"{key}.json").exists():
+            (into / f"{key}.json").write_text(json.dumps(config, indent=2))
+    for name in ("task_defaults.json", "ae_config.json", "bagel_config.json"):
+        found = base.file(name)
+        if found is not None and not (into / name).exists():
+            shutil.copy2(found, into / name)
+
+
+def save_checkpoint(output_dir: Path, step: int, base_dir: Path | Checkpoint, weights: dict[str, torch.Tensor],
                     trainer_state: dict, trainer_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
                     dtype: torch.dtype | None = None, keep: int | None = None,
                     adapter: dict | None = None) -> Path:
     """Write ``checkpoint-{step}`` (see the module doc) and point ``latest`` at it. ``weights``: the
-    full state dict to publish; ``trainer_tensors``: named float32 tensor sets for resuming (the
+    full state dict to publish; ``base_dir``: the base model's directory (official layout) or its
+    :class:`Checkpoint` (any layout); ``trainer_tensors``: named float32 tensor sets for resuming (the
     trained parameters, their EMA), each stored as ``trainer/{name}.safetensors``. ``adapter``: the
     keyword arguments of ``weights.adapters.save_adapter`` (LoRA runs), written in PEFT's layout
     (``adapter_config.json``, ``adapter_model.safetensors``) beside the merged weights."""
@@ -90,16 +126,15 @@ def save_checkpoint(output_dir: Path, step: int, base_dir: Path, weights: dict[s
     return final
 
 
-def _write_checkpoint(tmp: Path, base_dir: Path, weights: dict[str, torch.Tensor], trainer_state: dict,
+def _write_checkpoint(tmp: Path, base_dir: Path | Checkpoint, weights: dict[str, torch.Tensor], trainer_state: dict,
                       trainer_tensors: dict[str, dict[str, torch.Tensor]] | None, dtype: torch.dtype | None,
                       adapter: dict | None) -> None:
+    base = _as_checkpoint(base_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for src in base_dir.iterdir():
-        if src.is_file() and src.name not in WEIGHTS and not src.name.startswith("."):
-            shutil.copy2(src, tmp / src.name)
-    _link_or_copy(base_dir / "ae.safetensors", tmp / "ae.safetensors")
-    dtype = dtype or stored_dtype(base_dir / "ema.safetensors")
+    _copy_base_files(base, tmp)
+    _link_or_copy(base.vae, tmp / "ae.safetensors")
+    dtype = dtype or (stored_dtype(base.weights[0]) if base.weights else torch.float32)
     save_safetensors(_state(weights, dtype), tmp / "ema.safetensors", metadata={"format": "pt"})
     if adapter is not None:
         from bagel_engine.weights.adapters import save_adapter

@@ -43,6 +43,7 @@ from bagel_engine.train.reporters import CHOICES as REPORT_TO
 from bagel_engine.train.reporters import Reporter, open_reporter
 from bagel_engine.train.sample import Dropout
 from bagel_engine.weights.hub import HubOptions
+from bagel_engine.weights.layout import find_checkpoint
 from bagel_engine.weights.loader import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class Trainer:
         self.dist, self.device = DP.init_distributed(cfg.device)
         self.output_dir = Path(cfg.output_dir)
         self.base_dir = resolve_model_dir(cfg.model, HubOptions(cfg.revision, cfg.cache_dir, cfg.token))
+        self.base = find_checkpoint(self.base_dir, need_weights=not cfg.random_weights)  # any layout of the family
         self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype,
                                       random_weights=cfg.random_weights, seed=cfg.seed)
         self.model, self.vae = self.pipe.model, self.pipe.vae
@@ -343,7 +345,7 @@ class Trainer:
                 adapter = {"tensors": source, "rank": self.cfg.lora_rank,
                            "alpha": float(self.cfg.lora_alpha if self.cfg.lora_alpha is not None else self.cfg.lora_rank),
                            "targets": self.cfg.lora_targets, "base_model": self.cfg.model}
-            path = checkpoints.save_checkpoint(self.output_dir, self.step, self.base_dir, published, state, tensors,
+            path = checkpoints.save_checkpoint(self.output_dir, self.step, self.base, published, state, tensors,
                                      keep=self.cfg.keep, adapter=adapter)
             if bad:
                 (self.output_dir / "bad_rows.jsonl").write_text(
