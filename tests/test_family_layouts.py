@@ -138,25 +138,33 @@ def test_inspect_names_the_layout_and_where_files_come_from(tmp_path):
     assert "Zebra" in done.stdout and str(TINY) in done.stdout
 
 
-@pytest.mark.parametrize("layout", ["zebra", "single file"])
+@pytest.mark.parametrize("layout", ["zebra", "single file", "bare"])
 def test_training_from_another_layout_writes_an_official_checkpoint(tmp_path, layout):
     """Fine-tuning Zebra-CoT's or a single-file checkpoint: the run's checkpoint is in the official layout
     (ema.safetensors, the configs as files, the VAE), without the base's weight file, and it loads."""
     from bagel_engine.train import TrainConfig, train
     from bagel_engine.train.sample import Dropout
 
-    base = copy_without_weights(tmp_path / "base", configs=layout == "zebra")
-    if layout == "zebra":
+    base = copy_without_weights(tmp_path / "base", configs=layout == "zebra") if layout != "bare" else tmp_path / "base"
+    options = {}
+    if layout == "bare":  # the weights alone: configs, tokenizer and VAE from --base-config, a custom file name
+        base.mkdir()
+        shutil.copy(TINY / "ema.safetensors", base / "step_500.safetensors")
+        shutil.copy(TINY / "ema.safetensors", base / "step_900.safetensors")
+        options = {"weights_file": "step_900.safetensors", "base_config": str(TINY)}
+    elif layout == "zebra":
         shutil.copy(TINY / "ema.safetensors", base / "model_bf16.safetensors")
     else:
         meta = {n: (TINY / f"{n}.json").read_text() for n in ("llm_config", "vit_config", "ae_config", "bagel_config")}
         save_file(load_file(str(TINY / "ema.safetensors")), str(base / "bagel_tiny.safetensors"), metadata=meta)
     data = Path(__file__).parent / "data" / "train" / "tiny.jsonl"
     path = train(TrainConfig(model=str(base), data=str(data), output_dir=str(tmp_path / "run"), steps=1,
-                             warmup_steps=0, max_tokens=400, save_every=100, dropout=Dropout(0.0, 0.0, 0.0), progress=False))
+                             warmup_steps=0, max_tokens=400, save_every=100, dropout=Dropout(0.0, 0.0, 0.0), progress=False,
+                             **options))
     names = {p.name for p in path.iterdir()}
     assert {"ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "bagel_config.json",
             "tokenizer.json"} <= names
-    assert not names & {"model_bf16.safetensors", "bagel_tiny.safetensors"}
+    assert not names & {"model_bf16.safetensors", "bagel_tiny.safetensors", "step_500.safetensors",
+                        "step_900.safetensors"}
     assert find_checkpoint(path).layout.startswith("official")
     assert bagel_engine.load(path, device="cpu").generate("a red circle", **JOB).image.size == (32, 32)

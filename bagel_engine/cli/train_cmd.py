@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from bagel_engine.cli.jobs import Device, Json, Model, app
-from bagel_engine.cli.load_options import CacheDir, Revision, Token, hub_kwargs
+from bagel_engine.cli.load_options import BaseConfig, CacheDir, Revision, Token, WeightsFile, hub_kwargs
 from bagel_engine.params import BagelInputError
 
 DATA = "Data"
@@ -211,6 +211,8 @@ def train(
         help="Only read the data (no weights loaded, nothing trained): rows per task, bad rows and why, tokens "
              "per sample, sequences per epoch and packing efficiency at --max-tokens.")] = False,
     json_: Json = False,
+    weights_file: WeightsFile = None,
+    base_config: BaseConfig = None,
     revision: Revision = None,
     cache_dir: CacheDir = None,
     token: Token = None,
@@ -222,8 +224,9 @@ def train(
         if not model:
             raise BagelInputError("no model: pass --model DIR_OR_HUB_ID or set BAGEL_MODEL")
         if check:
+            layout = {k: v for k, v in (("weights_file", weights_file), ("base_config", base_config)) if v}
             _check(data, model, task.value, max_tokens, max_image_side, json_, dataset_info,
-                   hub_kwargs({"revision": revision, "cache_dir": cache_dir, "token": token}))
+                   hub_kwargs({"revision": revision, "cache_dir": cache_dir, "token": token}) | layout)
             return
         parts = tuple(p.strip() for p in (freeze or "").split(",") if p.strip())
         cfg = TrainConfig(
@@ -237,6 +240,7 @@ def train(
             gradient_checkpointing=gradient_checkpointing, strategy=strategy,
             save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, report_to=report_to.value, device=device, dtype=dtype,
             autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress,
+            weights_file=weights_file, base_config=base_config,
             revision=revision, cache_dir=str(cache_dir) if cache_dir else None, token=token)
         trainer = Trainer(cfg)
         path = trainer.run()

@@ -100,6 +100,8 @@ class TrainConfig:
     autocast: str | None = "auto"  # "bfloat16" / None; auto: bfloat16 on CUDA
     resume: bool = True  # continue from the newest checkpoint in output_dir
     progress: bool = True
+    weights_file: str | None = None  # the base's decoder weight file or shard index (default: its layout's)
+    base_config: str | None = None  # where configs, tokenizer and VAE the base lacks come from (weights.layout)
     revision: str | None = None  # the hub model's branch, tag or commit
     cache_dir: str | None = None  # hub downloads (default: the hub client's)
     token: str | None = field(default=None, repr=False)  # a hub token; never written with the run
@@ -188,9 +190,13 @@ class Trainer:
         self.cfg = cfg
         self.dist, self.device = DP.init_distributed(cfg.device)
         self.output_dir = Path(cfg.output_dir)
-        self.base_dir = resolve_model_dir(cfg.model, HubOptions(cfg.revision, cfg.cache_dir, cfg.token))
-        self.base = find_checkpoint(self.base_dir, need_weights=not cfg.random_weights)  # any layout of the family
+        hub = HubOptions(cfg.revision, cfg.cache_dir, cfg.token)
+        self.base_dir = resolve_model_dir(cfg.model, hub, weights=not cfg.random_weights)
+        self.base = find_checkpoint(self.base_dir, cfg.weights_file, cfg.base_config,  # any layout of the family
+                                    need_weights=not cfg.random_weights, hub=hub)
         self.pipe = bagel_engine.load(str(self.base_dir), device=str(self.device), dtype=cfg.dtype,
+                                      weights_file=cfg.weights_file, base_config=cfg.base_config,
+                                      cache_dir=cfg.cache_dir, token=cfg.token,
                                       random_weights=cfg.random_weights, seed=cfg.seed)
         self.model, self.vae = self.pipe.model, self.pipe.vae
         self.vae.requires_grad_(False)
