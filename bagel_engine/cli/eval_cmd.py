@@ -21,6 +21,19 @@ eval_app = typer.Typer(help="Evaluate a model on a benchmark suite (scores per c
 app.add_typer(eval_app, name="eval")
 
 
+def _progress_bar(desc: str, unit: str, quiet: bool):
+    """A bar on stderr and the ``progress(done, total)`` callback the suites report to."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, progress
+
+
 class ShapesTask(str, Enum):
     all = "all"
     t2i = "t2i"
@@ -79,14 +92,7 @@ def shapes(
         knobs["enable_taylorseer"] = True
     tasks = SUITE_TASKS if task == ShapesTask.all else (task.value,)
     pipe = load_pipeline(model, device, dtype, json_, **load_options)
-    from tqdm import tqdm
-
-    bar = tqdm(desc="evaluating", unit="item", file=sys.stderr, dynamic_ncols=True, disable=json_)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
+    bar, progress = _progress_bar("evaluating", "item", json_)
     try:
         report = run_shapes(pipe, tasks, n=n, seed=seed, out_dir=output_dir, knobs=knobs, batch=batch,
                             progress=progress, new_color=new_color)
@@ -158,15 +164,7 @@ def geneval(
     pipe = load_pipeline(model, DP.rank_device(device, ranks), dtype, json_, **load_options)
     job = GenEvalJob(metadata, output_dir, n_samples=n_samples, batch_size=batch_size, resolution=resolution,
                      seed=seed, knobs=knobs, limit=limit, rank=ranks.rank, world=ranks.world)
-    from tqdm import tqdm
-
-    bar = tqdm(desc=f"geneval (rank {ranks.rank})" if ranks.world > 1 else "geneval", unit="prompt", file=sys.stderr,
-               dynamic_ncols=True, disable=json_)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
+    bar, progress = _progress_bar(f"geneval (rank {ranks.rank})" if ranks.world > 1 else "geneval", "prompt", json_)
     try:
         counts = run_geneval(pipe, job, progress=progress)
     except (ValueError, OSError) as e:  # BagelInputError included
