@@ -124,3 +124,16 @@ except ConfigError as e:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "(48, 16)" and lines[1] == "48" and "--revision says 'main'" in lines[2]
+
+
+def test_a_token_is_never_written_down(tmp_path):
+    from bagel_engine.train import TrainConfig
+
+    cfg = TrainConfig(model="org/name", data="d.jsonl", output_dir="o", token="hf_secret_token")
+    assert "token" not in cfg.public() and "hf_secret_token" not in repr(cfg)
+    r = subprocess.run([sys.executable, "-m", "bagel_engine", "eval", "shapes", "-m", "bagel-shapes", "--task", "vqa",
+                        "--n", "1", "--token", "hf_secret_token", "--json", "-o", str(tmp_path / "eval")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "hf_secret_token" not in r.stdout + r.stderr
+    assert all("hf_secret_token" not in p.read_text() for p in (tmp_path / "eval").rglob("*.json*"))
