@@ -76,3 +76,25 @@ def test_the_command(tmp_path):
     assert summary["settings"]["num_timesteps"] == 2 and summary["settings"]["cfg_text_scale"] == 4.0
     assert (out / "00000" / "samples" / "00000.png").exists() and not (out / "00002").exists()
     assert "evaluate_images" in r.stderr  # how to score it
+
+
+def test_two_processes_draw_what_one_draws(tmp_path):
+    """Under torchrun each rank takes its contiguous range; the pictures are those of one process."""
+    import os
+
+    common = [str(metadata(tmp_path)), "-m", str(TINY), "--n-samples", "1", "--resolution", "32",
+              "--num-timesteps", "2", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun gives each process one thread: the same float math
+    one = subprocess.run([sys.executable, "-m", "bagel_engine", "eval", "geneval", "-o", str(tmp_path / "one"), *common],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "bagel_engine.cli.main", "eval", "geneval", "-o", str(tmp_path / "two"), *common],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    summaries = sorted((json.loads(x) for x in two.stdout.splitlines() if x.startswith("{")), key=lambda s: s["rank"])
+    assert [(s["rank"], s["world"], s["counts"]["prompts"]) for s in summaries] == [(0, 2, 2), (1, 2, 1)]
+    for index in (0, 2):
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{index:05d}" / "samples" / "00000.png")) for d in ("one", "two"))
+        assert np.array_equal(a, b), index
+    assert "not JSON" in (tmp_path / "two" / "bad_rows.jsonl").read_text()
