@@ -102,11 +102,10 @@ def _train_bench(model, random, height, width, max_tokens, repeat, warmup, lora_
                  device, dtype, matmul_tflops, as_json) -> None:
     from bagel_engine.bench.runner import json_safe
     from bagel_engine.bench.training import TrainBench, format_training, run_training_benchmark
-    from bagel_engine.weights.config import load_model_config
-    from bagel_engine.weights.loader import resolve_model_dir
+    from bagel_engine.inspection import checkpoint_of
 
-    try:
-        side = min(512, load_model_config(resolve_model_dir(model)).max_image_side)
+    try:  # the configs alone (a hub model's small files, any layout of the family)
+        side = min(512, checkpoint_of(model)[1].max_image_side)
         tb = TrainBench(model=model, random_weights=random, height=height or side, width=width or side,
                         max_tokens=max_tokens, steps=repeat, warmup=warmup, lora_rank=lora_rank,
                         freeze=tuple(p.strip() for p in (freeze or "").split(",") if p.strip()),

@@ -102,16 +102,6 @@ def checkpoint_config(ck: Checkpoint) -> ModelConfig:
     return model_config_from(read("llm_config"), read("vit_config"), read("ae_config"), read("bagel_config"))
 
 
-TASK_DEFAULTS_FILE = "task_defaults.json"
-
-
-def read_task_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """The raw ``task_defaults.json`` of a model directory (``{}`` when it has none): the defaults the
-    task methods use with this model (``bagel_engine.params.TaskDefaults``)."""
-    path = Path(model_dir) / TASK_DEFAULTS_FILE
-    return _read_json(path) if path.exists() else {}
-
-
 def read_task_defaults_file(path: str | Path) -> dict[str, Any]:
     """A ``task_defaults.json`` file's content (``{"t2i": {...}, "edit": {...}, ...}``)."""
     return _read_json(Path(path))
