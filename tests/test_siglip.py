@@ -56,6 +56,22 @@ def test_packed_images_match_separate_calls(tiny_vit):
         tiny_vit(tok_a, ids_a, [len(tok_a) - 1])
 
 
+def test_images_of_one_size_run_as_one_batch_with_the_separate_numbers(tiny_vit):
+    """Images of one size take the batched attention path: the same outputs and gradients as one image at a time."""
+    torch.manual_seed(1)
+    ids = torch.tensor([0, 1, 2, 10, 11, 12])
+    tokens = [torch.rand(6, tiny_vit.vision_model.embeddings.patch_embedding.weight[0].numel()) * 2 - 1 for _ in range(3)]
+    packed_in = torch.cat(tokens).requires_grad_()
+    packed = tiny_vit(packed_in, ids.repeat(3), [6, 6, 6])
+    packed.square().sum().backward()
+    for i, tok in enumerate(tokens):
+        alone_in = tok.clone().requires_grad_()
+        alone = tiny_vit(alone_in, ids, [6])
+        alone.square().sum().backward()
+        torch.testing.assert_close(packed[6 * i:6 * i + 6], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_in.grad[6 * i:6 * i + 6], alone_in.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16(tiny_vit):
     g = _golden("img2text")
     tokens, ids = g["update0.vit.packed_vit_tokens"], g["update0.vit.packed_vit_position_ids"]

