@@ -315,7 +315,7 @@ class BagelPipeline:
         return seeds
 
     def generate(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
-                 think: bool = False,
+                 think: bool = False, think_contexts: str = "app", simple_think: bool = False,
                  seed: int | Sequence[int] | None = None, noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
                  callback=None, on_step=None, image_params: ImageParams | None = None,
                  text_params: TextParams | None = None, **knobs) -> BagelOutput | list[BagelOutput]:
@@ -335,6 +335,10 @@ class BagelPipeline:
         steps: num_timesteps = num_inference_steps + 1), ``latents`` (noise), ``generator`` (a
         ``torch.Generator`` draws the seeds) and ``num_images_per_prompt`` (a list comes back, the
         images of each prompt together, seeds ``seed + k``).
+
+        ``think_contexts="eval"``: with ``think``, the guidance contexts of the official benchmark scripts
+        (``gen_images_mp_wise.py``: the text-unconditional branch holds no system prompt) instead of the app's;
+        ``simple_think``: WISE's option, only the think text after ``</think>`` conditions the picture.
         """
         knobs, call = self._image_call("t2i", knobs, seed, noise)
         height = self.task_defaults.height if height is None else height
@@ -359,7 +363,7 @@ class BagelPipeline:
         image, text = self._params(self.task_defaults.t2i, knobs, image_params, text_params)
         outs = self.engine.run([
             Request([p], think=think, text=text, image=image, image_shape=(height, width), seed=s, noise=n,
-                    negative_prompt=call["negative_prompt"],
+                    negative_prompt=call["negative_prompt"], think_contexts=think_contexts, simple_think=simple_think,
                     callback=callback if k == 0 else None, on_step=on_step, index=k)  # they step in lockstep
             for k, (p, s, n) in enumerate(zip(prompts, seeds, noises))])
         return outs[0] if single else outs

@@ -73,3 +73,11 @@ class ThinkStream:
 
     def finish(self) -> list[tuple[str, str]]:
         return self._emit(final=True)
+
+
+def simple_think(text: str) -> str:
+    """WISE's "simple think" (``gen_images_mp_wise.py``, ``simple_think=True``): only what follows ``</think>``
+    conditions the picture, stripped, when there is something there; else the whole text. (The official code
+    indexes the second part and so fails on a text without ``</think>``; here that text is kept whole.)"""
+    parts = text.split("</think>")
+    return parts[1].strip() if len(parts) > 1 and parts[1] != "" else text

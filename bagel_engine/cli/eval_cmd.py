@@ -1,5 +1,5 @@
 """``bagel eval SUITE``: benchmarks run through the public API: ``shapes`` (the demo model's world, judged
-by a program) and the official benchmarks' generation (``geneval``; the others come next)."""
+by a program) and the official benchmarks' generation (``geneval``, ``wise``; the others come next)."""
 
 from __future__ import annotations
 
@@ -151,32 +151,103 @@ def geneval(
     json_: Json = False,
 ) -> None:
     """GenEval's generation exactly as the official script runs it, resumable and data parallel."""
-    from bagel_engine.batch import dist as DP
     from bagel_engine.eval.geneval import SCORER_HELP, GenEvalJob, run_geneval
+
+    knobs = _suite_knobs(dict(locals()))
+    _run_suite("geneval", lambda ranks: GenEvalJob(
+        metadata, output_dir, n_samples=n_samples, batch_size=batch_size, resolution=resolution, seed=seed, knobs=knobs,
+        limit=limit, rank=ranks.rank, world=ranks.world), run_geneval, SCORER_HELP, model, device, dtype, load_options,
+        json_, extra={"n_samples": n_samples})
+
+
+@eval_app.command("wise", epilog="""
+[bold]What it does[/bold]: the official eval/gen/gen_images_mp_wise.py as scripts/eval/run_wise.sh runs it: every
+entry of METADATA (final_data.json: prompt_id, Prompt) gets one picture at 1024x1024, cfg 4 text guidance only,
+interval 0.4-1, shift 3, 50 steps, renorm_min 0, cropped to its bounding box, in OUT/{prompt_id}.png: the layout
+WISE's GPT scorer reads. Think is on (run_wise.sh's --think): the planning system prompt, think text sampled at
+temperature 0.3 (at most 2,048 tokens) saved as OUT/{prompt_id}.txt and put before the picture; the
+unconditional branch holds no context, as in that script. Rerun to resume; spread over GPUs with torchrun.
+Prompt i (its place in the file) has seed --seed + i. Bad entries go to OUT/bad_rows.jsonl.
+
+[bold]Examples[/bold]
+
+  bagel eval wise eval/gen/wise/final_data.json -m ByteDance-Seed/BAGEL-7B-MoT -o out/wise/images  [dim]# 0.70[/dim]
+
+  bagel eval wise final_data.json -m ./BAGEL-7B-MoT -o out/wise-nothink --no-think                  [dim]# 0.52[/dim]
+
+  torchrun --nproc-per-node 8 --no-python bagel eval wise final_data.json -m ./BAGEL-7B-MoT -o out/wise/images
+""")
+@with_load_options
+def wise(
+    metadata: Annotated[Path, typer.Argument(
+        help="WISE's prompts: a JSON list of {prompt_id, Prompt} (eval/gen/wise/final_data.json).",
+        exists=True, dir_okay=False)],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the pictures go ({prompt_id}.png).")],
+    model: Model = None,
+    think: Annotated[bool, typer.Option("--think/--no-think", help="Plan in text first (run_wise.sh: on).")] = True,
+    simple_think: Annotated[bool, typer.Option(
+        "--simple-think", help="Only the think text after </think> conditions the picture (the script's "
+                               "simple_think; off in the official run).")] = False,
+    resolution: Annotated[int, typer.Option("--resolution", min=16, help="Square side in pixels.")] = 1024,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first prompt (the official script's 42).")] = 42,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N prompts.")] = None,
+    max_think_token_n: Annotated[Optional[int], typer.Option(
+        "--max-think-tokens", min=1, help="Most think tokens (the script's max_length: 2048).")] = None,
+    text_temperature: Annotated[Optional[float], typer.Option(
+        "--temperature", min=0.0, help="Think sampling temperature (the script's 0.3).")] = None,
+    cfg_text_scale: CfgTextScale = None,
+    cfg_interval: CfgInterval = None,
+    cfg_renorm_type: CfgRenormType = None,
+    timestep_shift: TimestepShift = None,
+    num_timesteps: NumTimesteps = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    load_options: Optional[dict] = None,
+    json_: Json = False,
+) -> None:
+    """WISE's generation exactly as the official script runs it (think on), resumable and data parallel."""
+    from bagel_engine.eval.wise import SCORER_HELP, WiseJob, run_wise
+
+    knobs = _suite_knobs(dict(locals()))
+    for name, value in (("max_think_token_n", max_think_token_n), ("text_temperature", text_temperature)):
+        if value is not None:
+            knobs[name] = value
+    _run_suite("wise", lambda ranks: WiseJob(
+        metadata, output_dir, think=think, simple_think=simple_think, resolution=resolution, seed=seed, knobs=knobs,
+        limit=limit, rank=ranks.rank, world=ranks.world), run_wise, SCORER_HELP, model, device, dtype, load_options,
+        json_, extra={"think": think, "simple_think": simple_think})
+
+
+def _suite_knobs(values: dict) -> dict:
+    """The image knobs given on the command line (over a suite's official preset)."""
     from bagel_engine.params import IMAGE_PARAM_NAMES
 
-    values = dict(locals())
-    knobs = {k: v for k, v in knob_values(values).items() if k in IMAGE_PARAM_NAMES and k != "seed"}
+    return {k: v for k, v in knob_values(values).items() if k in IMAGE_PARAM_NAMES and k != "seed"}
+
+
+def _run_suite(name: str, make_job, run, scorer_help: str, model, device, dtype, load_options: dict, json_: bool,
+               extra: dict) -> None:
+    """An official suite's generation on this rank (torchrun spreads it), its bar, its summary, the scorer's command."""
+    from bagel_engine.batch import dist as DP
+
     try:
         ranks = DP.setup(device)
     except ValueError as e:
         fail(str(e), json_)
     pipe = load_pipeline(model, DP.rank_device(device, ranks), dtype, json_, **load_options)
-    job = GenEvalJob(metadata, output_dir, n_samples=n_samples, batch_size=batch_size, resolution=resolution,
-                     seed=seed, knobs=knobs, limit=limit, rank=ranks.rank, world=ranks.world)
-    bar, progress = _progress_bar(f"geneval (rank {ranks.rank})" if ranks.world > 1 else "geneval", "prompt", json_)
+    job = make_job(ranks)
+    bar, progress = _progress_bar(f"{name} (rank {ranks.rank})" if ranks.world > 1 else name, "prompt", json_)
     try:
-        counts = run_geneval(pipe, job, progress=progress)
+        counts = run(pipe, job, progress=progress)
     except (ValueError, OSError) as e:  # BagelInputError included
         fail(str(e), json_)
     finally:
         bar.close()
-    summary = {"suite": "geneval", "counts": counts, "settings": job.settings(), "n_samples": n_samples,
-               "resolution": resolution, "seed": seed, "rank": ranks.rank, "world": ranks.world,
-               "output_dir": str(output_dir)}
+    summary = {"suite": name, "counts": counts, "settings": job.settings(), **extra, "resolution": job.resolution,
+               "seed": job.seed, "rank": ranks.rank, "world": ranks.world, "output_dir": str(job.out_dir)}
     if json_:
         print(json.dumps(summary))
     else:
         typer.echo(f"{counts['generated']} prompts drawn, {counts['skipped']} already there, {counts['failed']} failed "
-                   f"(of {counts['prompts']}{' on this rank' if ranks.world > 1 else ''}); pictures in {output_dir}")
-    typer.echo(SCORER_HELP.format(out=output_dir), err=True)
+                   f"(of {counts['prompts']}{' on this rank' if ranks.world > 1 else ''}); pictures in {job.out_dir}")
+    typer.echo(scorer_help.format(out=job.out_dir), err=True)

@@ -19,14 +19,14 @@ pipeline's dtype (``--dtype float32`` is the maintainers' setting for the publis
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bagel_engine.batch.manifest import atomic_write_bytes, now
+from bagel_engine.batch.manifest import atomic_write_bytes
+from bagel_engine.eval.common import cropped_png, rank_range, record_bad
 from bagel_engine.params import BagelInputError
 
 log = logging.getLogger(__name__)
@@ -77,27 +77,6 @@ def read_metadata(path: Path) -> list[dict[str, Any] | str]:
     return rows
 
 
-def rank_range(total: int, rank: int, world: int) -> range:
-    """The official split: contiguous ranges of ceil(total / world) prompts."""
-    per = (total + world - 1) // world
-    return range(min(rank * per, total), min(rank * per + per, total))
-
-
-def _png(image) -> bytes:
-    box = image.getbbox()  # the official crop; None for an all-black picture (kept whole)
-    if box is not None:
-        image = image.crop(box)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _record_bad(out: Path, rank: int, index: int, error: str) -> None:
-    path = out / ("bad_rows.jsonl" if rank == 0 else f"bad_rows.rank{rank}.jsonl")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"index": index, "error": error, "finished_at": now()}) + "\n")
-
-
 def run_geneval(pipe, job: GenEvalJob, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Generate every picture this rank owns that is not there yet (see the module doc); the counts."""
     rows = read_metadata(job.metadata_file)
@@ -116,7 +95,7 @@ def run_geneval(pipe, job: GenEvalJob, progress: Callable[[int, int], None] | No
         samples = folder / "samples"
         names = [samples / f"{k:05d}.png" for k in range(job.n_samples)]
         if isinstance(row, str):
-            _record_bad(out, job.rank, index, row)
+            record_bad(out, job.rank, index, row)
             counts["failed"] += 1
         elif all(p.exists() for p in names):
             counts["skipped"] += 1
@@ -131,11 +110,11 @@ def run_geneval(pipe, job: GenEvalJob, progress: Callable[[int, int], None] | No
                     outs = pipe.generate([row["prompt"]] * len(ks), seed=[job.seed + job.n_samples * index + k for k in ks],
                                          height=job.resolution, width=job.resolution, **settings)
                     for k, o in zip(ks, outs):
-                        atomic_write_bytes(names[k], _png(o.image))
+                        atomic_write_bytes(names[k], cropped_png(o.image))
                 counts["generated"] += 1
             except (BagelInputError, ValueError) as e:
                 log.warning("prompt %d failed: %s", index, e)
-                _record_bad(out, job.rank, index, str(e))
+                record_bad(out, job.rank, index, str(e))
                 counts["failed"] += 1
         if progress:
             progress(done, len(mine))

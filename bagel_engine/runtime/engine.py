@@ -48,6 +48,7 @@ from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
 from bagel_engine.runtime.image_generation import GuidanceContexts, ImageDenoise, denoise_step
 from bagel_engine.runtime.text_decoding import TextDecode, decode_step
 from bagel_engine.runtime.tokenizer import BagelTokenizer
+from bagel_engine.think_text import simple_think
 
 log = logging.getLogger("bagel_engine")
 
@@ -113,6 +114,9 @@ class Request:
     denoising step. ``index``: the request's place in its caller's list (given to previews).
     ``negative_prompt``: text added to the text-unconditional guidance context (what the picture should
     move away from; None: that context holds no text, as in the official code).
+    ``think_contexts``: which guidance contexts think mode builds for an image: ``"app"`` as
+    ``interleave_inference`` does (the text-unconditional context holds the think system prompt) or
+    ``"eval"`` as the official benchmark scripts do (``gen_images_mp_wise.py``: it holds nothing).
     """
 
     inputs: Sequence[str | ImageInput | PreparedImage]
@@ -130,6 +134,15 @@ class Request:
     trace: dict | None = None
     index: int = 0
     negative_prompt: str | None = None
+    think_contexts: str = "app"
+    simple_think: bool = False  # WISE's option: only the think text after </think> conditions the picture
+
+    def __post_init__(self) -> None:
+        if self.think_contexts not in THINK_CONTEXTS:
+            raise BagelInputError(f"think_contexts must be one of {', '.join(THINK_CONTEXTS)}, not {self.think_contexts!r}")
+
+
+THINK_CONTEXTS = ("app", "eval")
 
 
 def _new_seed() -> int:
@@ -308,6 +321,11 @@ class Engine:
                 gen = builder.add_vit_image(gen, item)
                 height, width = item.size_hw
                 cfg_text = gen
+        if (r.think and r.think_contexts == "eval" and not r.understanding_output
+                and all(isinstance(item, str) for item in prepared)):
+            # gen_images_mp_wise.py: the unconditional branch attends to its own tokens only (no cache; its
+            # positions start after the system prompt, which RoPE's relative positions make the same as 0)
+            cfg_text = Context()
         if r.negative_prompt and not r.understanding_output:
             cfg_text = builder.add_text(cfg_text, r.negative_prompt)
         a.gen, a.cfg_text, a.cfg_img = gen, cfg_text, cfg_img
@@ -384,7 +402,8 @@ class Engine:
             a.out.timings.update(decode_s=took, tokens=len(tokens) - 1)
             a.stage = "done"
             return
-        a.gen = a.builder.add_text(a.gen, text)  # re-tokenized, as the official code does
+        # re-tokenized, as the official code does
+        a.gen = a.builder.add_text(a.gen, simple_think(text) if r.simple_think else text)
         a.out.timings["think_s"] = took
         self._start_image(a)
 

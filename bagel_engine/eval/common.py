@@ -1,0 +1,33 @@
+"""What the official benchmark suites share: the ranks' prompt ranges, the bounding-box crop of every saved
+picture, and the record of bad inputs (``OUT/bad_rows.jsonl``; ``bad_rows.rank{r}.jsonl`` for rank r > 0)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from bagel_engine.batch.manifest import now
+
+
+def rank_range(total: int, rank: int, world: int) -> range:
+    """The official split: contiguous ranges of ceil(total / world) prompts."""
+    per = (total + world - 1) // world
+    return range(min(rank * per, total), min(rank * per + per, total))
+
+
+def cropped_png(image) -> bytes:
+    """The picture cropped to its bounding box (``getbbox``, the official scripts' crop) as PNG bytes; an
+    all-black picture (no box) is kept whole."""
+    box = image.getbbox()
+    if box is not None:
+        image = image.crop(box)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def record_bad(out: Path, rank: int, where, error: str) -> None:
+    path = Path(out) / ("bad_rows.jsonl" if rank == 0 else f"bad_rows.rank{rank}.jsonl")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"index": where, "error": error, "finished_at": now()}) + "\n")
