@@ -115,8 +115,10 @@ class Request:
     ``negative_prompt``: text added to the text-unconditional guidance context (what the picture should
     move away from; None: that context holds no text, as in the official code).
     ``think_contexts``: which guidance contexts think mode builds for an image: ``"app"`` as
-    ``interleave_inference`` does (the text-unconditional context holds the think system prompt) or
-    ``"eval"`` as the official benchmark scripts do (``gen_images_mp_wise.py``: it holds nothing).
+    ``interleave_inference`` does, or ``"eval"`` as the official benchmark scripts do: the think text joins
+    the image-unconditional context too (``gen_images_gedit.py``, ``gen_images_mp_{imgedit,kris,rise}.py``;
+    Bagel#214), and for text to image the text-unconditional context holds nothing, not the think system
+    prompt (``gen_images_mp_wise.py``).
     """
 
     inputs: Sequence[str | ImageInput | PreparedImage]
@@ -403,7 +405,10 @@ class Engine:
             a.stage = "done"
             return
         # re-tokenized, as the official code does
-        a.gen = a.builder.add_text(a.gen, simple_think(text) if r.simple_think else text)
+        conditioning = simple_think(text) if r.simple_think else text
+        a.gen = a.builder.add_text(a.gen, conditioning)
+        if r.think_contexts == "eval":
+            a.cfg_img = a.builder.add_text(a.cfg_img, conditioning)
         a.out.timings["think_s"] = took
         self._start_image(a)
 
