@@ -368,14 +368,17 @@ class BagelPipeline:
             for k, (p, s, n) in enumerate(zip(prompts, seeds, noises))])
         return outs[0] if single else outs
 
-    def edit(self, images, prompt: str, *, think: bool = False, think_contexts: str = "app", seed: int | None = None,
+    def edit(self, images, prompt: str, *, think: bool = False, think_contexts: str = "app", size_from: int = -1,
+             seed: int | None = None,
              noise: torch.Tensor | None = None, callback=None, on_step=None, image_params: ImageParams | None = None,
              text_params: TextParams | None = None, **knobs) -> BagelOutput | list[BagelOutput]:
         """Edit one or several images (the output has the last image's resized size); app defaults
         (cfg 4.0 / 2.0, interval 0-1, text_channel renorm). The keywords of ``generate`` apply
         (``negative_prompt``, diffusers' names; with ``num_images_per_prompt`` > 1 a list of edits
         comes back, seeds ``seed + k``). ``think_contexts="eval"``: with ``think``, the think text joins the
-        image-unconditional context too, as the official benchmark scripts (GEdit, ImgEdit, KRIS, RISE) do."""
+        image-unconditional context too, as the official benchmark scripts (GEdit, ImgEdit, KRIS, RISE) do.
+        ``size_from``: the input image whose resized size the output takes (-1, the last, as the app; the
+        benchmark scripts of several input images take the first, 0)."""
         knobs, call = self._image_call("edit", knobs, seed, noise)
         images = self._as_list(images)
         if not images:
@@ -386,7 +389,7 @@ class BagelPipeline:
         seeds = self._seeds(call["seed"], call["generator"], count, count == 1)
         outs = self.engine.run([Request([*images, prompt], think=think, text=text, image=image, seed=s,
                                         noise=call["noise"], negative_prompt=call["negative_prompt"],
-                                        think_contexts=think_contexts,
+                                        think_contexts=think_contexts, size_from=size_from,
                                         callback=callback if k == 0 else None, on_step=on_step, index=k)
                                 for k, s in enumerate(seeds)])
         return outs[0] if count == 1 and call["num_images_per_prompt"] is None else outs

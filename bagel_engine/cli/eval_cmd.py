@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -267,6 +268,75 @@ def gedit(
         world=ranks.world, cache_dir=load_options.get("cache_dir"), token=load_options.get("token")), run_gedit,
         SCORER_HELP.replace("{parent}", str(output_dir.parent)), model, device, dtype, load_options, json_,
         extra={"think": think, "data": data, "language": language})
+
+
+_EDIT_SUITES = {
+    "imgedit": ("ImgEdit", "eval/gen/gen_images_mp_imgedit.py (run_imgedit.sh: no think)",
+                "Benchmark/singleturn/singleturn.json", "{key}.png", "3.28 overall (../shared/EVAL.md)"),
+    "kris": ("KRIS-Bench", "eval/gen/gen_images_mp_kris.py (run_kris.sh: think on)", "eval/gen/kris/final_data.json",
+             "{type}/{id}.png", "KRIS-Bench's published BAGEL-Think figure"),
+    "rise": ("RISEBench", "eval/gen/gen_images_mp_rise.py (run_rise.sh: think on)",
+             "eval/gen/rise/data/datav2_total_w_subtask.json", "{category}/{index}.png", "RISEBench's published figure"),
+}
+
+
+def _edit_suite_command(suite: str):
+    title, script, meta, layout, figure = _EDIT_SUITES[suite]
+
+    epilog = f"""
+[bold]What it does[/bold]: the official {script}: every item of METADATA is edited once (every input image through the
+VAE and the ViT, the output at the first image's size), cfg_text 4, cfg_img 1.5, interval 0-1, shift 3, 50 steps,
+text_channel renorm, renorm_min 0, cropped to its bounding box, as OUT/{layout}: the layout {title}'s judge reads.
+With think, the think text (temperature 0.3, at most 2,048 tokens) goes beside it as .txt and into both guidance
+contexts, as in the script. Images are read from --images (default: where the script looks, beside METADATA).
+Rerun to resume; spread over GPUs with torchrun. Item i has seed --seed + i. Bad items go to OUT/bad_rows.jsonl.
+
+[bold]Examples[/bold]
+
+  bagel eval {suite} {meta} -m ByteDance-Seed/BAGEL-7B-MoT -o out/{suite}/bagel --dtype float32
+
+  torchrun --nproc-per-node 8 --no-python bagel eval {suite} {meta} -m ./BAGEL-7B-MoT -o out/{suite}/bagel
+"""
+    def command(
+        metadata: Annotated[Path, typer.Argument(help=f"{title}'s metadata ({meta}).", exists=True, dir_okay=False)],
+        output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help=f"Where the edits go (OUT/{layout}).")],
+        model: Model = None,
+        images: Annotated[Optional[Path], typer.Option(
+            "--images", help="The benchmark's image folder (default: where the official script looks).",
+            file_okay=False)] = None,
+        think: Annotated[Optional[bool], typer.Option(
+            "--think/--no-think", help="Plan in text first (default: as the official shell script).",
+            show_default=False)] = None,
+        seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first item (the script's 42).")] = 42,
+        limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N items.")] = None,
+        cfg_text_scale: CfgTextScale = None,
+        cfg_img_scale: CfgImgScale = None,
+        cfg_interval: CfgInterval = None,
+        cfg_renorm_type: CfgRenormType = None,
+        timestep_shift: TimestepShift = None,
+        num_timesteps: NumTimesteps = None,
+        device: Device = None,
+        dtype: Dtype = None,
+        load_options: Optional[dict] = None,
+        json_: Json = False,
+    ) -> None:
+        from bagel_engine.eval.edit_suites import EditSuiteJob, run_edit_suite
+
+        knobs = _suite_knobs(dict(locals()))
+        probe = EditSuiteJob(suite, metadata, output_dir, images=images, think=think)
+        _run_suite(suite, lambda ranks: EditSuiteJob(
+            suite, metadata, output_dir, images=images, think=think, seed=seed, knobs=knobs, limit=limit,
+            rank=ranks.rank, world=ranks.world), run_edit_suite, probe.scorer_help().replace("{", "{{").replace("}", "}}"),
+            model, device, dtype, load_options, json_, extra={"think": probe.thinks, "images": str(probe.image_root)})
+
+    command.__doc__ = f"{title}'s edits exactly as the official script makes them, resumable and data parallel."
+    # the annotations name this function's locals (the suite's help texts): resolved here, for typer
+    command.__annotations__ = typing.get_type_hints(command, localns=locals(), include_extras=True)
+    return eval_app.command(suite, epilog=epilog)(with_load_options(command))
+
+
+for _suite in _EDIT_SUITES:
+    _edit_suite_command(_suite)
 
 
 def _suite_knobs(values: dict) -> dict:

@@ -138,6 +138,7 @@ class Request:
     negative_prompt: str | None = None
     think_contexts: str = "app"
     simple_think: bool = False  # WISE's option: only the think text after </think> conditions the picture
+    size_from: int = -1  # the input image whose (resized) size an edit takes: the last (the app) or e.g. 0, the first
 
     def __post_init__(self) -> None:
         if self.think_contexts not in THINK_CONTEXTS:
@@ -309,6 +310,12 @@ class Engine:
             gen = builder.add_text(gen, system)
             cfg_img = builder.add_text(cfg_img, system)
         height, width = r.image_shape
+        pictures = [item for item in prepared if not isinstance(item, str)]
+        if pictures and not r.understanding_output:
+            try:
+                height, width = pictures[r.size_from].size_hw
+            except IndexError:
+                raise BagelInputError(f"size_from {r.size_from}: there are {len(pictures)} input images") from None
         for item in prepared:
             if isinstance(item, str):
                 cfg_text = gen
@@ -321,7 +328,6 @@ class Engine:
                         eps = torch.randn((1, *self.latent_shape(*item.size_hw)), generator=a.cpu_gen)
                     gen = builder.add_vae_image(gen, item, eps)
                 gen = builder.add_vit_image(gen, item)
-                height, width = item.size_hw
                 cfg_text = gen
         if (r.think and r.think_contexts == "eval" and not r.understanding_output
                 and all(isinstance(item, str) for item in prepared)):
