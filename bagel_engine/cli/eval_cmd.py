@@ -373,3 +373,65 @@ def _run_suite(name: str, make_job, run, scorer_help: str, model, device, dtype,
         typer.echo(f"{counts['generated']} drawn, {counts['skipped']} already there, {counts['failed']} failed "
                    f"(of {total}{' on this rank' if ranks.world > 1 else ''}); pictures in {job.out_dir}")
     typer.echo(scorer_help.format(out=job.out_dir), err=True)
+
+
+score_app = typer.Typer(help="Score a suite's outputs with its judge (the official scoring scripts' steps).",
+                        no_args_is_help=True)
+eval_app.add_typer(score_app, name="score")
+
+
+@score_app.command("imgedit", epilog="""
+[bold]What it does[/bold]: the official eval/gen/imgedit/basic_bench.py, step1_get_avgscore.py and step2_typescore.py
+through any OpenAI-compatible judge: each edit in OUT (made by bagel eval imgedit) is sent with its original picture
+and the benchmark's judge prompt for its edit type; the verdicts go to OUT/result.jsonl and result.json, the scores
+to OUT/average_score.json and typescore.json (per edit type and overall), as the official steps write them.
+Verdicts are cached (OUT/judge_cache.jsonl): a rerun asks only what is missing. The key comes from the environment.
+
+[bold]Examples[/bold]
+
+  OPENAI_API_KEY=... bagel eval score imgedit Benchmark/singleturn/singleturn.json -o out/imgedit/bagel \\
+      --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-11-20            [dim]# the published judge[/dim]
+
+  bagel eval score imgedit singleturn.json -o out/imgedit/bagel --judge-url http://127.0.0.1:8000/v1 \\
+      --judge-model Qwen/Qwen2.5-VL-72B-Instruct --judge-max-requests 100              [dim]# a local vLLM[/dim]
+""")
+def score_imgedit_command(
+    metadata: Annotated[Path, typer.Argument(help="ImgEdit's singleturn.json.", exists=True, dir_okay=False)],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The edits (bagel eval imgedit -o).",
+                                             exists=True, file_okay=False)],
+    judge_url: Annotated[str, typer.Option("--judge-url", help="OpenAI-compatible API base, e.g. https://api.openai.com/v1.")],
+    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name (official: gpt-4o-2024-11-20).")],
+    judge_prompts: Annotated[Optional[Path], typer.Option(
+        "--judge-prompts", help="ImgEdit's judge_prompt.json. [default: beside METADATA]", dir_okay=False)] = None,
+    images: Annotated[Optional[Path], typer.Option(
+        "--images", help="The original pictures' folder. [default: METADATA's folder]", file_okay=False)] = None,
+    judge_key_env: Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the key.")] = "OPENAI_API_KEY",
+    judge_max_requests: Annotated[Optional[int], typer.Option(
+        "--judge-max-requests", min=1, help="At most this many new requests this run (a rerun goes on).")] = None,
+    judge_workers: Annotated[int, typer.Option("--judge-workers", min=1, help="Requests in flight at once.")] = 4,
+    json_: Json = False,
+) -> None:
+    """ImgEdit's GPT scores of the edits in OUT, as the official scoring scripts compute them."""
+    from bagel_engine.eval.imgedit_score import score_imgedit
+    from bagel_engine.eval.judge import Judge, JudgeConfig
+
+    try:
+        judge = Judge(JudgeConfig(judge_url, judge_model, key_env=judge_key_env, max_requests=judge_max_requests),
+                      output_dir / "judge_cache.jsonl")
+        bar, progress = _progress_bar("imgedit judge", "edit", json_)
+        try:
+            report = score_imgedit(output_dir, metadata, images or metadata.parent,
+                                   judge_prompts or metadata.parent / "judge_prompt.json", judge, judge_workers, progress)
+        finally:
+            bar.close()
+    except (ValueError, OSError) as e:  # BagelInputError included
+        fail(str(e), json_)
+    if json_:
+        print(json.dumps({"suite": "imgedit", **report}))
+    else:
+        for name, value in report["scores"].items():
+            typer.echo(f"{name:>12}  {value:.2f}")
+        typer.echo(f"{report['judged']} edits judged ({report['asked']} asked this run), {len(report['failed'])} failed, "
+                   f"{report['left_by_cap']} left by --judge-max-requests, {report['no_edit_yet']} without an edit yet")
+    if report["failed"] or report["left_by_cap"]:
+        raise typer.Exit(1 if report["failed"] else 0)

@@ -1,0 +1,144 @@
+"""GPT-judged scoring through an OpenAI-compatible endpoint, against a fake judge served over loopback: ImgEdit's
+official scoring steps (the verdict files, the mean of 'Name: digit' lines, per edit type and overall), the
+benchmark's own prompt file, the key from the environment, retries, the verdict cache and the request cap."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bagel_engine.eval.imgedit_score import score_imgedit, type_scores, verdict_score
+from bagel_engine.eval.judge import Judge, JudgeConfig, JudgeError
+
+PROMPTS = {"add": "Judge the addition: <edit_prompt>. Answer as 'Name: score' lines.",
+           "style": "Judge the style change: <edit_prompt>."}
+
+
+class FakeJudge:
+    """A chat-completions endpoint: 'hat' edits score 4/3/5, others 2/2; the first request of a run gets a 503."""
+
+    def __init__(self, fail_first: bool = True):
+        self.requests: list[dict] = []
+        self.auth: list[str | None] = []
+        self.fail_first = fail_first
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.auth.append(self.headers.get("Authorization"))
+                if judge.fail_first:
+                    judge.fail_first = False
+                    self.send_response(503)
+                    self.end_headers()
+                    self.wfile.write(b"busy")
+                    return
+                judge.requests.append(body)
+                text = body["messages"][0]["content"][0]["text"]
+                verdict = ("Prompt Compliance: 4\nVisual Naturalness: 3\nPhysical & Detail Integrity: 5" if "hat" in text
+                           else "Prompt Compliance: 2\nVisual Naturalness: 2\nnotes: fine")
+                out = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": verdict}, "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture()
+def fake():
+    judge = FakeJudge()
+    yield judge
+    judge.close()
+
+
+def benchmark(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "singleturn"
+    root.mkdir(parents=True)
+    meta = {"1": {"id": "a.png", "prompt": "Add a hat", "edit_type": "add"},
+            "2": {"id": "b.png", "prompt": "Make it a sketch", "edit_type": "style"},
+            "3": {"id": "b.png", "prompt": "Add a dog", "edit_type": "add"},
+            "4": {"id": "b.png", "prompt": "not made yet", "edit_type": "add"}}
+    (root / "singleturn.json").write_text(json.dumps(meta))
+    (root / "judge_prompt.json").write_text(json.dumps(PROMPTS))
+    out = tmp_path / "bagel"
+    out.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(root / f"{name}.png")
+    for key in ("1", "2", "3"):
+        Image.new("RGB", (8, 8), (0, 0, 200)).save(out / f"{key}.png")
+    return root / "singleturn.json", out
+
+
+def test_the_official_score_arithmetic():
+    assert verdict_score("Prompt Compliance: 4\nVisual Naturalness: 3\nnote: x") == 3.5
+    assert verdict_score("no scores at all") is None
+    assert type_scores({"1": 4.0, "2": 2.0, "3": 3.0}, {"1": {"edit_type": "add"}, "2": {"edit_type": "style"},
+                                                         "3": {"edit_type": "add"}}) == {"add": 3.5, "style": 2.0,
+                                                                                          "overall": 3.0}
+
+
+def test_imgedit_scoring_resume_and_cap(tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "judge-secret")
+    meta, out = benchmark(tmp_path)
+    judge = Judge(JudgeConfig(fake.url, "gpt-4o-2024-11-20", backoff_s=0.01), out / "judge_cache.jsonl")
+    report = score_imgedit(out, meta, meta.parent, meta.parent / "judge_prompt.json", judge, workers=1)
+    assert report["scores"] == {"add": 3.0, "style": 2.0, "overall": 2.67} and report["no_edit_yet"] == 1
+    assert json.loads((out / "average_score.json").read_text()) == {"1": 4.0, "2": 2.0, "3": 2.0}
+    assert json.loads((out / "typescore.json").read_text())["overall"] == 2.67
+    assert set(json.loads((out / "result.json").read_text())) == {"1", "2", "3"}
+    first = fake.requests[0]
+    assert first["model"] == "gpt-4o-2024-11-20"
+    content = first["messages"][0]["content"]
+    assert content[0]["text"] == "Judge the addition: Add a hat. Answer as 'Name: score' lines."  # the file's prompt
+    assert [p["type"] for p in content] == ["text", "image_url", "image_url"]  # original, then the edit
+    assert set(fake.auth) == {"Bearer judge-secret"} and len(fake.requests) == 3  # the 503 was retried
+    # a rerun asks nothing: every verdict is in result.jsonl
+    again = score_imgedit(out, meta, meta.parent, meta.parent / "judge_prompt.json",
+                          Judge(JudgeConfig(fake.url, "gpt-4o-2024-11-20"), out / "judge_cache.jsonl"), workers=1)
+    assert again["asked"] == 0 and again["scores"] == report["scores"] and len(fake.requests) == 3
+    # the cap: one new request, the rest left for a rerun
+    meta2, out2 = benchmark(tmp_path / "second")
+    capped = score_imgedit(out2, meta2, meta2.parent, meta2.parent / "judge_prompt.json",
+                           Judge(JudgeConfig(fake.url, "m", max_requests=1), out2 / "judge_cache.jsonl"), workers=1)
+    assert capped["asked"] == 1 and capped["left_by_cap"] == 2 and capped["judged"] == 1
+
+
+def test_a_judge_that_refuses_is_reported_per_item(tmp_path):
+    judge = Judge(JudgeConfig("http://127.0.0.1:9/v1", "m", retries=1, backoff_s=0.01), tmp_path / "c.jsonl")
+    with pytest.raises(JudgeError, match="cannot reach"):
+        judge.ask([{"type": "text", "text": "hello"}])
+    with pytest.raises(ValueError, match="judge-url"):
+        Judge(JudgeConfig("api.openai.com", "m"), tmp_path / "c.jsonl")
+
+
+def test_the_command(tmp_path):
+    fake = FakeJudge(fail_first=False)
+    try:
+        meta, out = benchmark(tmp_path)
+        r = subprocess.run([sys.executable, "-m", "bagel_engine", "eval", "score", "imgedit", str(meta), "-o", str(out),
+                            "--judge-url", fake.url, "--judge-model", "gpt-4o-2024-11-20", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        assert summary["scores"]["overall"] == 2.67 and summary["asked"] == 3
+    finally:
+        fake.close()
