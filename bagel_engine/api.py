@@ -175,8 +175,8 @@ class BagelPipeline:
         self.engine.check_size(height, width)
 
     def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None,
-                      vit_from_original: bool = False) -> PreparedImage:
-        return self.engine.prepare_image(image, key, max_side, vit_from_original)
+                      vit_from_original: bool = False, resize=None) -> PreparedImage:
+        return self.engine.prepare_image(image, key, max_side, vit_from_original, resize)
 
     def start_batching(self, max_batch: int = 8, max_step_tokens: int | None = None) -> "BagelPipeline":
         """From now on, calls from several threads (a server's clients) are batched step by step by one

@@ -159,7 +159,7 @@ def official_layout(tmp_path_factory, official_rows):
     (root / "example.yaml").write_text("""
 t2i_pretrain:
   dataset_names: [t2i]
-  image_transform_args: {image_stride: 16, max_image_size: 1024, min_image_size: 512}
+  image_transform_args: {image_stride: 8, max_image_size: 32, min_image_size: 16}
   is_mandatory: true
   num_used_data: [3]
   weight: 1
@@ -170,6 +170,7 @@ unified_edit:
   weight: 1
 vlm_sft:
   dataset_names: [llava_ov]
+  image_transform_args: {image_stride: 14, max_image_size: 56, min_image_size: 28, max_pixels: 2_007_040}
   is_mandatory: true
   shuffle_lines: true
   shuffle_seed: 0
@@ -202,7 +203,7 @@ def test_the_official_yaml_mix_reads_packs_resumes_and_trains(official_layout, t
     pipe = bagel_engine.load(MODEL_DIR, device="cpu")
 
     def stream():
-        packer = SequencePacker(pipe.config, pipe.tokenizer, lambda im, key: pipe.prepare_image(im, key))
+        packer = SequencePacker(pipe.config, pipe.tokenizer, lambda im, key, resize=None: pipe.prepare_image(im, key, resize=resize))
         return MixedStream(read_official_config(official_layout), packer, max_tokens=1200, seed=5)
 
     a = stream()
@@ -223,6 +224,39 @@ def test_the_official_yaml_mix_reads_packs_resumes_and_trains(official_layout, t
     Trainer(cfg).run()
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "mse" in r] == [1, 2]
+
+
+def test_a_group_s_image_transform_args_resize_its_pictures(official_layout):
+    """t2i_pretrain's image_transform_args are its VAE rule (48x32 -> 32x24 at max 32 / min 16 / stride 8, not the
+    model's 64 / 32 / 4, which keeps 48x32); vlm_sft's are its ViT rule; unified_edit has none: the model's."""
+    import bagel_engine
+    from bagel_engine.train.official_mix import MixedStream, read_official_config
+    from bagel_engine.train.packing import SequencePacker
+    from bagel_engine.train.sample import ImageTransforms
+    from golden import MODEL_DIR
+
+    groups = read_official_config(official_layout)
+    assert [g.transforms for g in groups] == [ImageTransforms(vae=(32, 16, 8, None)), None,
+                                              ImageTransforms(vit=(56, 28, 14, 2007040))]
+    pipe = bagel_engine.load(MODEL_DIR, device="cpu")
+    sizes = []
+
+    def prepare(image, key, resize=None):
+        out = pipe.prepare_image(image, key, resize=resize)
+        sizes.append((resize, tuple(out.vae_pixels.shape[1:]), tuple(out.vit_pixels.shape[1:])))
+        return out
+
+    stream = MixedStream([groups[0]], SequencePacker(pipe.config, pipe.tokenizer, prepare), max_tokens=1200, seed=5)
+    batch = next(stream)
+    d = pipe.config.latent_downsample
+    assert {s[1] for s in sizes} == {(24, 32)}  # (H, W) by the group's rule
+    assert len(batch.vae_indexes) == len(batch.sample_lens) * (24 // d) * (32 // d)
+    plain = pipe.prepare_image(Image.new("RGB", (48, 32)), "x")
+    assert tuple(plain.vae_pixels.shape[1:]) == (32, 48)  # the model's own rule keeps it
+    with pytest.raises(ValueError, match="max_pixel|not among"):
+        from bagel_engine.train.official_mix import group_transforms
+        group_transforms("t2i_pretrain", {"image_transform_args": {"image_stride": 8, "max_image_size": 32,
+                                                                   "min_image_size": 16, "max_pixel": 5}})
 
 
 def torch_equal(a, b) -> bool:

@@ -521,18 +521,26 @@ class Engine:
         return self.config.vae.z_channels, height // d, width // d
 
     def prepare_image(self, image: ImageInput, key: object, max_side: int | None = None,
-                      vit_from_original: bool = False) -> PreparedImage:
+                      vit_from_original: bool = False, resize=None) -> PreparedImage:
         """An input image through the official VAE and ViT resize rules. ``max_side`` caps the VAE
         size's long side (and the short-side minimum with it), e.g. to fine-tune at 512 px.
         The official inference resizes for the ViT from the VAE-resized image; the official trainer from
-        the original (``vit_from_original=True``; tests/test_train_parity.py)."""
+        the original (``vit_from_original=True``; tests/test_train_parity.py). ``resize``: other rules,
+        ``.vae`` / ``.vit`` each ``(max, min, stride, max_pixels)`` or None for the model's (a training
+        group's ``image_transform_args``)."""
         img = transforms.to_rgb(transforms.check_image(image))
         vae_max, vae_min, vae_stride = self.config.bagel.vae_transform
         vit_max, vit_min, vit_stride = self.config.bagel.vit_transform
+        vae_pixels = vit_pixels = transforms.DEFAULT_MAX_PIXELS
+        if resize is not None and resize.vae is not None:
+            vae_max, vae_min, vae_stride, vae_pixels = resize.vae
+        if resize is not None and resize.vit is not None:
+            vit_max, vit_min, vit_stride, vit_pixels = resize.vit
         if max_side is not None:
             vae_max, vae_min = min(vae_max, max_side), min(vae_min, max_side)
-        resized = transforms.resize_image(img, vae_max, vae_min, vae_stride)
-        vit_img = transforms.resize_image(img if vit_from_original else resized, vit_max, vit_min, vit_stride)
+        resized = transforms.resize_image(img, vae_max, vae_min, vae_stride, vae_pixels or transforms.DEFAULT_MAX_PIXELS)
+        vit_img = transforms.resize_image(img if vit_from_original else resized, vit_max, vit_min, vit_stride,
+                                          vit_pixels or transforms.DEFAULT_MAX_PIXELS)
         return PreparedImage(key=key, vae_image=resized, vae_pixels=transforms.image_to_tensor(resized),
                              vit_pixels=transforms.image_to_tensor(vit_img))
 

@@ -277,11 +277,14 @@ def row_sample(row: Row, task: str = "auto", rng: random.Random | None = None) -
 
 
 def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto",
-                  rng: random.Random | None = None) -> tuple[sample_plans.Sample, int] | str:
+                  rng: random.Random | None = None,
+                  transforms: sample_plans.ImageTransforms | None = None) -> tuple[sample_plans.Sample, int] | str:
     """``(sample, tokens)`` of a row, or the reason it cannot be trained on (bad content, sizes the
-    model cannot take, more tokens than ``max_tokens``)."""
+    model cannot take, more tokens than ``max_tokens``). ``transforms``: its pictures' resize rules (None:
+    the model's)."""
     try:
         sample = row_sample(row, task, rng)
+        sample.transforms = transforms
         n = sample_length(packer, sample)
     except ValueError as e:  # BagelInputError included
         return str(e)

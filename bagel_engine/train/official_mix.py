@@ -11,8 +11,12 @@ name order here); a JSONL group its first ``num_used_data`` lines (after a shuff
 
 Mixing (``MixedStream``) follows the official packed dataset: every sequence starts with one sample of each
 mandatory group, then each sample comes from a group drawn by weight. Every draw is fixed by the seed and the
-sequence's number, and each group keeps its own epoch and cursor, so a resumed run continues exactly. The
-per-group ``image_transform_args`` are not applied yet: images take the model's own transforms.
+sequence's number, and each group keeps its own epoch and cursor, so a resumed run continues exactly.
+
+A group's ``image_transform_args`` (``max_image_size``, ``min_image_size``, ``image_stride``, ``max_pixels``) resize its
+pictures instead of the model's rules, as the official datasets do: the VAE's for ``t2i_pretrain`` and
+``unified_edit`` (whose ``vit_image_transform_args`` are the ViT's), the ViT's for ``vlm_sft`` (its pictures are
+only seen by the ViT). A group without them takes the model's rules.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from bagel_engine.batch.reader import Row, read_rows
 from bagel_engine.params import BagelInputError
 from bagel_engine.train.data import BadRow, restore_rng, row_rng, usable_sample
 from bagel_engine.train.packing import PackedBatch, SequencePacker
+from bagel_engine.train.sample import ImageTransforms
 
 PARQUET_GROUPS = ("t2i_pretrain", "unified_edit")
 JSONL_GROUPS = ("vlm_sft",)
@@ -38,6 +43,38 @@ class Group:
     rows: list[Row]
     weight: float
     mandatory: bool
+    transforms: ImageTransforms | None = None
+
+
+TRANSFORM_KEYS = ("max_image_size", "min_image_size", "image_stride", "max_pixels")
+
+
+def _resize_rule(group: str, key: str, args) -> tuple[int, int, int, int | None] | None:
+    """``(max, min, stride, max_pixels)`` of an official ImageTransform's arguments (None when not given)."""
+    if args is None:
+        return None
+    if not isinstance(args, dict) or not {"max_image_size", "min_image_size", "image_stride"} <= set(args):
+        raise BagelInputError(f"group {group!r}: {key} needs max_image_size, min_image_size and image_stride")
+    unknown = sorted(set(args) - set(TRANSFORM_KEYS))
+    if unknown:
+        raise BagelInputError(f"group {group!r}: {key} has {', '.join(unknown)}, not among {', '.join(TRANSFORM_KEYS)}")
+    try:
+        values = [int(args[k]) for k in TRANSFORM_KEYS[:3]] + [int(args["max_pixels"]) if "max_pixels" in args else None]
+    except (TypeError, ValueError):
+        raise BagelInputError(f"group {group!r}: {key} values must be integers") from None
+    if min(v for v in values if v is not None) <= 0 or values[1] > values[0]:
+        raise BagelInputError(f"group {group!r}: {key} needs positive sizes and min_image_size <= max_image_size")
+    return tuple(values)
+
+
+def group_transforms(name: str, args: dict) -> ImageTransforms | None:
+    """A group's resize rules from its YAML arguments (see the module doc)."""
+    if name in JSONL_GROUPS:
+        vae, vit = None, _resize_rule(name, "image_transform_args", args.get("image_transform_args"))
+    else:
+        vae = _resize_rule(name, "image_transform_args", args.get("image_transform_args"))
+        vit = _resize_rule(name, "vit_image_transform_args", args.get("vit_image_transform_args"))
+    return None if vae is None and vit is None else ImageTransforms(vae, vit)
 
 
 def is_official_config(path: str | Path) -> bool:
@@ -89,7 +126,8 @@ def read_official_config(path: str | Path, dataset_info: str | Path | None = Non
             rows += found
         if not rows:
             raise BagelInputError(f"group {name!r} has no rows")
-        groups.append(Group(name, rows, float(args.get("weight", 1.0)), bool(args.get("is_mandatory", False))))
+        groups.append(Group(name, rows, float(args.get("weight", 1.0)), bool(args.get("is_mandatory", False)),
+                            group_transforms(name, args)))
     if not groups or sum(g.weight for g in groups) <= 0:
         raise BagelInputError(f"{path}: no group with a positive weight")
     return groups
@@ -166,7 +204,8 @@ class MixedStream:
             self.cursors[group.name] = [epoch, cursor]
             if (group.name, row.position) in self._bad_seen:
                 continue
-            usable = usable_sample(row, self.packer, self.max_tokens, self.task, row_rng(row, self.seed, epoch))
+            usable = usable_sample(row, self.packer, self.max_tokens, self.task, row_rng(row, self.seed, epoch),
+                                   group.transforms)
             if isinstance(usable, str):
                 self._bad_seen.add((group.name, row.position))
                 self.bad.append(BadRow(row.where(), usable))

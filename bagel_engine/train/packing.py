@@ -141,8 +141,9 @@ class PackedBatch:
 
 
 class SequencePacker:
-    """Turns samples into packed sequences. ``prepare`` resizes an image with the model's VAE and
-    ViT transforms (``BagelPipeline.prepare_image``)."""
+    """Turns samples into packed sequences. ``prepare(image, key)`` resizes an image with the model's VAE and
+    ViT transforms (``BagelPipeline.prepare_image``); a sample with its own ``transforms`` calls
+    ``prepare(image, key, transforms)``."""
 
     def __init__(self, config: ModelConfig, tokenizer: BagelTokenizer,
                  prepare: Callable[[object, object], PreparedImage], dropout: Dropout | None = None,
@@ -163,6 +164,12 @@ class SequencePacker:
                              "generation expert (--no-visual-gen)")
         if not self.visual_und and pictures and not any(p.target or p.as_vae for p in pictures):
             raise ValueError("it needs the ViT to see its image(s), and this run trains without it (--no-visual-und)")
+
+    def prepared(self, segment, sample: Sample) -> PreparedImage:
+        """A picture through the model's resize rules, or the sample's own (``prepare(image, key, transforms)``)."""
+        if sample.transforms is None:
+            return self.prepare(segment.image, id(segment))
+        return self.prepare(segment.image, id(segment), sample.transforms)
 
     # -- sizes
     def _latent_grid(self, image: PreparedImage) -> tuple[int, int]:
@@ -206,7 +213,7 @@ class SequencePacker:
                     rope += len(ids)
                     b.split(len(ids), CAUSAL)
                     continue
-                image = self.prepare(segment.image, id(segment))
+                image = self.prepared(segment, sample)
                 if segment.target or segment.as_vae:
                     h, w = self._latent_grid(image)
                     rows = b.take(h * w + 2)
@@ -295,7 +302,7 @@ def sample_length(packer: SequencePacker, sample: Sample) -> int:
             continue
         if not packer.visual_und and segment.as_vit and not segment.as_vae:
             continue
-        image = packer.prepare(segment.image, id(segment))
+        image = packer.prepared(segment, sample)
         if segment.target or segment.as_vae:
             h, w = packer._latent_grid(image)
             n += h * w + 2

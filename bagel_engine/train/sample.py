@@ -58,10 +58,20 @@ class Dropout:
     vae: float = 0.1
 
 
+@dataclass(frozen=True)
+class ImageTransforms:
+    """Resize rules for a sample's pictures (max side, min side, stride, max pixels) instead of the model's own:
+    the official dataset YAML's per-group ``image_transform_args`` / ``vit_image_transform_args``."""
+
+    vae: tuple[int, int, int, int | None] | None = None
+    vit: tuple[int, int, int, int | None] | None = None
+
+
 @dataclass
 class Sample:
     segments: list[Segment]
     name: str = ""  # where it came from, for messages
+    transforms: ImageTransforms | None = None  # None: the model's own resize rules
 
     @property
     def has_loss(self) -> bool:

@@ -228,7 +228,8 @@ class Trainer:
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()} if cfg.ema else None
         max_side = cfg.max_image_side
         packer = SequencePacker(self.pipe.config, self.pipe.tokenizer,
-                                lambda image, key: self.pipe.prepare_image(image, key, max_side, vit_from_original=True),
+                                lambda image, key, resize=None: self.pipe.prepare_image(image, key, max_side, vit_from_original=True,
+                                                                                   resize=resize),
                                 cfg.dropout, random.Random(cfg.seed * 1000 + self.dist.rank),
                                 visual_gen=cfg.visual_gen, visual_und=cfg.visual_und)
         if is_official_config(cfg.data):  # the official trainer's dataset YAML, as it is
