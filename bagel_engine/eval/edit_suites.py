@@ -37,6 +37,7 @@ from typing import Any, Callable
 from bagel_engine.batch.manifest import atomic_write_bytes
 from bagel_engine.eval.common import cropped_png, rank_range, record_bad
 from bagel_engine.params import BagelInputError
+from bagel_engine.runtime.image_transforms import check_image
 
 log = logging.getLogger(__name__)
 
@@ -188,19 +189,6 @@ def read_items(job: EditSuiteJob) -> list[EditItem | str]:
     return job.spec.reader(data, job.image_root)
 
 
-def _open(path: Path):
-    from PIL import Image
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such picture (is --images the benchmark's image folder?)") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e})") from None
-    return image
-
-
 def run_edit_suite(pipe, job: EditSuiteJob, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Make every edit this rank owns that is not there yet (see the module doc); the counts."""
     items = read_items(job)
@@ -220,7 +208,7 @@ def run_edit_suite(pipe, job: EditSuiteJob, progress: Callable[[int, int], None]
             counts["skipped"] += 1
         else:
             try:
-                pictures = [_open(p) for p in item.images]
+                pictures = [check_image(p) for p in item.images]  # BagelInputError names the file
                 result = pipe.edit(pictures, item.prompt, seed=job.seed + index, think=think, think_contexts="eval",
                                    size_from=0, **settings)
                 (out / item.name).parent.mkdir(parents=True, exist_ok=True)

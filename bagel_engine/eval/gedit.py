@@ -31,6 +31,7 @@ from typing import Any, Callable
 from bagel_engine.batch.manifest import atomic_write_bytes
 from bagel_engine.eval.common import record_bad
 from bagel_engine.params import BagelInputError
+from bagel_engine.runtime.image_transforms import check_image
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +110,12 @@ def read_rows(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def _image(value):
-    """The row's input picture, decoded; ValueError when there is none or it cannot be read."""
-    from PIL import Image
-
+    """The row's input picture, decoded (BagelInputError when there is none or it cannot be read)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if not isinstance(value, (bytes, bytearray, str)) or not value:
-        raise ValueError("no image in input_image")
-    try:
-        image = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-        image.load()
-    except OSError as e:  # PIL's UnidentifiedImageError included
-        raise ValueError(f"input_image cannot be read: {e}") from None
-    return image
+        raise BagelInputError("no image in input_image")
+    return check_image(value)
 
 
 def _problem(row: dict[str, Any]) -> str | None:
