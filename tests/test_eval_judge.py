@@ -115,6 +115,10 @@ def test_imgedit_scoring_resume_and_cap(tmp_path, fake, monkeypatch):
     again = score_imgedit(out, meta, meta.parent, meta.parent / "judge_prompt.json",
                           Judge(JudgeConfig(fake.url, "gpt-4o-2024-11-20"), out / "judge_cache.jsonl"), workers=1)
     assert again["asked"] == 0 and again["scores"] == report["scores"] and len(fake.requests) == 3
+    # another judge on the same folder is refused: the verdicts would mix
+    with pytest.raises(ValueError, match="was judged by gpt-4o-2024-11-20"):
+        score_imgedit(out, meta, meta.parent, meta.parent / "judge_prompt.json",
+                      Judge(JudgeConfig(fake.url, "another-model"), out / "judge_cache.jsonl"), workers=1)
     # the cap: one new request, the rest left for a rerun
     meta2, out2 = benchmark(tmp_path / "second")
     capped = score_imgedit(out2, meta2, meta2.parent, meta2.parent / "judge_prompt.json",

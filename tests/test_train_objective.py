@@ -305,3 +305,40 @@ def test_latent_cache_bound_keeps_nothing_beyond_it():
         cache.moments(px, encode)
     assert cache.stats()["entries"] == 1 and len(calls) == 3  # a kept, b re-encoded
     torch.testing.assert_close(cache.moments(a, encode), a[:1] * 2)
+
+
+def test_pictures_of_a_sequence_are_encoded_together_with_the_separate_numbers(pipe, photo):
+    """batch_moments encodes the missing pictures of one size in one call: the moments of one at a time, kept."""
+    from bagel_engine.train.latent_cache import LatentCache
+    from bagel_engine.train.objective import batch_moments
+
+    a = pipe.prepare_image(photo, 0).vae_pixels
+    b = pipe.prepare_image(photo.rotate(90, expand=True), 1).vae_pixels  # another size
+    c = pipe.prepare_image(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), 2).vae_pixels
+    cache = LatentCache(10)
+    with torch.no_grad():
+        together = batch_moments(pipe.vae, [a, b, c, a], cache)
+        alone = [pipe.vae.encode_moments(x[None]) for x in (a, b, c, a)]
+    for x, y in zip(together, alone):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert cache.stats()["entries"] == 3 and (cache.misses, cache.hits) == (3, 1)  # the repeated one: encoded once
+    with torch.no_grad():
+        again = batch_moments(pipe.vae, [c, a], cache)
+    assert cache.hits == 3 and torch.equal(again[0], together[2])
+
+
+def test_packed_spans_pad_into_one_batch_only_when_padding_is_cheap():
+    from bagel_engine.model.kv_cache import SampleBlocks
+
+    def blocks(lengths):
+        spans, start = [], 0
+        for n in lengths:
+            spans.append((start, start + n))
+            start += n
+        return SampleBlocks(tuple(spans), tuple(torch.ones(n, n, dtype=torch.bool) for n in lengths))
+
+    assert blocks([30, 75, 40] * 10).batched  # tens of short samples: one padded call
+    assert not blocks([4000] + [30] * 40).batched  # one long span among short ones: span by span
+    q = torch.randn(4000 + 30 * 40, 2, 8)
+    skewed = blocks([4000] + [30] * 40)
+    assert skewed.attend(q, q, q).shape == q.shape

@@ -266,7 +266,8 @@ def gedit(
     _run_suite("gedit", lambda ranks: GEditJob(
         data, output_dir, think=think, seed=seed, knobs=knobs, language=language, limit=limit, rank=ranks.rank,
         world=ranks.world, cache_dir=load_options.get("cache_dir"), token=load_options.get("token")), run_gedit,
-        SCORER_HELP.replace("{parent}", str(output_dir.parent)), model, device, dtype, load_options, json_,
+        SCORER_HELP.replace("{parent}", str(output_dir.parent).replace("{", "{{").replace("}", "}}")), model, device,
+        dtype, load_options, json_,
         extra={"think": think, "data": data, "language": language})
 
 

@@ -79,10 +79,12 @@ def _check(data: Path, model: str, task: str, max_tokens: int, max_image_side: i
 
     pipe = bagel_engine.load(model, device="meta", **(hub or {}))  # configs and tokenizer only (a hub model too)
     packer = SequencePacker(pipe.config, pipe.tokenizer,
-                            lambda image, key: pipe.prepare_image(image, key, max_image_side, vit_from_original=True))
+                            lambda image, key, resize=None: pipe.prepare_image(image, key, max_image_side,
+                                                                               vit_from_original=True, resize=resize))
     if is_official_config(data):
         groups = read_official_config(data, dataset_info)
-        report = survey_rows([row for g in groups for row in g.rows], packer, max_tokens, task)
+        report = survey_rows([row for g in groups for row in g.rows], packer, max_tokens, task,
+                             [g.transforms for g in groups for _ in g.rows])
         report["groups"] = {g.name: {"rows": len(g.rows), "weight": g.weight, "mandatory": g.mandatory} for g in groups}
     else:
         report = survey(data, packer, max_tokens, task)

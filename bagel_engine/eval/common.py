@@ -28,6 +28,15 @@ def cropped_png(image) -> bytes:
 
 
 def record_bad(out: Path, rank: int, where, error: str) -> None:
+    """Add a bad input to the record, once (a rerun meets it again and does not repeat it)."""
     path = Path(out) / ("bad_rows.jsonl" if rank == 0 else f"bad_rows.rank{rank}.jsonl")
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                seen = json.loads(line)
+            except ValueError:
+                continue
+            if seen.get("index") == where and seen.get("error") == error:
+                return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"index": where, "error": error, "finished_at": now()}) + "\n")

@@ -97,7 +97,7 @@ def _kris(data, root: Path) -> list[EditItem | str]:
     for number, entry in enumerate(data):
         entry = entry if isinstance(entry, dict) else {}
         pictures = entry.get("ori_img")
-        pictures = [pictures] if isinstance(pictures, str) else pictures
+        pictures = [pictures] if isinstance(pictures, str) else pictures if isinstance(pictures, list) else None
         name = _name(entry.get("type", ""), entry.get("id", ""))
         if not _text(entry.get("ins_en")) or not pictures or not all(_text(p) for p in pictures):
             items.append(f"entry {number}: no 'ins_en' or no 'ori_img'")

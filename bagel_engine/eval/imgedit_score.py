@@ -7,7 +7,8 @@ instruction, then the original picture and the edit, as data URLs; the verdict t
 (``{"key", "result"}``, appended as each arrives, as the official script does) and ``OUT/result.json``. The score of
 an item is the mean (2 decimals) of the verdict's ``Name: digit`` lines; ``OUT/average_score.json`` holds them and
 ``OUT/typescore.json`` the mean per edit type and ``overall``: the files the official steps write. An item already
-in ``result.jsonl`` is not asked again.
+in ``result.jsonl`` is not asked again; ``OUT/judge.json`` names the judge, and another judge is refused for the
+same folder (its verdicts would mix).
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def _done(path: Path) -> dict[str, str]:
     return results
 
 
+def _same_judge(path: Path, judge: Judge) -> None:
+    """One judge per output folder: its verdicts are not mixed with another model's."""
+    me = {"url": judge.cfg.url, "model": judge.cfg.model}
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != me:
+            raise BagelInputError(f"{path.parent} was judged by {before['model']} at {before['url']}: give that judge, "
+                                  "or remove its result.jsonl and judge.json to judge again")
+    else:
+        path.write_text(json.dumps(me), encoding="utf-8")
+
+
 def score_imgedit(out_dir: Path, metadata_file: Path, image_root: Path, prompts_file: Path, judge: Judge,
                   workers: int = 4, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     out_dir, image_root = Path(out_dir), Path(image_root)
@@ -68,12 +81,15 @@ def score_imgedit(out_dir: Path, metadata_file: Path, image_root: Path, prompts_
     except (OSError, ValueError) as e:
         raise BagelInputError(f"--judge-prompts {prompts_file}: cannot read ImgEdit's judge_prompt.json ({e})") from None
     result_jsonl = out_dir / "result.jsonl"
+    _same_judge(out_dir / "judge.json", judge)
     results = _done(result_jsonl)
     todo, missing = [], 0
     for key, item in metadata.items():
         if key in results:
             continue
-        if not (out_dir / f"{key}.png").exists():
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not isinstance(item.get("id"), str):
+            log.warning("%s: no 'prompt' or 'id' in the metadata", key)
+        elif not (out_dir / f"{key}.png").exists():
             missing += 1
         elif item.get("edit_type") not in prompts:
             log.warning("%s: no judge prompt for edit type %r", key, item.get("edit_type"))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
+import mimetypes
 import os
 import threading
 import time
@@ -51,7 +53,8 @@ class JudgeConfig:
 def image_part(path: Path) -> dict:
     """A picture file as a chat content part (a base64 data URL, as the official judges send it)."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+    mime = mimetypes.guess_type(str(path))[0] or "image/png"
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
 
 
 class Judge:
@@ -72,7 +75,7 @@ class Judge:
                     continue  # a line cut by a kill: asked again
 
     def _digest(self, content: list[dict]) -> str:
-        body = json.dumps({"model": self.cfg.model, "content": content}, sort_keys=True).encode()
+        body = json.dumps({"url": self.cfg.url, "model": self.cfg.model, "content": content}, sort_keys=True).encode()
         return hashlib.sha256(body).hexdigest()
 
     def ask(self, content: list[dict]) -> str:
@@ -118,7 +121,7 @@ class Judge:
                 last = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
                 if e.code not in RETRIABLE:
                     raise JudgeError(last) from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 last = f"cannot reach {url}: {e}"
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 raise JudgeError(f"the judge's answer is not a chat completion ({e})") from None

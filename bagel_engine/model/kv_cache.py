@@ -119,7 +119,8 @@ class SampleBlocks:
 
     The spans run as one batch, each padded to the longest (``padded``): one SDPA call for the whole
     sequence instead of one per sample, whose per-call and slice-backward overheads dominated a CPU step
-    with tens of short samples."""
+    with tens of short samples; when padding would cost much more than the spans themselves (``batched``),
+    span by span."""
 
     spans: tuple[tuple[int, int], ...]
     masks: tuple[torch.Tensor, ...]
@@ -142,8 +143,19 @@ class SampleBlocks:
             unpad.append(torch.arange(i * longest, i * longest + n, device=device))
         return gather, mask, torch.cat(unpad)
 
+    @functools.cached_property
+    def batched(self) -> bool:
+        """Whether padding is cheap: the padded attention is small in itself, or within 4x of the spans' own
+        cost (one long span among short ones runs span by span instead: padding would multiply its cost)."""
+        lengths = [b - a for a, b in self.spans]
+        padded = len(lengths) * max(lengths) ** 2
+        return padded <= (1 << 22) or padded <= 4 * sum(n * n for n in lengths)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (T, Hq, D), k, v: (T, Hkv, D) -> (T, Hq, D)."""
+        if not self.batched:
+            return torch.cat([attend_dense_mask(q[None, a:b], k[None, a:b], v[None, a:b], m[None])[0]
+                              for (a, b), m in zip(self.spans, self.masks)])
         gather, mask, unpad = self.padded
         flat = gather.reshape(-1)
         pad = lambda x: x.index_select(0, flat).reshape(*gather.shape, *x.shape[1:])  # noqa: E731

@@ -87,7 +87,7 @@ class Recipe:
     ae_steps: int = 1200
     ae_batch: int = 16
     ae_eval_pictures: int = 256  # held-out pictures for the reconstruction PSNR
-    steps: int = 12000
+    steps: int = 10000
     lr: float = 1e-3
     refine_steps: int = 0  # an optional stage 2 (0: ship stage 1)
     refine_lr: float = 6e-4

@@ -397,10 +397,11 @@ class DataStream:
 
 
 def _usable_rows(rows: list[Row], packer: SequencePacker, max_tokens: int, task: str,
-                 bad: list[BadRow]) -> Iterator[tuple[Row, sample_plans.Sample, int]]:
-    """The rows that can be trained on, in order, with their samples and token counts; the others go to ``bad``."""
-    for row in rows:
-        usable = usable_sample(row, packer, max_tokens, task)
+                 bad: list[BadRow], transforms: list | None = None) -> Iterator[tuple[Row, sample_plans.Sample, int]]:
+    """The rows that can be trained on, in order, with their samples and token counts; the others go to ``bad``.
+    ``transforms``: each row's resize rules (None: the model's)."""
+    for i, row in enumerate(rows):
+        usable = usable_sample(row, packer, max_tokens, task, transforms=transforms[i] if transforms else None)
         if isinstance(usable, str):
             bad.append(BadRow(row.where(), usable))
             continue
@@ -491,12 +492,14 @@ def survey(path: str | Path, packer: SequencePacker, max_tokens: int, task: str 
     return survey_rows(read_rows(Path(path)), packer, max_tokens, task)
 
 
-def survey_rows(rows: list[Row], packer: SequencePacker, max_tokens: int, task: str = "auto") -> dict:
-    """:func:`survey` of rows already read (the groups of an official dataset YAML)."""
+def survey_rows(rows: list[Row], packer: SequencePacker, max_tokens: int, task: str = "auto",
+                transforms: list | None = None) -> dict:
+    """:func:`survey` of rows already read (the groups of an official dataset YAML, with each row's group's
+    resize rules in ``transforms``)."""
     tasks: dict[str, int] = {}
     lengths, bad = [], []
     image_tokens = text_tokens = 0
-    for row, sample, n in _usable_rows(rows, packer, max_tokens, task, bad):
+    for row, sample, n in _usable_rows(rows, packer, max_tokens, task, bad, transforms):
         kind = row_task(row) if task == "auto" else task
         tasks[kind] = tasks.get(kind, 0) + 1
         lengths.append(n)

@@ -43,6 +43,13 @@ class LatentCache:
             self.bytes += size
         return out
 
+    def put(self, key: bytes, moments: torch.Tensor) -> None:
+        """Keep ``moments`` under ``key`` if the budget allows (a miss already counted by the caller)."""
+        size = moments.numel() * moments.element_size()
+        if key not in self.entries and self.bytes + size <= self.max_bytes:
+            self.entries[key] = moments.detach()
+            self.bytes += size
+
     def stats(self) -> dict:
         return {"entries": len(self.entries), "mb": round(self.bytes / 2**20, 1), "hits": self.hits,
                 "misses": self.misses}

@@ -62,6 +62,47 @@ def encode_latents(vae: AutoEncoder, pixels: torch.Tensor, generator: torch.Gene
     draw is new every time)."""
     encode = lambda px: vae.encode_moments(px[None].to(vae.dtype))  # noqa: E731
     moments = cache.moments(pixels, encode) if cache is not None else encode(pixels)
+    return _posterior_sample(vae, moments, generator, eps)
+
+
+def batch_moments(vae: AutoEncoder, pictures: list[torch.Tensor], cache: LatentCache | None = None,
+                  chunk: int = 32) -> list[torch.Tensor]:
+    """The encoder's moments (1, 2C, h, w) of each picture: kept ones from ``cache``, the others encoded together,
+    pictures of one size in one call (a packed sequence of tens of small pictures: one convolution pass instead of
+    tens), then kept."""
+    out: list[torch.Tensor | None] = [None] * len(pictures)
+    keys = [cache.key(px) if cache is not None else None for px in pictures]
+    todo: dict[tuple, list[int]] = {}
+    first: dict[bytes, int] = {}  # a picture twice in the sequence: encoded once
+    repeats: list[tuple[int, int]] = []
+    for i, (px, key) in enumerate(zip(pictures, keys)):
+        hit = cache.entries.get(key) if cache is not None else None
+        if hit is not None:
+            cache.hits += 1
+            out[i] = hit
+        elif key is not None and key in first:
+            cache.hits += 1
+            repeats.append((i, first[key]))
+        else:
+            if key is not None:
+                first[key] = i
+            todo.setdefault(tuple(px.shape), []).append(i)
+    for indexes in todo.values():
+        for start in range(0, len(indexes), chunk):
+            part = indexes[start:start + chunk]
+            moments = vae.encode_moments(torch.stack([pictures[i] for i in part]).to(vae.dtype))
+            for i, m in zip(part, moments):
+                out[i] = m[None]
+                if cache is not None:
+                    cache.misses += 1
+                    cache.put(keys[i], out[i])
+    for i, j in repeats:
+        out[i] = out[j]
+    return out
+
+
+def _posterior_sample(vae: AutoEncoder, moments: torch.Tensor, generator: torch.Generator | None,
+                      eps: torch.Tensor | None) -> torch.Tensor:
     if eps is None:
         eps = torch.randn(moments.shape[0], moments.shape[1] // 2, *moments.shape[2:], generator=generator,
                           device=generator.device if generator is not None else "cpu", dtype=torch.float32)
@@ -86,10 +127,12 @@ def training_losses(model: Bagel, vae: AutoEncoder, batch: PackedBatch, *, times
     ps = cfg.bagel.latent_patch_size
     tokens, token_times, targets, mse_rows, times = [], [], [], [], []
     offset, k = 0, 0
+    with torch.no_grad():
+        moments = batch_moments(vae, [image.pixels.to(device) for image in batch.vae_images], latent_cache)
     for j, image in enumerate(batch.vae_images):
         with torch.no_grad():
             eps = None if posterior_eps is None else posterior_eps[j]
-            latent = encode_latents(vae, image.pixels.to(device), generator, latent_cache, eps)
+            latent = _posterior_sample(vae, moments[j], generator, eps)
         clean = image_transforms.patchify_latent(latent.float(), ps).to(device)
         n = clean.shape[0]
         t = 0.0

@@ -143,7 +143,7 @@ class PackedBatch:
 class SequencePacker:
     """Turns samples into packed sequences. ``prepare(image, key)`` resizes an image with the model's VAE and
     ViT transforms (``BagelPipeline.prepare_image``); a sample with its own ``transforms`` calls
-    ``prepare(image, key, transforms)``."""
+    ``prepare(image, key, resize=transforms)``."""
 
     def __init__(self, config: ModelConfig, tokenizer: BagelTokenizer,
                  prepare: Callable[[object, object], PreparedImage], dropout: Dropout | None = None,
@@ -166,10 +166,10 @@ class SequencePacker:
             raise ValueError("it needs the ViT to see its image(s), and this run trains without it (--no-visual-und)")
 
     def prepared(self, segment, sample: Sample) -> PreparedImage:
-        """A picture through the model's resize rules, or the sample's own (``prepare(image, key, transforms)``)."""
+        """A picture through the model's resize rules, or the sample's own (``prepare(image, key, resize=...)``)."""
         if sample.transforms is None:
             return self.prepare(segment.image, id(segment))
-        return self.prepare(segment.image, id(segment), sample.transforms)
+        return self.prepare(segment.image, id(segment), resize=sample.transforms)
 
     # -- sizes
     def _latent_grid(self, image: PreparedImage) -> tuple[int, int]:

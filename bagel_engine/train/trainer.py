@@ -222,9 +222,9 @@ class Trainer:
         self.params = {n: p for n, p in self.model.named_parameters() if n in names}
         # the fused kernel (one pass over every tensor): 3x faster than the per-tensor loop on a CPU, where the
         # optimizer step of a small model is a tenth of the training step; FSDP's sharded tensors take the loop
-        fused = not self.sharded and self.device.type in ("cpu", "cuda")
+        self.fused = not self.sharded and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None)
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay, fused=self.fused or None)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()} if cfg.ema else None
         max_side = cfg.max_image_side
         packer = SequencePacker(self.pipe.config, self.pipe.tokenizer,
@@ -278,6 +278,8 @@ class Trainer:
             if self.ema is not None:
                 DP.copy_full_into(self.ema[n], tensors["ema"][n])
         DP.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.sharded)
+        for group in self.optimizer.param_groups:  # the saved options include the kernel choice: keep this run's
+            group["fused"], group["foreach"] = self.fused or None, None
         self.step = int(state["step"])
         data_state = state["data"][self.dist.rank] if self.dist.rank < len(state["data"]) else None
         if data_state is None or len(state["data"]) != self.dist.world:
