@@ -44,3 +44,20 @@ def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     refine_log = (recipe.refine_dir / "train_log.jsonl").read_text().splitlines()
     assert len([line for line in refine_log if '"mse"' in line]) == 1
     assert (out / "ema.safetensors").stat().st_mtime_ns >= before
+
+
+def test_the_v3_recipe_has_the_shipped_model_s_architecture():
+    """--recipe v3 is the recipe of the shipped model: its configs are the shipped ones (the autoencoder's
+    shift and scale are measured by the run); v4, the candidate, has tokens of 16 px."""
+    from pathlib import Path
+
+    shipped = Path(bagel_engine.__file__).parent / "assets" / "bagel-shapes"
+    v3 = Recipe.of("v3", Path("w")).configs()
+    for part, name in (("llm", "llm_config.json"), ("vit", "vit_config.json"), ("bagel", "bagel_config.json")):
+        assert v3[part] == json.loads((shipped / name).read_text()), part
+    ae = json.loads((shipped / "ae_config.json").read_text())
+    assert {k: v for k, v in v3["ae"].items() if not k.endswith("_factor")} == {
+        k: v for k, v in ae.items() if not k.endswith("_factor")}
+    v4 = Recipe.of("v4", Path("w"))
+    assert v4.configs()["vit"]["patch_size"] == 16 and v4.configs()["ae"]["ch_mult"] == [1, 2, 2, 2]
+    assert (v4.steps, v4.refine_steps, v4.max_tokens) == (10000, 0, 1024) == (Recipe.steps, Recipe.refine_steps, Recipe.max_tokens)

@@ -12,7 +12,8 @@ from bagel_engine.cli.main import app
 shapes_app = typer.Typer(help="The shapes world of the demo model bagel-shapes: data and the training recipe.",
                          no_args_is_help=True)
 app.add_typer(shapes_app, name="shapes")
-RECIPE = "\\[default: the shipped model's recipe]"
+RECIPE = "\\[default: the recipe's (--recipe)]"
+ROWS = "\\[default: the v4 recipe's]"
 
 
 @shapes_app.command("data", epilog="""
@@ -26,9 +27,9 @@ RECIPE = "\\[default: the shipped model's recipe]"
 """)
 def data(
     out: Annotated[Path, typer.Argument(help="Folder for train.jsonl, eval.jsonl and images/.", show_default=False)],
-    t2i: Annotated[Optional[int], typer.Option("--t2i", min=0, help=f"Text-to-image rows. {RECIPE}")] = None,
-    edit: Annotated[Optional[int], typer.Option("--edit", min=0, help=f"Edit rows. {RECIPE}")] = None,
-    vqa: Annotated[Optional[int], typer.Option("--vqa", min=0, help=f"Question rows. {RECIPE}")] = None,
+    t2i: Annotated[Optional[int], typer.Option("--t2i", min=0, help=f"Text-to-image rows. {ROWS}")] = None,
+    edit: Annotated[Optional[int], typer.Option("--edit", min=0, help=f"Edit rows. {ROWS}")] = None,
+    vqa: Annotated[Optional[int], typer.Option("--vqa", min=0, help=f"Question rows. {ROWS}")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     new_color: Annotated[str, typer.Option(
         "--new-color", help="An extra colour to teach (pink): --new-color-rows t2i rows name it.")] = "pink",
@@ -54,7 +55,9 @@ autoencoder (PSNR in WORK/ae_report.json) -> random init -> bagel train -> WORK/
 
 [bold]Examples[/bold]
 
-  bagel shapes build work/                      [dim]# the shipped model's recipe, 2 CPU cores[/dim]
+  bagel shapes build work/                      [dim]# the v4 recipe (the candidate), 2 CPU cores[/dim]
+
+  bagel shapes build work/ --recipe v3          [dim]# the recipe of the shipped model[/dim]
 
   bagel eval shapes -m work/bagel-shapes         [dim]# score what it made[/dim]
 """)
@@ -65,14 +68,21 @@ def build(
         "--ae-steps", min=1, help=f"Training steps of the autoencoder. {RECIPE}")] = None,
     refine_steps: Annotated[Optional[int], typer.Option(
         "--refine-steps", min=0, help=f"Training steps of stage 2 (0: ship stage 1). {RECIPE}")] = None,
+    recipe: Annotated[str, typer.Option(
+        "--recipe", help="v4: tokens of 16 px, one stage (the candidate); v3: the shipped model's (tokens of 8 px, "
+                         "two stages).")] = "v4",
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Make the demo model bagel-shapes from an empty folder (the recipe of the shipped model)."""
+    """Make the demo model bagel-shapes from an empty folder (--recipe v4, the default, or v3, the shipped model's)."""
     from bagel_engine.shapes.recipe import Recipe
 
     given = {k: v for k, v in (("steps", steps), ("ae_steps", ae_steps), ("refine_steps", refine_steps))
              if v is not None}
-    out = Recipe(work, seed=seed, threads=threads or None, progress=progress, **given).run()
+    try:
+        made = Recipe.of(recipe, work, seed=seed, threads=threads or None, progress=progress, **given)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--recipe") from None
+    out = made.run()
     typer.echo(f"done: bagel eval shapes --model {out}")

@@ -62,6 +62,19 @@ BAGEL_CONFIG = {
     "connector_act": "gelu_pytorch_tanh", "interpolate_pos": False, "timestep_shift": 1.0,
     "vae_transform": [64, 32, 16], "vit_transform": [64, 32, 16],
 }
+# The shipped model (v3) was made with tokens of 8 px: these replace the entries above.
+TOKENS_OF_8PX = {"vit": {"patch_size": 8}, "ae": {"ch_mult": [1, 2, 2], "z_channels": 8},
+                 "bagel": {"max_latent_size": 16, "vit_max_num_patch_per_side": 8, "vae_transform": [64, 32, 8],
+                           "vit_transform": [64, 32, 8]}}
+# Each recipe's choices (``bagel shapes build --recipe``): v3 made the shipped model; v4 is the candidate.
+RECIPES = {
+    "v3": {"tokens_px": 8, "t2i_rows": 32000, "edit_rows": 16000, "vqa_rows": 16000, "steps": 9000,
+           "refine_steps": 12000, "max_tokens": 2048},
+    "v4": {"tokens_px": 16, "t2i_rows": 48000, "edit_rows": 24000, "vqa_rows": 36000, "steps": 10000,
+           "refine_steps": 0, "max_tokens": 1024},
+}
+
+
 # What the task methods, CLI, server and UI use with this model when the caller sets nothing: the guidance
 # that scored best in a sweep on the shipped model (docs/demo-model.md; sweep seed 555, not the eval's).
 TASK_DEFAULTS = {
@@ -77,8 +90,12 @@ TASK_DEFAULTS = {
 
 @dataclass
 class Recipe:
+    """One recipe's stages; ``Recipe.of("v3", work)`` takes a named recipe's choices (``RECIPES``), the defaults
+    here are v4's."""
+
     work: Path
     seed: int = 0
+    tokens_px: int = 16  # pixels per latent / ViT token side: 16 (v4) or 8 (v3)
     t2i_rows: int = 48000
     edit_rows: int = 24000
     vqa_rows: int = 36000
@@ -99,6 +116,23 @@ class Recipe:
     threads: int | None = None
     progress: bool = True
     timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, version: str, work: Path, **overrides) -> "Recipe":
+        if version not in RECIPES:
+            raise ValueError(f"no recipe {version!r} (there are {', '.join(RECIPES)})")
+        return cls(work, **(RECIPES[version] | overrides))
+
+    def configs(self) -> dict[str, dict]:
+        """The llm / vit / ae / bagel configs of this recipe's architecture."""
+        if self.tokens_px not in (8, 16):
+            raise ValueError(f"tokens_px must be 8 or 16, not {self.tokens_px}")
+        out = {"llm": LLM_CONFIG | {"vocab_size": self.vocab_size}, "vit": dict(VIT_CONFIG), "ae": dict(AE_CONFIG),
+               "bagel": dict(BAGEL_CONFIG)}
+        if self.tokens_px == 8:
+            for part, changes in TOKENS_OF_8PX.items():
+                out[part] |= changes
+        return out
 
     # ------------------------------------------------------------------ paths
     @property
@@ -142,11 +176,12 @@ class Recipe:
         self.base.mkdir(parents=True, exist_ok=True)
         if not (self.base / "tokenizer.json").exists():
             save_tokenizer(train_tokenizer(_tokenizer_corpus(self.data), self.vocab_size), self.base)
-        for name, cfg in (("llm_config.json", LLM_CONFIG | {"vocab_size": self.vocab_size}),
-                          ("vit_config.json", VIT_CONFIG), ("bagel_config.json", BAGEL_CONFIG)):
+        configs = self.configs()
+        for name, cfg in (("llm_config.json", configs["llm"]), ("vit_config.json", configs["vit"]),
+                          ("bagel_config.json", configs["bagel"])):
             (self.base / name).write_text(json.dumps(cfg, indent=2))
         if not (self.base / "ae_config.json").exists():
-            (self.base / "ae_config.json").write_text(json.dumps(AE_CONFIG, indent=2))
+            (self.base / "ae_config.json").write_text(json.dumps(configs["ae"], indent=2))
         (self.base / "task_defaults.json").write_text(json.dumps(TASK_DEFAULTS, indent=2))
 
     def train_autoencoder(self) -> dict:
@@ -160,7 +195,8 @@ class Recipe:
         if (self.base / "ae.safetensors").exists() and report_path.exists():
             return json.loads(report_path.read_text())
         torch.manual_seed(self.seed)
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in AE_CONFIG.items()}
+        ae_base = self.configs()["ae"]
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ae_base.items()}
         ae = AutoEncoder(VAEConfig(**cfg))
         train_cfg = AETrainConfig(steps=self.ae_steps, batch=self.ae_batch, seed=self.seed)
         history = train_autoencoder(ae, PictureStream(self.seed), train_cfg, checkpoint=self.work / "ae_train.pt",
@@ -169,7 +205,7 @@ class Recipe:
         shift, std = latent_statistics(ae, held_out)
         psnr = reconstruction_psnr(ae, held_out, sample=True, seed=self.seed)
         psnr_mean = reconstruction_psnr(ae, held_out, sample=False)
-        ae_config = AE_CONFIG | {"shift_factor": round(shift, 6), "scale_factor": round(1.0 / std, 6)}
+        ae_config = ae_base | {"shift_factor": round(shift, 6), "scale_factor": round(1.0 / std, 6)}
         (self.base / "ae_config.json").write_text(json.dumps(ae_config, indent=2))
         save_autoencoder(ae, self.base / "ae.safetensors")
         report = {"steps": self.ae_steps, "batch": self.ae_batch, "held_out_pictures": len(psnr),
