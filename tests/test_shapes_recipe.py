@@ -47,8 +47,8 @@ def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_the_v3_recipe_has_the_shipped_model_s_architecture():
-    """--recipe v3 is the recipe of the shipped model: its configs are the shipped ones (the autoencoder's
-    shift and scale are measured by the run); v4, the candidate, has tokens of 16 px."""
+    """--recipe v3 (the default) is the recipe of the shipped model: its configs are the shipped ones (the
+    autoencoder's shift and scale are measured by the run); v4, the experiment, has tokens of 16 px."""
     from pathlib import Path
 
     shipped = Path(bagel_engine.__file__).parent / "assets" / "bagel-shapes"
@@ -60,4 +60,7 @@ def test_the_v3_recipe_has_the_shipped_model_s_architecture():
         k: v for k, v in ae.items() if not k.endswith("_factor")}
     v4 = Recipe.of("v4", Path("w"))
     assert v4.configs()["vit"]["patch_size"] == 16 and v4.configs()["ae"]["ch_mult"] == [1, 2, 2, 2]
-    assert (v4.steps, v4.refine_steps, v4.max_tokens) == (10000, 0, 1024) == (Recipe.steps, Recipe.refine_steps, Recipe.max_tokens)
+    assert (v4.steps, v4.refine_steps, v4.max_tokens) == (10000, 0, 1024)
+    v3_recipe = Recipe.of("v3", Path("w"))
+    assert (v3_recipe.steps, v3_recipe.refine_steps, v3_recipe.max_tokens, v3_recipe.tokens_px) == (
+        Recipe.steps, Recipe.refine_steps, Recipe.max_tokens, Recipe.tokens_px)  # the defaults are the shipped recipe's

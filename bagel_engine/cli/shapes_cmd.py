@@ -13,7 +13,7 @@ shapes_app = typer.Typer(help="The shapes world of the demo model bagel-shapes: 
                          no_args_is_help=True)
 app.add_typer(shapes_app, name="shapes")
 RECIPE = "\\[default: the recipe's (--recipe)]"
-ROWS = "\\[default: the v4 recipe's]"
+ROWS = "\\[default: the v3 recipe's]"
 
 
 @shapes_app.command("data", epilog="""
@@ -55,9 +55,9 @@ autoencoder (PSNR in WORK/ae_report.json) -> random init -> bagel train -> WORK/
 
 [bold]Examples[/bold]
 
-  bagel shapes build work/                      [dim]# the v4 recipe (the candidate), 2 CPU cores[/dim]
+  bagel shapes build work/                      [dim]# the shipped model's recipe (v3), 2 CPU cores[/dim]
 
-  bagel shapes build work/ --recipe v3          [dim]# the recipe of the shipped model[/dim]
+  bagel shapes build work/ --recipe v4          [dim]# the tokens-of-16-px experiment[/dim]
 
   bagel eval shapes -m work/bagel-shapes         [dim]# score what it made[/dim]
 """)
@@ -69,13 +69,13 @@ def build(
     refine_steps: Annotated[Optional[int], typer.Option(
         "--refine-steps", min=0, help=f"Training steps of stage 2 (0: ship stage 1). {RECIPE}")] = None,
     recipe: Annotated[str, typer.Option(
-        "--recipe", help="v4: tokens of 16 px, one stage (the candidate); v3: the shipped model's (tokens of 8 px, "
-                         "two stages).")] = "v4",
+        "--recipe", help="v3: the shipped model's (tokens of 8 px, two stages); v4: an experiment (tokens of "
+                         "16 px, one stage; worse so far, docs/demo-model.md).")] = "v3",
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Make the demo model bagel-shapes from an empty folder (--recipe v4, the default, or v3, the shipped model's)."""
+    """Make the demo model bagel-shapes from an empty folder (--recipe v3, the shipped model's, or v4)."""
     from bagel_engine.shapes.recipe import Recipe
 
     given = {k: v for k, v in (("steps", steps), ("ae_steps", ae_steps), ("refine_steps", refine_steps))

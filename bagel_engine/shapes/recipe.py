@@ -66,7 +66,8 @@ BAGEL_CONFIG = {
 TOKENS_OF_8PX = {"vit": {"patch_size": 8}, "ae": {"ch_mult": [1, 2, 2], "z_channels": 8},
                  "bagel": {"max_latent_size": 16, "vit_max_num_patch_per_side": 8, "vae_transform": [64, 32, 8],
                            "vit_transform": [64, 32, 8]}}
-# Each recipe's choices (``bagel shapes build --recipe``): v3 made the shipped model; v4 is the candidate.
+# Each recipe's choices (``bagel shapes build --recipe``): v3 made the shipped model (the default); v4 is an
+# experiment, worse at mid-run than v3 (docs/demo-model.md).
 RECIPES = {
     "v3": {"tokens_px": 8, "t2i_rows": 32000, "edit_rows": 16000, "vqa_rows": 16000, "steps": 9000,
            "refine_steps": 12000, "max_tokens": 2048},
@@ -90,28 +91,28 @@ TASK_DEFAULTS = {
 
 @dataclass
 class Recipe:
-    """One recipe's stages; ``Recipe.of("v3", work)`` takes a named recipe's choices (``RECIPES``), the defaults
-    here are v4's."""
+    """One recipe's stages; ``Recipe.of("v4", work)`` takes a named recipe's choices (``RECIPES``), the defaults
+    here are v3's (the shipped model's)."""
 
     work: Path
     seed: int = 0
-    tokens_px: int = 16  # pixels per latent / ViT token side: 16 (v4) or 8 (v3)
-    t2i_rows: int = 48000
-    edit_rows: int = 24000
-    vqa_rows: int = 36000
+    tokens_px: int = 8  # pixels per latent / ViT token side: 8 (v3) or 16 (v4)
+    t2i_rows: int = 32000
+    edit_rows: int = 16000
+    vqa_rows: int = 16000
     eval_rows: int = 30  # per kind, for the validation losses of the training log
     vocab_size: int = 512
     ae_steps: int = 1200
     ae_batch: int = 16
     ae_eval_pictures: int = 256  # held-out pictures for the reconstruction PSNR
-    steps: int = 10000
+    steps: int = 9000
     lr: float = 1e-3
-    refine_steps: int = 0  # an optional stage 2 (0: ship stage 1)
+    refine_steps: int = 12000  # stage 2 (0: ship stage 1)
     refine_lr: float = 6e-4
     refine_t2i_rows: int = 32000
     refine_edit_rows: int = 16000
     refine_vqa_rows: int = 48000  # questions learn slowest: three times stage 1's share
-    max_tokens: int = 1024  # about 30 samples a step
+    max_tokens: int = 2048
     latent_cache_mb: float = 3000.0  # every picture's VAE moments (8 KB each) kept after its first encode
     threads: int | None = None
     progress: bool = True
