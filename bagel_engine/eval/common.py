@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
+from typing import Any, Callable
 
 from bagel_engine.batch.manifest import now
+
+log = logging.getLogger(__name__)
 
 
 def rank_range(total: int, rank: int, world: int) -> range:
@@ -40,3 +44,30 @@ def record_bad(out: Path, rank: int, where, error: str) -> None:
                 return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"index": where, "error": error, "finished_at": now()}) + "\n")
+
+
+def run_items(items: list, indexes, out: Path, rank: int, done: Callable[[Any], bool], make: Callable[[int, Any], None],
+              progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+    """The loop every suite runs over the items a rank owns: an item that is a string (why it cannot be used) is
+    recorded as bad, one whose outputs exist (``done``) is skipped, the others are made (``make(index, item)``; a
+    BagelInputError / ValueError is recorded and the run goes on). The counts."""
+    indexes = list(indexes)
+    counts = {"prompts": len(indexes), "generated": 0, "skipped": 0, "failed": 0}
+    for finished, index in enumerate(indexes, 1):
+        item = items[index]
+        if isinstance(item, str):
+            record_bad(out, rank, index, item)
+            counts["failed"] += 1
+        elif done(item):
+            counts["skipped"] += 1
+        else:
+            try:
+                make(index, item)
+                counts["generated"] += 1
+            except ValueError as e:  # BagelInputError included
+                log.warning("item %d failed: %s", index, e)
+                record_bad(out, rank, index, str(e))
+                counts["failed"] += 1
+        if progress:
+            progress(finished, len(indexes))
+    return counts

@@ -29,17 +29,15 @@ is recorded in ``OUT/bad_rows.jsonl`` and the run goes on.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from bagel_engine.batch.manifest import atomic_write_bytes
-from bagel_engine.eval.common import cropped_png, rank_range, record_bad
+from bagel_engine.eval.common import cropped_png, rank_range, run_items
 from bagel_engine.params import BagelInputError
 from bagel_engine.runtime.image_transforms import check_image
 
-log = logging.getLogger(__name__)
 
 PRESET: dict[str, Any] = {"cfg_text_scale": 4.0, "cfg_img_scale": 1.5, "cfg_interval": (0.0, 1.0),
                           "timestep_shift": 3.0, "num_timesteps": 50, "cfg_renorm_min": 0.0,
@@ -197,29 +195,14 @@ def run_edit_suite(pipe, job: EditSuiteJob, progress: Callable[[int, int], None]
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings, think = job.settings(), job.thinks
-    mine = rank_range(len(items), job.rank, job.world)
-    counts = {"prompts": len(mine), "generated": 0, "skipped": 0, "failed": 0}
-    for done, index in enumerate(mine, 1):
-        item = items[index]
-        if isinstance(item, str):
-            record_bad(out, job.rank, index, item)
-            counts["failed"] += 1
-        elif (out / f"{item.name}.png").exists():
-            counts["skipped"] += 1
-        else:
-            try:
-                pictures = [check_image(p) for p in item.images]  # BagelInputError names the file
-                result = pipe.edit(pictures, item.prompt, seed=job.seed + index, think=think, think_contexts="eval",
-                                   size_from=0, **settings)
-                (out / item.name).parent.mkdir(parents=True, exist_ok=True)
-                if think:
-                    atomic_write_bytes(out / f"{item.name}.txt", (result.text or "").encode("utf-8"))
-                atomic_write_bytes(out / f"{item.name}.png", cropped_png(result.image))
-                counts["generated"] += 1
-            except (BagelInputError, ValueError) as e:
-                log.warning("item %d (%s) failed: %s", index, item.name, e)
-                record_bad(out, job.rank, index, str(e))
-                counts["failed"] += 1
-        if progress:
-            progress(done, len(mine))
-    return counts
+    def make(index: int, item: EditItem) -> None:
+        pictures = [check_image(p) for p in item.images]  # BagelInputError names the file
+        result = pipe.edit(pictures, item.prompt, seed=job.seed + index, think=think, think_contexts="eval",
+                           size_from=0, **settings)
+        (out / item.name).parent.mkdir(parents=True, exist_ok=True)
+        if think:
+            atomic_write_bytes(out / f"{item.name}.txt", (result.text or "").encode("utf-8"))
+        atomic_write_bytes(out / f"{item.name}.png", cropped_png(result.image))
+
+    return run_items(items, rank_range(len(items), job.rank, job.world), out, job.rank,
+                     lambda item: (out / f"{item.name}.png").exists(), make, progress)

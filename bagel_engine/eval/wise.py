@@ -21,17 +21,15 @@ text. A bad entry is recorded in ``OUT/bad_rows.jsonl`` and the run goes on.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from bagel_engine.batch.manifest import atomic_write_bytes
-from bagel_engine.eval.common import cropped_png, rank_range, record_bad
+from bagel_engine.eval.common import cropped_png, rank_range, run_items
 from bagel_engine.params import BagelInputError
 from bagel_engine.think_text import simple_think
 
-log = logging.getLogger(__name__)
 
 # main() of gen_images_mp_wise.py (its functions' defaults, [0, 1] and shift 4, are overridden there)
 PRESET: dict[str, Any] = {"cfg_text_scale": 4.0, "cfg_img_scale": 1.0, "cfg_interval": (0.4, 1.0),
@@ -94,29 +92,14 @@ def run_wise(pipe, job: WiseJob, progress: Callable[[int, int], None] | None = N
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = job.settings()
-    mine = rank_range(len(rows), job.rank, job.world)
-    counts = {"prompts": len(mine), "generated": 0, "skipped": 0, "failed": 0}
-    for done, index in enumerate(mine, 1):
-        row = rows[index]
-        if isinstance(row, str):
-            record_bad(out, job.rank, index, row)
-            counts["failed"] += 1
-        elif (out / f"{row['prompt_id']}.png").exists():
-            counts["skipped"] += 1
-        else:
-            try:
-                result = pipe.generate(row["Prompt"], seed=job.seed + index, height=job.resolution,
-                                       width=job.resolution, think=job.think, think_contexts="eval",
-                                       simple_think=job.simple_think, **settings)
-                if job.think:  # the text that conditioned the picture, as the official .txt holds it
-                    text = simple_think(result.text or "") if job.simple_think else (result.text or "")
-                    atomic_write_bytes(out / f"{row['prompt_id']}.txt", text.encode("utf-8"))
-                atomic_write_bytes(out / f"{row['prompt_id']}.png", cropped_png(result.image))
-                counts["generated"] += 1
-            except (BagelInputError, ValueError) as e:
-                log.warning("prompt %s failed: %s", row["prompt_id"], e)
-                record_bad(out, job.rank, index, str(e))
-                counts["failed"] += 1
-        if progress:
-            progress(done, len(mine))
-    return counts
+
+    def make(index: int, row: dict) -> None:
+        result = pipe.generate(row["Prompt"], seed=job.seed + index, height=job.resolution, width=job.resolution,
+                               think=job.think, think_contexts="eval", simple_think=job.simple_think, **settings)
+        if job.think:  # the text that conditioned the picture, as the official .txt holds it
+            text = simple_think(result.text or "") if job.simple_think else (result.text or "")
+            atomic_write_bytes(out / f"{row['prompt_id']}.txt", text.encode("utf-8"))
+        atomic_write_bytes(out / f"{row['prompt_id']}.png", cropped_png(result.image))
+
+    return run_items(rows, rank_range(len(rows), job.rank, job.world), out, job.rank,
+                     lambda row: (out / f"{row['prompt_id']}.png").exists(), make, progress)
