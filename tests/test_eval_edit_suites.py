@@ -83,7 +83,7 @@ def test_imgedit_layout_resume_and_bad_items(tmp_path):
     assert run_edit_suite(pipe, job) == {"prompts": 4, "generated": 2, "skipped": 0, "failed": 2}
     assert (out / "1082.png").exists() and (out / "1085.png").exists() and not list(out.glob("*.txt"))  # no think
     bad = [json.loads(x) for x in (out / "bad_rows.jsonl").read_text().splitlines()]
-    assert [b["index"] for b in bad] == [1, 2] and "image file not found" in bad[0]["error"]
+    assert [b["index"] for b in bad] == [1, 2] and "not found (looked at" in bad[0]["error"]
     first = np.asarray(Image.open(out / "1085.png"))
     (out / "1085.png").unlink()
     stamp = (out / "1082.png").stat().st_mtime_ns

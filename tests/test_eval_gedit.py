@@ -78,7 +78,7 @@ def test_layout_shards_resume_and_bad_rows(tmp_path):
         edited = Image.open(folder / f"{key}.png")
         assert edited.size == pipe.edit(Image.new("RGB", (40, 24)), "x", seed=42, **FAST).image.size
     bad = [json.loads(x) for x in (out / "bad_rows.jsonl").read_text().splitlines()]
-    assert [b["index"] for b in bad] == [2, 3] and "instruction" in bad[0]["error"] and "not a recognised image" in bad[1]["error"]
+    assert [b["index"] for b in bad] == [2, 3] and "instruction" in bad[0]["error"] and "is not an image" in bad[1]["error"]
     # every edit is made with seed 42, as set_seeds(42) before each: the picture of the edit made alone
     alone = pipe.edit(Image.open(io.BytesIO(ROWS[4]["input_image"]["bytes"])), "as a sketch", seed=42,
                       **(PRESET | FAST))

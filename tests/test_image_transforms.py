@@ -203,7 +203,7 @@ def test_check_image_sources(tmp_path):
 def test_check_image_errors(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is not an image")
-    with pytest.raises(BagelInputError, match="not a recognised image"):
+    with pytest.raises(BagelInputError, match="is not an image"):
         check_image(bad)
     truncated = tmp_path / "trunc.png"
     buf = io.BytesIO()

@@ -329,7 +329,7 @@ BAD_JSON = [
     ("/v1/images/generations", {"prompt": "x", "cfg_interval": [0.9, 0.1]}, 400, ["cfg_interval"], "cfg_interval"),
     ("/v1/images/generations", {"prompt": "x", "num_timesteps": 1}, 400, ["num_timesteps"], "num_timesteps"),
     ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, ["dall-e-3"], "model"),
-    ("/v1/images/edits", {"prompt": "x", "image": "data:image/png;base64,AAAA"}, 400, ["could not be read"],
+    ("/v1/images/edits", {"prompt": "x", "image": "data:image/png;base64,AAAA"}, 400, ["is not an image"],
      "image[0]"),
     ("/v1/images/edits", {"prompt": "x", "image": "/etc/passwd"}, 400, ["outside", "--allow-local-paths"],
      "image[0]"),
@@ -409,7 +409,7 @@ def test_bad_bodies(client):
 def test_bad_multipart_edits(client):
     good = ("image", ("a.png", png_bytes(), "image/png"))
     cases = [
-        ([("image", ("a.png", b"definitely not a png", "image/png"))], {"prompt": "x"}, ["could not be read"],
+        ([("image", ("a.png", b"definitely not a png", "image/png"))], {"prompt": "x"}, ["is not an image"],
          "image"),
         ([good], {}, ["missing", "'prompt'"], "prompt"),
         ([("prompt", (None, "x"))], {}, ["'image'"], "image"),

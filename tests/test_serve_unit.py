@@ -283,7 +283,7 @@ def test_remote_urls_only_with_the_flag(fake):
         assert read_image_ref(url, ServeSettings(allow_remote_urls=True), "image").size == (12, 8)
         with pytest.raises(APIError, match="--allow-remote-urls"):
             read_image_ref(url, ServeSettings(), "image")
-        with pytest.raises(APIError, match="could not fetch"):
+        with pytest.raises(APIError, match="could not download"):
             read_image_ref(host.base_url + "/missing.png", ServeSettings(allow_remote_urls=True), "image")
     finally:
         host.stop()
@@ -293,9 +293,9 @@ def test_decode_image_limits():
     s = ServeSettings(max_image_pixels=100)
     with pytest.raises(APIError, match="above the limit of 100"):
         decode_image(png_bytes(20, 20), s, "image")
-    with pytest.raises(APIError, match="could not be read") as e:
+    with pytest.raises(APIError, match="could not be decoded") as e:
         decode_image(png_bytes()[:50], ServeSettings(), "image")
-    with pytest.raises(APIError, match="could not be read") as e:
+    with pytest.raises(APIError, match="is not an image") as e:
         decode_image(b"not an image at all", ServeSettings(), "image")
     assert "0x" not in e.value.message and "object at" not in e.value.message  # PIL names a BytesIO by address
 

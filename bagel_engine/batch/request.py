@@ -19,19 +19,15 @@ Column names (case and ``-``/``_`` do not matter):
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import re
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from bagel_engine import image_input
 from bagel_engine import knobs as knob_table
 from bagel_engine.batch.reader import Row
 from bagel_engine.params import BagelInputError
@@ -40,7 +36,6 @@ PROMPT_COLUMNS = ("prompt", "instruction", "question")
 LIST_IMAGE_COLUMNS = ("input_images", "images")
 _IMAGE_COLUMN = re.compile(r"^(image|image_url|image_path|input_image)(?:_(\d+))?$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-URL_TIMEOUT_S = 60
 
 
 @dataclass
@@ -234,74 +229,12 @@ def _split(value: Any, comma: bool) -> list[Any]:
     return [value]
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, dict):
-        return str(value.get("path") or f"<{len(value.get('bytes') or b'')} bytes>")
-    text = str(value)
-    return text if not text.startswith("data:") else text[:40] + "..."
-
-
-def _fetch(url: str) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - user's own input file
-            return response.read()
-    except Exception as e:  # noqa: BLE001 - any network failure fails the row
-        raise BagelInputError(f"cannot download {url}: {e}") from None
-
-
-def image_bytes(value: Any, base_dir: Path) -> tuple[bytes | Path, str]:
-    """The encoded image (bytes, or a path to read) that one image value points at."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return bytes(value["bytes"]), _describe(value)
-        if value.get("path"):
-            value = value["path"]
-        else:
-            raise BagelInputError("image record has neither 'bytes' nor 'path'")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), _describe(value)
-    if not isinstance(value, str):
-        raise BagelInputError(f"expected an image path, URL or bytes, got {type(value).__name__}")
-    text = value.strip()
-    if text.startswith("data:"):
-        try:
-            return base64.b64decode(text.split(",", 1)[1], validate=False), _describe(text)
-        except (IndexError, binascii.Error):
-            raise BagelInputError(f"bad data URL {text[:40]!r}...") from None
-    if text.startswith(("http://", "https://")):
-        return _fetch(text), text
-    if text.startswith("file://"):
-        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    return path, text
-
-
 def load_image(value: Any, base_dir: Path, label: str) -> tuple[Image.Image, str]:
-    """A fully decoded image, or :class:`BagelInputError` saying which image and why."""
-    data, description = image_bytes(value, base_dir)
-    if isinstance(data, Path):
-        try:
-            data = data.read_bytes()
-        except FileNotFoundError:
-            raise BagelInputError(f"{label} {description!r} not found (looked at {data.absolute()})") from None
-        except IsADirectoryError:
-            raise BagelInputError(f"{label} {description!r} is a directory, not an image file") from None
-        except OSError as e:
-            raise BagelInputError(f"{label} {description!r} cannot be read: {e.strerror or e}") from None
-    if not data:
-        raise BagelInputError(f"{label} {description!r} is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Image.UnidentifiedImageError:
-        raise BagelInputError(f"{label} {description!r} is not an image (unknown format)") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad data
-        raise BagelInputError(f"{label} {description!r} is not a readable image ({e})") from None
-    return image, description
+    """A fully decoded image (paths relative to ``base_dir``) and its short description, or
+    :class:`BagelInputError` saying which image and why (``bagel_engine.image_input``'s rules)."""
+    description = image_input.describe(value)
+    what = f"{label} {description!r}"
+    return image_input.read_image(value, image_input.TRUSTED.relative_to(base_dir), what), description
 
 
 # ----------------------------------------------------------------------------- the call

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from bagel_engine import image_input
 from bagel_engine import knobs as knob_table
 from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
@@ -177,12 +178,10 @@ class StepBar:
 
 def open_images(images: list[str], as_json: bool) -> list:
     """Decode the input images (paths, file:// / http(s):// / data: URLs) with a clear error."""
-    from bagel_engine.batch.request import load_image
-
     out = []
     for i, value in enumerate(images, start=1):
         try:
-            out.append(load_image(value, Path.cwd(), f"image {i}")[0])
+            out.append(image_input.read_image(value, image_input.TRUSTED, f"image {i} {image_input.describe(value)!r}"))
         except BagelInputError as e:
             fail(str(e), as_json)
     return out

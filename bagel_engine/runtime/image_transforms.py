@@ -8,13 +8,13 @@ Reproduces the official preprocessing: ``pil_img2rgb`` (transparency composited 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bagel_engine import image_input
 from bagel_engine.params import BagelInputError
 
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336, the official ImageTransform default
@@ -133,37 +133,14 @@ def grid_position_ids(h: int, w: int, max_per_side: int) -> torch.Tensor:
 
 
 def check_image(obj: Image.Image | str | Path | bytes | bytearray | memoryview) -> Image.Image:
-    """Return a fully decoded PIL image from a PIL image, a file path or encoded bytes.
+    """Return a fully decoded PIL image from a PIL image, a path, a URL or encoded bytes
+    (``bagel_engine.image_input``'s rules for the user's own files).
 
     Raises :class:`BagelInputError` when the file is missing or unreadable or the data does not decode.
     """
     if isinstance(obj, Image.Image):
         return obj
-    if isinstance(obj, (str, Path)):
-        path = Path(obj)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BagelInputError(f"image file not found: {path}") from None
-        except IsADirectoryError:
-            raise BagelInputError(f"image path is a directory, not a file: {path}") from None
-        except OSError as e:
-            raise BagelInputError(f"cannot read image file {path}: {e.strerror or e}") from None
-        source = f"image file {path}"
-    elif isinstance(obj, (bytes, bytearray, memoryview)):
-        data = bytes(obj)
-        source = f"image data ({len(data)} bytes)"
-    else:
+    if not isinstance(obj, (str, Path, bytes, bytearray, memoryview)):
         raise BagelInputError(f"expected a PIL image, a file path or image bytes, got {type(obj).__name__}")
-    if not data:
-        raise BagelInputError(f"{source} is empty")
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Image.DecompressionBombError as e:
-        raise BagelInputError(f"{source} is too large to decode safely: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise BagelInputError(f"{source} is not a recognised image format (corrupt or not an image)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BagelInputError(f"{source} could not be decoded (corrupt or truncated?): {e}") from None
-    return img
+    what = f"image {image_input.describe(obj)!r}" if isinstance(obj, (str, Path)) else f"image data ({len(obj)} bytes)"
+    return image_input.read_image(obj, image_input.TRUSTED, what)

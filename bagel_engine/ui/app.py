@@ -8,13 +8,16 @@ pipeline API.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hmac
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from bagel_engine import image_input
 from bagel_engine.engine_protocol import Pipeline
+from bagel_engine.image_input import ImageInputError
 
 from bagel_engine.params import (
     RENORM_TYPES,
@@ -25,8 +28,8 @@ from bagel_engine.params import (
 )
 from bagel_engine.serve import tasks
 from bagel_engine.serve._engine import INPUT_ERRORS
-from bagel_engine.serve.errors import APIError, internal_error
-from bagel_engine.serve.images import decode_image
+from bagel_engine.serve.errors import internal_error
+from bagel_engine.serve.images import image_policy
 from bagel_engine.serve.settings import ServeSettings
 from bagel_engine.serve.worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
 from bagel_engine.think_text import split_think
@@ -141,12 +144,14 @@ def _gallery_paths(value: Any) -> list[str]:
 def _open_images(paths: list[str], settings: ServeSettings) -> list[Any]:
     if len(paths) > settings.max_images:
         raise gr.Error(f"{len(paths)} images is above the limit of {settings.max_images}")
+    # the uploads are gradio's own temporary files: read wherever they are, under the server's size limits
+    policy = dataclasses.replace(image_policy(settings), local_roots=None)
     images = []
     for i, p in enumerate(paths):
         try:
-            images.append(decode_image(Path(p).read_bytes(), settings, f"image {i + 1}"))
-        except APIError as e:
-            raise gr.Error(e.message) from None
+            images.append(image_input.read_image(Path(p), policy, f"image {i + 1}"))
+        except ImageInputError as e:
+            raise gr.Error(str(e)) from None
     return images
 
 
