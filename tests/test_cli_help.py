@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -71,3 +72,27 @@ def test_ui_can_share_and_warns_without_a_key(monkeypatch):
     assert "--share without" not in r.stderr
     r = RUNNER.invoke(cli_main.app, ["ui"], env={"BAGEL_MODEL": "from-env"})  # the variable names the model
     assert r.exit_code == 0 and seen["model"] == "from-env", r.output
+
+
+def test_each_command_takes_the_knobs_it_names_and_no_other():
+    """The knob options are declared once and given per command (``with_knobs``): every command shows the
+    groups it takes; a suite that fixes a knob does not offer it."""
+    for command in ("generate", "edit", "batch"):
+        text = help_text(command)
+        for option in ("--cfg-text-scale", "--cfg-img-scale", "--cfg-interval", "--cfg-renorm-type", "--cfg-renorm-min",
+                       "--timestep-shift", "--num-timesteps", "--max-think-tokens", "--do-sample", "--temperature"):
+            assert option in text, (command, option)
+    assert "--guidance-scale" in help_text("generate") and "--guidance-scale" not in help_text("batch")
+    geneval = help_text("eval", "geneval")
+    assert "--cfg-text-scale" in geneval and "--cfg-img-scale" not in geneval and "--cfg-renorm-min" not in geneval
+    assert "--cfg-img-scale" in help_text("eval", "imgedit") and "--max-new-tokens" in help_text("chat")
+
+
+def test_an_option_declared_twice_is_refused():
+    from bagel_engine.cli.jobs import SAMPLING, with_knobs
+
+    def command(do_sample: bool = False, knobs: dict | None = None) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="declares do_sample itself"):
+        with_knobs(SAMPLING)(command)

@@ -12,9 +12,8 @@ import typer
 
 from bagel_engine.batch import dist
 from bagel_engine.batch.runner import BatchJob, exit_code, run_batch
-from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormMin, CfgRenormType, CfgTextScale, Device,
-                                   DoSample, Dtype, Height, Json, MaxThinkTokens, Model, NumTimesteps, Temperature,
-                                   Think, TimestepShift, Width, app, knob_values)
+from bagel_engine.cli.jobs import (ANY_KNOBS, IMAGE_RUN, SAMPLING, THINK_TOKENS, Device, Dtype, Json, Model, Think, app,
+                                   guidance, knob_values, with_knobs)
 from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.params import BagelInputError
 
@@ -69,6 +68,7 @@ free space and rerun to resume).
 
 @app.command(epilog=EPILOG)
 @with_load_options
+@with_knobs(IMAGE_RUN, guidance(ANY_KNOBS), THINK_TOKENS, SAMPLING)
 def batch(
     input: Annotated[Path, typer.Argument(
         help="CSV, JSONL or Parquet file, or a folder of them.", show_default=False)],
@@ -112,31 +112,20 @@ def batch(
     seed: Annotated[Optional[int], typer.Option(
         "--seed", rich_help_panel=JOB, min=0, max=2**32 - 1,
         help="Base seed; each row's seed is derived from it and the row id. \\[default: 0]")] = None,
-    height: Height = None,
-    width: Width = None,
     think: Think = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_img_scale: CfgImgScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    cfg_renorm_min: CfgRenormMin = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
-    max_think_token_n: MaxThinkTokens = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         "--max-new-tokens", rich_help_panel=TEXT, min=1,
         help="understand / chat: most tokens of the answer. \\[default: 512, or --max-think-tokens]")] = None,
-    do_sample: DoSample = None,
-    text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Run one task over every row of a table: resumable, atomic, data parallel under torchrun."""
     try:
         job = BatchJob(
-            input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()),
+            input=input, task=task.value, output_dir=output_dir, model=model, knobs=knob_values(locals()) | knobs,
             device=device, dtype=dtype, overwrite=overwrite, retry_failed=retry_failed, shard=dist.parse_shard(shard),
             rows=rows, prompt_column=prompt_column, id_column=id_column, output_column=output_name_column,
             preset=preset.value, progress=progress, batch_size=batch_size,

@@ -12,8 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bagel_engine.cli.jobs import (CfgImgScale, CfgInterval, CfgRenormType, CfgTextScale, Device, Dtype, Json, Model,
-                                   NumTimesteps, TimestepShift, fail, knob_values, load_pipeline)
+from bagel_engine.cli.jobs import ANY_KNOBS, Device, Dtype, Json, Model, fail, guidance, load_pipeline, with_knobs
 from bagel_engine.cli.load_options import with_load_options
 from bagel_engine.cli.main import app
 
@@ -59,6 +58,7 @@ and every answer (the right word and no competing one).
   bagel eval shapes -m runs/pink/checkpoint-000400 --task t2i --enable-taylorseer
 """)
 @with_load_options
+@with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_renorm_min",)))
 def shapes(
     model: Model = None,
     task: Annotated[ShapesTask, typer.Option("--task", "-t", help="Which part of the suite.")] = ShapesTask.all,
@@ -69,26 +69,18 @@ def shapes(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Text-to-image prompts denoised together.")] = 16,
     new_color: Annotated[Optional[str], typer.Option(
         "--new-color", help="Also score t2i prompts naming this extra colour (pink), judged with it in the palette.")] = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_img_scale: CfgImgScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
     enable_taylorseer: Annotated[bool, typer.Option(
         "--enable-taylorseer", help="The official TaylorSeer step cache (fewer forwards).")] = False,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """The shapes world's benchmark: draw, edit and answer, judged by a program (the demo model's eval)."""
     from bagel_engine.eval.shapes import SUITE_TASKS, run_shapes
 
-    values = dict(locals())
-    from bagel_engine.params import IMAGE_PARAM_NAMES
-
-    knobs = {k: v for k, v in knob_values(values).items() if k in IMAGE_PARAM_NAMES}  # --seed draws the items
+    knobs = dict(knobs)  # the guidance knobs only: --seed draws the items
     if enable_taylorseer:
         knobs["enable_taylorseer"] = True
     tasks = SUITE_TASKS if task == ShapesTask.all else (task.value,)
@@ -129,6 +121,7 @@ has seed --seed + 4i + k, whatever the ranks and resumes. Bad lines go to OUT/ba
   bagel eval geneval prompts.jsonl -m bagel-shapes -o /tmp/g --resolution 64 --num-timesteps 25 --limit 5
 """)
 @with_load_options
+@with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_img_scale", "cfg_renorm_min")))
 def geneval(
     metadata: Annotated[Path, typer.Argument(
         help="GenEval's prompt metadata (JSONL: tag, include, prompt), e.g. evaluation_metadata_long.jsonl "
@@ -141,20 +134,16 @@ def geneval(
     resolution: Annotated[int, typer.Option("--resolution", min=16, help="Square side in pixels.")] = 1024,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first picture (the official script's 42).")] = 42,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N prompts.")] = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """GenEval's generation exactly as the official script runs it, resumable and data parallel."""
     from bagel_engine.eval.geneval import SCORER_HELP, GenEvalJob, run_geneval
 
-    knobs = _suite_knobs(dict(locals()))
+    knobs = dict(knobs)
     _run_suite("geneval", lambda ranks: GenEvalJob(
         metadata, output_dir, n_samples=n_samples, batch_size=batch_size, resolution=resolution, seed=seed, knobs=knobs,
         limit=limit, rank=ranks.rank, world=ranks.world), run_geneval, SCORER_HELP, model, device, dtype, load_options,
@@ -179,6 +168,7 @@ Prompt i (its place in the file) has seed --seed + i. Bad entries go to OUT/bad_
   torchrun --nproc-per-node 8 --no-python bagel eval wise final_data.json -m ./BAGEL-7B-MoT -o out/wise/images
 """)
 @with_load_options
+@with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_img_scale", "cfg_renorm_min")))
 def wise(
     metadata: Annotated[Path, typer.Argument(
         help="WISE's prompts: a JSON list of {prompt_id, Prompt} (eval/gen/wise/final_data.json).",
@@ -196,20 +186,16 @@ def wise(
         "--max-think-tokens", min=1, help="Most think tokens (the script's max_length: 2048).")] = None,
     text_temperature: Annotated[Optional[float], typer.Option(
         "--temperature", min=0.0, help="Think sampling temperature (the script's 0.3).")] = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """WISE's generation exactly as the official script runs it (think on), resumable and data parallel."""
     from bagel_engine.eval.wise import SCORER_HELP, WiseJob, run_wise
 
-    knobs = _suite_knobs(dict(locals()))
+    knobs = dict(knobs)
     for name, value in (("max_think_token_n", max_think_token_n), ("text_temperature", text_temperature)):
         if value is not None:
             knobs[name] = value
@@ -236,6 +222,7 @@ Bad rows go to OUT/bad_rows.jsonl.
   bagel eval gedit --data gedit-parquet/ --language en --limit 10 -m ./BAGEL-7B-MoT -o /tmp/gedit
 """)
 @with_load_options
+@with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_renorm_min",)))
 def gedit(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the edits go (OUT/fullset/...).")],
     data: Annotated[str, typer.Option(
@@ -246,21 +233,16 @@ def gedit(
         "--language", help="Only the rows of one instruction language (en or cn; the official run does both).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="The seed set before every edit (the script's 42).")] = 42,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N rows.")] = None,
-    cfg_text_scale: CfgTextScale = None,
-    cfg_img_scale: CfgImgScale = None,
-    cfg_interval: CfgInterval = None,
-    cfg_renorm_type: CfgRenormType = None,
-    timestep_shift: TimestepShift = None,
-    num_timesteps: NumTimesteps = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """GEdit-Bench's edits exactly as the official script makes them, resumable and data parallel."""
     from bagel_engine.eval.gedit import SCORER_HELP, GEditJob, run_gedit
 
-    knobs = _suite_knobs(dict(locals()))
+    knobs = dict(knobs)
     if language is not None and language not in ("en", "cn"):
         fail(f"--language must be en or cn, not {language!r}", json_)
     _run_suite("gedit", lambda ranks: GEditJob(
@@ -310,20 +292,15 @@ Rerun to resume; spread over GPUs with torchrun. Item i has seed --seed + i. Bad
             show_default=False)] = None,
         seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the first item (the script's 42).")] = 42,
         limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N items.")] = None,
-        cfg_text_scale: CfgTextScale = None,
-        cfg_img_scale: CfgImgScale = None,
-        cfg_interval: CfgInterval = None,
-        cfg_renorm_type: CfgRenormType = None,
-        timestep_shift: TimestepShift = None,
-        num_timesteps: NumTimesteps = None,
         device: Device = None,
         dtype: Dtype = None,
         load_options: Optional[dict] = None,
+        knobs: Optional[dict] = None,
         json_: Json = False,
     ) -> None:
         from bagel_engine.eval.edit_suites import EditSuiteJob, run_edit_suite
 
-        knobs = _suite_knobs(dict(locals()))
+        knobs = dict(knobs)
         probe = EditSuiteJob(suite, metadata, output_dir, images=images, think=think)
         _run_suite(suite, lambda ranks: EditSuiteJob(
             suite, metadata, output_dir, images=images, think=think, seed=seed, knobs=knobs, limit=limit,
@@ -333,18 +310,12 @@ Rerun to resume; spread over GPUs with torchrun. Item i has seed --seed + i. Bad
     command.__doc__ = f"{title}'s edits exactly as the official script makes them, resumable and data parallel."
     # the annotations name this function's locals (the suite's help texts): resolved here, for typer
     command.__annotations__ = typing.get_type_hints(command, localns=locals(), include_extras=True)
-    return eval_app.command(suite, epilog=epilog)(with_load_options(command))
+    knob_options = with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_renorm_min",)))
+    return eval_app.command(suite, epilog=epilog)(with_load_options(knob_options(command)))
 
 
 for _suite in _EDIT_SUITES:
     _edit_suite_command(_suite)
-
-
-def _suite_knobs(values: dict) -> dict:
-    """The image knobs given on the command line (over a suite's official preset)."""
-    from bagel_engine.params import IMAGE_PARAM_NAMES
-
-    return {k: v for k, v in knob_values(values).items() if k in IMAGE_PARAM_NAMES and k != "seed"}
 
 
 def _run_suite(name: str, make_job, run, scorer_help: str, model, device, dtype, load_options: dict, json_: bool,

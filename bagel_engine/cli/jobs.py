@@ -20,7 +20,7 @@ import typer
 
 from bagel_engine import image_input
 from bagel_engine import knobs as knob_table
-from bagel_engine.cli.load_options import with_load_options
+from bagel_engine.cli.load_options import with_load_options, with_options
 from bagel_engine.cli.main import app  # commands register on the one ``bagel`` app
 from bagel_engine.params import EDIT_DEFAULTS, RENORM_TYPES, TEXT_TO_IMAGE_DEFAULTS, BagelInputError, ImageParams
 
@@ -85,9 +85,6 @@ def _image_knob_options(defaults: dict[str, ImageParams]) -> SimpleNamespace:
 T2I_KNOBS = _image_knob_options({"generate": TEXT_TO_IMAGE_DEFAULTS})
 EDIT_KNOBS = _image_knob_options({"edit": EDIT_DEFAULTS})
 ANY_KNOBS = _image_knob_options({"t2i": TEXT_TO_IMAGE_DEFAULTS, "edit": EDIT_DEFAULTS})
-CfgTextScale, CfgImgScale, CfgInterval = ANY_KNOBS.cfg_text_scale, ANY_KNOBS.cfg_img_scale, ANY_KNOBS.cfg_interval
-CfgRenormType, CfgRenormMin = ANY_KNOBS.cfg_renorm_type, ANY_KNOBS.cfg_renorm_min
-TimestepShift, NumTimesteps = ANY_KNOBS.timestep_shift, ANY_KNOBS.num_timesteps
 NegativePrompt = Annotated[Optional[str], typer.Option(
     "--negative-prompt", rich_help_panel=IMAGE,
     help="What the picture should not show (conditions the text-unconditional guidance branch). \\[default: none]")]
@@ -131,6 +128,31 @@ def knob_values(values: dict[str, Any]) -> dict[str, Any]:
     if "cfg_interval" in out:
         out["cfg_interval"] = tuple(out["cfg_interval"])
     return out
+
+
+# The knob options, declared once; a command names the groups it takes (``@with_knobs``) and receives the
+# knobs the user set, by API name, as one ``knobs`` dict. The guidance knobs come from a table whose help shows
+# one task's defaults (T2I_KNOBS, EDIT_KNOBS) or both (ANY_KNOBS).
+GUIDANCE = ("cfg_text_scale", "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min", "timestep_shift",
+            "num_timesteps")
+
+
+def guidance(table: SimpleNamespace, names: tuple[str, ...] = GUIDANCE, leave_out: tuple[str, ...] = ()) -> tuple:
+    """The guidance knobs' options (of ``table``), ``leave_out`` left out (a suite without them)."""
+    return tuple((name, getattr(table, name), None) for name in names if name not in leave_out)
+
+
+DIFFUSERS_NAMES = (("negative_prompt", NegativePrompt, None), ("guidance_scale", GuidanceScale, None),
+                   ("image_guidance_scale", ImageGuidanceScale, None), ("num_inference_steps", NumInferenceSteps, None))
+THINK_TOKENS = (("max_think_token_n", MaxThinkTokens, None),)
+ANSWER_TOKENS = (("max_new_tokens", MaxNewTokens, None),)
+SAMPLING = (("do_sample", DoSample, None), ("text_temperature", Temperature, None))
+IMAGE_RUN = (("height", Height, None), ("width", Width, None))
+
+
+def with_knobs(*groups: tuple):
+    """Give a command the knob options of ``groups``; it receives the ones set, by API name, as ``knobs``."""
+    return with_options("knobs", tuple(option for group in groups for option in group), knob_values)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -201,7 +223,7 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
              dtype: str | None, output: Path | None, as_json: bool) -> None:
     """Load, call one task method, save or print the result."""
     try:
-        knobs = knob_table.cli_knobs(knob_values(values), task)
+        knobs = knob_table.cli_knobs(knob_values(values) | (values.get("knobs") or {}), task)
     except BagelInputError as e:
         fail(str(e).replace("_", "-") if "given twice" in str(e) else str(e), as_json)
     pipe = load_pipeline(model, device, dtype, as_json, **(values.get("load_options") or {}))
@@ -278,31 +300,17 @@ Output = Annotated[Optional[Path], typer.Option(
   BAGEL_MODEL=/models/BAGEL-7B-MoT bagel generate "a cat" --num-timesteps 25 --json
 """)
 @with_load_options
+@with_knobs(IMAGE_RUN, guidance(T2I_KNOBS), DIFFUSERS_NAMES, THINK_TOKENS, SAMPLING)
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.", show_default=False)],
     model: Model = None,
     output: Output = None,
-    height: Height = None,
-    width: Width = None,
     seed: Seed = None,
     think: Think = None,
-    cfg_text_scale: T2I_KNOBS.cfg_text_scale = None,
-    cfg_img_scale: T2I_KNOBS.cfg_img_scale = None,
-    cfg_interval: T2I_KNOBS.cfg_interval = None,
-    cfg_renorm_type: T2I_KNOBS.cfg_renorm_type = None,
-    cfg_renorm_min: T2I_KNOBS.cfg_renorm_min = None,
-    timestep_shift: T2I_KNOBS.timestep_shift = None,
-    num_timesteps: T2I_KNOBS.num_timesteps = None,
-    negative_prompt: NegativePrompt = None,
-    guidance_scale: GuidanceScale = None,
-    image_guidance_scale: ImageGuidanceScale = None,
-    num_inference_steps: NumInferenceSteps = None,
-    max_think_token_n: MaxThinkTokens = None,
-    do_sample: DoSample = None,
-    text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Text to image: draw PROMPT and write a PNG (with --think, print the plan first).
@@ -322,6 +330,7 @@ def generate(
   bagel edit room.png -p "paint the walls green" --cfg-img-scale 1.5 --think --json
 """)
 @with_load_options
+@with_knobs(guidance(EDIT_KNOBS), DIFFUSERS_NAMES, THINK_TOKENS, SAMPLING)
 def edit(
     images: Annotated[list[str], typer.Argument(
         help="Input image(s): paths or http(s)/data URLs; the output has the last one's size.", show_default=False)],
@@ -331,23 +340,10 @@ def edit(
         "--output", "-o", rich_help_panel=RUN, help="Where to write the PNG. \\[default: edit-SEED.png]")] = None,
     seed: Seed = None,
     think: Think = None,
-    cfg_text_scale: EDIT_KNOBS.cfg_text_scale = None,
-    cfg_img_scale: EDIT_KNOBS.cfg_img_scale = None,
-    cfg_interval: EDIT_KNOBS.cfg_interval = None,
-    cfg_renorm_type: EDIT_KNOBS.cfg_renorm_type = None,
-    cfg_renorm_min: EDIT_KNOBS.cfg_renorm_min = None,
-    timestep_shift: EDIT_KNOBS.timestep_shift = None,
-    num_timesteps: EDIT_KNOBS.num_timesteps = None,
-    negative_prompt: NegativePrompt = None,
-    guidance_scale: GuidanceScale = None,
-    image_guidance_scale: ImageGuidanceScale = None,
-    num_inference_steps: NumInferenceSteps = None,
-    max_think_token_n: MaxThinkTokens = None,
-    do_sample: DoSample = None,
-    text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Edit one or several images by an instruction and write a PNG.
@@ -369,6 +365,7 @@ def edit(
   bagel understand receipt.jpg -p "Total amount?" --json
 """)
 @with_load_options
+@with_knobs(ANSWER_TOKENS, SAMPLING)
 def understand(
     images: Annotated[list[str], typer.Argument(help="Input image(s): paths or http(s)/data URLs.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.", show_default=False)],
@@ -377,12 +374,10 @@ def understand(
         "--output", "-o", rich_help_panel=RUN, help="Also write the answer to this text file.")] = None,
     seed: Seed = None,
     think: Think = None,
-    max_new_tokens: MaxNewTokens = None,
-    do_sample: DoSample = None,
-    text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Answer a question about one or several images (with --think, the reasoning comes first)."""
@@ -401,6 +396,7 @@ def understand(
   bagel chat "Name three colors." --do-sample --temperature 0.8 --seed 1 --json
 """)
 @with_load_options
+@with_knobs(ANSWER_TOKENS, SAMPLING)
 def chat(
     prompt: Annotated[str, typer.Argument(help="Your message.", show_default=False)],
     model: Model = None,
@@ -408,12 +404,10 @@ def chat(
         "--output", "-o", rich_help_panel=RUN, help="Also write the answer to this text file.")] = None,
     seed: Seed = None,
     think: Think = None,
-    max_new_tokens: MaxNewTokens = None,
-    do_sample: DoSample = None,
-    text_temperature: Temperature = None,
     device: Device = None,
     dtype: Dtype = None,
     load_options: Optional[dict] = None,
+    knobs: Optional[dict] = None,
     json_: Json = False,
 ) -> None:
     """Text in, text out."""

@@ -127,28 +127,41 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
 )
 
 
+def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect):
+    """A decorator giving a command the ``options`` ((parameter name, option, default), declared once) as
+    command-line options; the command receives ``collect({name: value})`` as its parameter ``param``.
+    Apply it under ``@app.command``; several stack."""
+
+    def decorate(command):
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        if param not in signature.parameters:
+            raise TypeError(f"{command.__name__} must take a {param} parameter")
+        kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+                if p.name != param]
+        clash = {p.name for p in kept} & {name for name, _, _ in options}
+        if clash:
+            raise TypeError(f"{command.__name__} declares {', '.join(sorted(clash))} itself and through {param}")
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+                 for name, option, default in options]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {name: kwargs.pop(name, default) for name, _, default in options}
+            return command(*args, **{param: collect(values)}, **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+                  else p for p in kept]
+        wrapper.__signature__ = signature.replace(parameters=[*params, *added])
+        wrapper.__annotations__ = {p.name: p.annotation for p in kept} | {name: option for name, option, _ in options}
+        del wrapper.__wrapped__  # typer reads the signature above, not the command's
+        return wrapper
+
+    return decorate
+
+
 def with_load_options(command):
     """Give ``command`` the load options (``LOAD_OPTIONS``) as command-line options; it receives the
     ``bagel_engine.load`` keyword arguments they ask for (non-defaults only) as ``load_options``.
     Apply it under ``@app.command``."""
-    hints = typing.get_type_hints(command, include_extras=True)
-    signature = inspect.signature(command)
-    if "load_options" not in signature.parameters:
-        raise TypeError(f"{command.__name__} must take a load_options parameter")
-    kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
-            if p.name != "load_options"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
-             for name, option, default in LOAD_OPTIONS]
-    names = [name for name, _, _ in LOAD_OPTIONS]
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        values = {name: kwargs.pop(name, default) for name, _, default in LOAD_OPTIONS}
-        return command(*args, load_options=load_kwargs(values), **kwargs)
-
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
-              else p for p in kept]
-    wrapper.__signature__ = signature.replace(parameters=[*params, *added])
-    wrapper.__annotations__ = {p.name: p.annotation for p in kept} | {n: o for n, (_, o, _) in zip(names, LOAD_OPTIONS)}
-    del wrapper.__wrapped__  # typer reads the signature above, not the command's
-    return wrapper
+    return with_options("load_options", LOAD_OPTIONS, load_kwargs)(command)
