@@ -27,6 +27,7 @@ from bagel_engine.runtime.context import PreparedImage
 from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelOutput, Engine,
                                          ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
+from bagel_engine.runtime.vae_tiling import Tiling
 from bagel_engine.weights.config import ConfigError, ModelConfig, checkpoint_config, read_task_defaults_file
 from bagel_engine.weights.hub import HubOptions
 from bagel_engine.weights.layout import Checkpoint, find_checkpoint
@@ -57,6 +58,7 @@ def load(
     seed: int = 0,
     compile: bool = False,
     attention: str = "auto",
+    vae_tiling: bool = False,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -79,6 +81,8 @@ def load(
     ``seed``): for benchmarks of the real architecture without the real checkpoint.
     ``compile=True`` compiles the denoising step and the decoding step with torch.compile (static
     shapes; CUDA graphs on a GPU). ``attention``: "auto", "sdpa", "flex" or "flash".
+    ``vae_tiling=True``: images above 256 px a side (BAGEL-7B-MoT) go through the VAE in overlapping tiles
+    (:meth:`BagelPipeline.enable_vae_tiling`): less memory at high resolution, not the same numbers.
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -118,6 +122,8 @@ def load(
                          official_numerics=official_numerics, task_defaults=defaults, attention=attention)
     if compile:
         pipe.compile()
+    if vae_tiling:
+        pipe.enable_vae_tiling()
     return pipe
 
 
@@ -194,6 +200,17 @@ class BagelPipeline:
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.engine.decoder_fn = torch.compile(self.model.decoder, dynamic=False, mode=mode)
+        return self
+
+    def enable_vae_tiling(self, tile: int = 32, overlap: int = 8) -> "BagelPipeline":
+        """Encode and decode images of more than ``tile`` latent positions a side (32: 256 px on BAGEL-7B-MoT)
+        in tiles overlapping by ``overlap``, blended: a lower VAE peak at high resolution, an approximation
+        of the untiled result (``bagel_engine.runtime.vae_tiling``; its bound in docs/memory.md)."""
+        self.engine.vae_tiling = Tiling(tile, overlap)
+        return self
+
+    def disable_vae_tiling(self) -> "BagelPipeline":
+        self.engine.vae_tiling = None
         return self
 
     # ----------------------------------------------------------------------------- official API

@@ -40,6 +40,10 @@ Lora = Annotated[Optional[list[str]], typer.Option(
          "a `bagel train` checkpoint folder or an older lora_adapter.safetensors (repeat for several).")]
 LoraStrength = Annotated[float, typer.Option(
     "--lora-strength", rich_help_panel=PANEL, help="Scale of the LoRA updates (1: as trained).")]
+VaeTiling = Annotated[bool, typer.Option(
+    "--vae-tiling", rich_help_panel=PANEL,
+    help="Encode and decode images above 256 px a side (BAGEL-7B-MoT) in overlapping tiles: a lower VAE memory "
+         "peak at high resolution, close to but not the untiled result (docs/memory.md).")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -94,8 +98,9 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
         attention = attention.value if isinstance(attention, Enum) else attention
         if attention != "auto":
             out["attention"] = attention
-    if values.get("official_numerics"):
-        out["official_numerics"] = True
+    for name in ("official_numerics", "vae_tiling"):
+        if values.get(name):
+            out[name] = True
     for name in ("weights_file", "base_config", "task_defaults"):
         if values.get(name) is not None:
             out[name] = str(values[name])
@@ -116,6 +121,7 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("compile", Compile, False),
     ("attention", Attention, "auto"),
     ("official_numerics", OfficialNumerics, False),
+    ("vae_tiling", VaeTiling, False),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),

@@ -48,6 +48,7 @@ from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
 from bagel_engine.runtime.image_generation import GuidanceContexts, ImageDenoise, denoise_step
 from bagel_engine.runtime.text_decoding import TextDecode, decode_step
 from bagel_engine.runtime.tokenizer import BagelTokenizer
+from bagel_engine.runtime.vae_tiling import Tiling, decode_tiled, encode_tiled
 from bagel_engine.think_text import simple_think
 
 log = logging.getLogger("bagel_engine")
@@ -217,6 +218,7 @@ class Engine:
         self.attention = check_backend(attention)  # this pipeline's attention backend (model.attention)
         self.limits = Limits()  # what one request may ask for (a server sets its own)
         self.decoder_fn: Callable | None = None  # a compiled decoder (``BagelPipeline.compile``)
+        self.vae_tiling: Tiling | None = None  # encode / decode large images in tiles (``vae_tiling``)
         self._scheduler: Scheduler | None = None
         self.ticks = 0  # batched steps run (text and image forwards count once each)
 
@@ -546,12 +548,20 @@ class Engine:
 
     def vae_encode(self, pixels: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
         dev = self.vae_device
-        moments = self.vae.encode_moments(pixels.to(dev, self.vae.dtype))
+        pixels = pixels.to(dev, self.vae.dtype)
+        if self.vae_tiling is not None:
+            moments = encode_tiled(self.vae.encode_moments, pixels, self.vae_tiling, self.vae.downsample)
+        else:
+            moments = self.vae.encode_moments(pixels)
         return self.vae.latent_from_moments(moments, None if eps is None else eps.to(dev, moments.dtype))
 
     def decode_latent(self, latents: torch.Tensor) -> tuple[torch.Tensor, Image.Image]:
         """(z, H/d, W/d) latent -> (the VAE's output tensor, the picture)."""
-        decoded = self.vae.decode(latents.unsqueeze(0).to(self.vae_device, self.vae.dtype))
+        z = latents.unsqueeze(0).to(self.vae_device, self.vae.dtype)
+        if self.vae_tiling is not None:
+            decoded = decode_tiled(self.vae.decode, z, self.vae_tiling, self.vae.downsample)
+        else:
+            decoded = self.vae.decode(z)
         return decoded, transforms.tensor_to_image(decoded[0].float().cpu())
 
 
