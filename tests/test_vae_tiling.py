@@ -40,7 +40,7 @@ def test_a_position_wise_map_is_reproduced_exactly():
     tiling = Tiling(tile=6, overlap=2)
     torch.testing.assert_close(decode_tiled(decode, z, tiling, 4), decode(z), rtol=1e-6, atol=1e-6)
     px = torch.randn(1, 3, 84, 52)
-    torch.testing.assert_close(encode_tiled(encode, px, tiling, 4), encode(px), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(encode_tiled(encode, px, tiling, 4, 3), encode(px), rtol=1e-6, atol=1e-6)
     small = torch.randn(1, 4, 5, 5)
     assert torch.equal(decode_tiled(decode, small, tiling, 4), decode(small))  # one tile: untiled
 
@@ -68,7 +68,7 @@ def test_on_the_demo_autoencoder_tiling_stays_close_to_the_untiled_result():
         full = vae.decode(z)
         tiled = decode_tiled(vae.decode, z, Tiling(16, 4), vae.downsample)
         coarse = decode_tiled(vae.decode, z, Tiling(4, 1), vae.downsample)
-        z_tiled = vae.latent_from_moments(encode_tiled(vae.encode_moments, x, Tiling(16, 4), vae.downsample))
+        z_tiled = vae.latent_from_moments(encode_tiled(vae.encode_moments, x, Tiling(16, 4), vae.downsample, 2 * vae.cfg.z_channels))
     assert tiled.shape == full.shape == x.shape
     assert psnr(tiled, full) >= 27.0 > psnr(coarse, full) + 5
     assert float((z_tiled - z).norm() / z.norm()) < 0.3
@@ -87,3 +87,33 @@ def test_the_pipeline_tiles_when_asked():
     calls.clear()
     pipe.generate("a red circle", seed=1, num_timesteps=3)
     assert calls == [(16, 16)]
+
+
+def _patch_parallel_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    z = torch.randn(1, 8, 20, 28)
+    vae = bagel_engine.load("bagel-shapes", device="cpu").engine.vae
+    with torch.no_grad():
+        image = decode_tiled(vae.decode, z, Tiling(8, 2), vae.downsample, group=dist.group.WORLD)
+    torch.save(image, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_patch_parallel_over_two_processes_equals_one_process_tiling(tmp_path):
+    """VAE patch parallel: two gloo processes decode a share of the tiles each; both get the one-process
+    tiled picture (within float rounding: the sums are added in another order)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "image")
+    mp.spawn(_patch_parallel_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    torch.manual_seed(0)
+    z = torch.randn(1, 8, 20, 28)
+    vae = bagel_engine.load("bagel-shapes", device="cpu").engine.vae
+    with torch.no_grad():
+        alone = decode_tiled(vae.decode, z, Tiling(8, 2), vae.downsample)
+    assert len(Tiling(8, 2).split(20, 28)) == 15  # an odd count: the ranks hold 8 and 7 tiles
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}"), alone, rtol=1e-5, atol=1e-5)

@@ -550,7 +550,8 @@ class Engine:
         dev = self.vae_device
         pixels = pixels.to(dev, self.vae.dtype)
         if self.vae_tiling is not None:
-            moments = encode_tiled(self.vae.encode_moments, pixels, self.vae_tiling, self.vae.downsample)
+            moments = encode_tiled(self.vae.encode_moments, pixels, self.vae_tiling, self.vae.downsample,
+                                   2 * self.vae.cfg.z_channels)
         else:
             moments = self.vae.encode_moments(pixels)
         return self.vae.latent_from_moments(moments, None if eps is None else eps.to(dev, moments.dtype))
@@ -559,7 +560,7 @@ class Engine:
         """(z, H/d, W/d) latent -> (the VAE's output tensor, the picture)."""
         z = latents.unsqueeze(0).to(self.vae_device, self.vae.dtype)
         if self.vae_tiling is not None:
-            decoded = decode_tiled(self.vae.decode, z, self.vae_tiling, self.vae.downsample)
+            decoded = decode_tiled(self.vae.decode, z, self.vae_tiling, self.vae.downsample, self.vae.cfg.out_ch)
         else:
             decoded = self.vae.decode(z)
         return decoded, transforms.tensor_to_image(decoded[0].float().cpu())

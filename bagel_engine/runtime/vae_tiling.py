@@ -11,8 +11,8 @@ It is an approximation: inside a tile the mid block sees only that tile, and con
 tile's inner side see zero padding instead of the neighbour. The overlap hides both. The bound
 measured on the demo model is in tests/test_vae_tiling.py (and docs/memory.md).
 
-``Tiling.split`` is also the unit of VAE patch parallelism: ranks each run a share of the tiles and
-the sums are combined (``blend`` takes the tiles in any grouping).
+VAE patch parallelism (``group=``): the ranks of a process group each run a share of the tiles and
+the weighted sums are added over the group (all-reduce), so every rank gets the picture.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -77,39 +78,48 @@ def weights(box: tuple[int, int, int, int], h: int, w: int, overlap: int, scale:
 
 
 def run_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, boxes, in_scale: int, out_scale: int,
-              tiling: Tiling, h: int, w: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Weighted sums (numerator, denominator) of ``fn`` over the ``boxes`` (in latent positions) of ``x``
-    (B, C, h*in_scale, w*in_scale): the part of the blend one rank computes. None when ``boxes`` is empty."""
-    num = den = None
+              tiling: Tiling, h: int, w: int, out_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sums (numerator (B, out_channels, H, W), denominator (H, W)) of ``fn`` over the ``boxes`` (in
+    latent positions) of ``x`` (B, C, h*in_scale, w*in_scale): the share of the blend one rank computes."""
+    num = torch.zeros(x.shape[0], out_channels, h * out_scale, w * out_scale, dtype=torch.float32, device=x.device)
+    den = torch.zeros(h * out_scale, w * out_scale, dtype=torch.float32, device=x.device)
     for box in boxes:
         y0, y1, x0, x1 = box
         out = fn(x[:, :, y0 * in_scale:y1 * in_scale, x0 * in_scale:x1 * in_scale]).float()
-        if num is None:
-            b, c = out.shape[:2]
-            num = torch.zeros(b, c, h * out_scale, w * out_scale, dtype=torch.float32, device=out.device)
-            den = torch.zeros(h * out_scale, w * out_scale, dtype=torch.float32, device=out.device)
         wt = weights(box, h, w, tiling.overlap, out_scale).to(out.device)
         num[:, :, y0 * out_scale:y1 * out_scale, x0 * out_scale:x1 * out_scale] += out * wt
         den[y0 * out_scale:y1 * out_scale, x0 * out_scale:x1 * out_scale] += wt
     return num, den
 
 
-def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tiling: Tiling,
-                 downsample: int) -> torch.Tensor:
-    """``decode`` (latent (B, C, h, w) -> image (B, 3, h*d, w*d)) run tile by tile and blended."""
+def _blend(fn, x: torch.Tensor, tiling: Tiling, h: int, w: int, in_scale: int, out_scale: int, out_channels: int,
+           group) -> torch.Tensor:
+    boxes = tiling.split(h, w)
+    if group is not None:  # patch parallel: every rank its share of the tiles, then the sums everywhere
+        boxes = boxes[dist.get_rank(group)::dist.get_world_size(group)]
+    num, den = run_tiles(fn, x, boxes, in_scale, out_scale, tiling, h, w, out_channels)
+    if group is not None:
+        dist.all_reduce(num, group=group)
+        dist.all_reduce(den, group=group)
+    return (num / den).to(x.dtype)
+
+
+def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tiling: Tiling, downsample: int,
+                 out_channels: int = 3, group=None) -> torch.Tensor:
+    """``decode`` (latent (B, C, h, w) -> image (B, 3, h*d, w*d)) run tile by tile and blended. With a
+    process ``group`` (VAE patch parallel) each rank decodes a share of the tiles and every rank gets the
+    picture (equal to one rank's tiling within float rounding: the sums are added in another order)."""
     h, w = z.shape[-2:]
     if not tiling.needed(h, w):
         return decode(z)
-    num, den = run_tiles(decode, z, tiling.split(h, w), 1, downsample, tiling, h, w)
-    return (num / den).to(z.dtype if z.is_floating_point() else torch.float32)
+    return _blend(decode, z, tiling, h, w, 1, downsample, out_channels, group)
 
 
-def encode_tiled(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiling: Tiling,
-                 downsample: int) -> torch.Tensor:
-    """``encode`` (image (B, 3, H, W) -> moments (B, 2C, H/d, W/d)) run tile by tile and blended; the
-    tiles are the same latent tiles as the decode's, ``downsample`` pixels a position."""
+def encode_tiled(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiling: Tiling, downsample: int,
+                 out_channels: int, group=None) -> torch.Tensor:
+    """``encode`` (image (B, 3, H, W) -> moments (B, out_channels, H/d, W/d)) run tile by tile and blended; the
+    tiles are the same latent tiles as the decode's, ``downsample`` pixels a position; ``group`` as there."""
     h, w = x.shape[-2] // downsample, x.shape[-1] // downsample
     if not tiling.needed(h, w):
         return encode(x)
-    num, den = run_tiles(encode, x, tiling.split(h, w), downsample, 1, tiling, h, w)
-    return (num / den).to(x.dtype)
+    return _blend(encode, x, tiling, h, w, downsample, 1, out_channels, group)
