@@ -59,6 +59,7 @@ def load(
     compile: bool = False,
     attention: str = "auto",
     vae_tiling: bool = False,
+    cfg_parallel_size: int | None = None,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -83,6 +84,9 @@ def load(
     shapes; CUDA graphs on a GPU). ``attention``: "auto", "sdpa", "flex" or "flash".
     ``vae_tiling=True``: images above 256 px a side (BAGEL-7B-MoT) go through the VAE in overlapping tiles
     (:meth:`BagelPipeline.enable_vae_tiling`): less memory at high resolution, not the same numbers.
+    ``cfg_parallel_size`` (2 or 3, under torchrun with as many processes): each denoising step's guidance
+    branches run on their own rank (:meth:`BagelPipeline.enable_cfg_parallel`); on a GPU each rank takes
+    ``cuda:LOCAL_RANK`` unless ``device`` says otherwise.
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -97,6 +101,8 @@ def load(
     the hub client's (``HF_HUB_CACHE``, ``HF_TOKEN``). With ``device="meta"`` or ``random_weights`` only the
     configs and the tokenizer are downloaded.
     """
+    if device is None and cfg_parallel_size and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     placement_device = torch.device(device) if device is not None else _default_device()
     placement = Placement(
         device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),
@@ -124,6 +130,8 @@ def load(
         pipe.compile()
     if vae_tiling:
         pipe.enable_vae_tiling()
+    if cfg_parallel_size:
+        pipe.enable_cfg_parallel(cfg_parallel_size)
     return pipe
 
 
@@ -207,6 +215,25 @@ class BagelPipeline:
         in tiles overlapping by ``overlap``, blended: a lower VAE peak at high resolution, an approximation
         of the untiled result (``bagel_engine.runtime.vae_tiling``; its bound in docs/memory.md)."""
         self.engine.vae_tiling = Tiling(tile, overlap)
+        return self
+
+    def enable_cfg_parallel(self, size: int) -> "BagelPipeline":
+        """Spread each denoising step's guidance branches (conditional, text-unconditional, image-unconditional)
+        over ``size`` processes, one branch per rank, under ``torchrun --nproc-per-node SIZE``: every rank runs
+        the same calls (prefill and think included), draws the same seed, and gets the same result; the latency
+        of a guided step becomes that of one branch. The process group is started here when torchrun's
+        variables are set (gloo on the CPU, NCCL on GPUs)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if "WORLD_SIZE" not in os.environ:
+                raise BagelInputError(f"CFG-parallel over {size} processes runs under torchrun: "
+                                      f"torchrun --nproc-per-node {size} --no-python bagel ...")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if size not in (2, 3) or dist.get_world_size() != size:
+            raise BagelInputError(f"CFG-parallel needs 2 or 3 processes, as many as --cfg-parallel-size: asked for "
+                                  f"{size}, running {dist.get_world_size()}")
+        self.engine.cfg_parallel = dist.group.WORLD
         return self
 
     def disable_vae_tiling(self) -> "BagelPipeline":

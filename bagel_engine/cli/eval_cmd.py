@@ -323,6 +323,9 @@ def _run_suite(name: str, make_job, run, scorer_help: str, model, device, dtype,
     """An official suite's generation on this rank (torchrun spreads it), its bar, its summary, the scorer's command."""
     from bagel_engine.batch import dist as DP
 
+    if load_options.get("cfg_parallel_size"):
+        fail(f"--cfg-parallel-size does not run with bagel eval {name}: under torchrun its ranks share out the "
+             "items (data parallel)", json_)
     try:
         ranks = DP.setup(device)
     except ValueError as e:

@@ -219,6 +219,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _helper_rank() -> bool:
+    """A rank other than 0 of a process group (``--cfg-parallel-size`` under torchrun)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str | None, device: str | None,
              dtype: str | None, output: Path | None, as_json: bool) -> None:
     """Load, call one task method, save or print the result."""
@@ -228,6 +235,9 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
         fail(str(e).replace("_", "-") if "given twice" in str(e) else str(e), as_json)
     pipe = load_pipeline(model, device, dtype, as_json, **(values.get("load_options") or {}))
     bar, streamed = None, False
+    if _helper_rank():  # CFG-parallel: every rank runs the task, rank 0 alone shows and writes it
+        getattr(pipe, knob_table.TASK_METHODS[task])(*pipe_args, **knobs)
+        return
     if task in knob_table.IMAGE_TASKS:
         bar = StepBar("denoising")
         knobs["callback"] = bar

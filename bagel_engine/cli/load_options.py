@@ -44,6 +44,10 @@ VaeTiling = Annotated[bool, typer.Option(
     "--vae-tiling", rich_help_panel=PANEL,
     help="Encode and decode images above 256 px a side (BAGEL-7B-MoT) in overlapping tiles: a lower VAE memory "
          "peak at high resolution, close to but not the untiled result (docs/memory.md).")]
+CfgParallelSize = Annotated[Optional[int], typer.Option(
+    "--cfg-parallel-size", rich_help_panel=PANEL, min=2, max=3, metavar="N",
+    help="Run each step's guidance branches on N processes, one branch each (2: text guidance; 3: an edit's text "
+         "and image guidance): torchrun --nproc-per-node N --no-python bagel ...; rank 0 writes the output.")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -98,6 +102,8 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
         attention = attention.value if isinstance(attention, Enum) else attention
         if attention != "auto":
             out["attention"] = attention
+    if values.get("cfg_parallel_size"):
+        out["cfg_parallel_size"] = int(values["cfg_parallel_size"])
     for name in ("official_numerics", "vae_tiling"):
         if values.get(name):
             out[name] = True
@@ -122,6 +128,7 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("attention", Attention, "auto"),
     ("official_numerics", OfficialNumerics, False),
     ("vae_tiling", VaeTiling, False),
+    ("cfg_parallel_size", CfgParallelSize, None),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),

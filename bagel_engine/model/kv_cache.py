@@ -71,6 +71,17 @@ class BranchKV:
         view.mask = self.mask[:count]
         return view
 
+    def only(self, j: int) -> "BranchKV":
+        """A view on sequence ``j`` alone (same buffers): what one rank of CFG-parallel attends over."""
+        view = object.__new__(BranchKV)
+        view.num_branches, view.n, view.slots = 1, self.n, self.slots
+        view.k = [t[j:j + 1] for t in self.k]
+        view.v = [t[j:j + 1] for t in self.v]
+        view.write_index = self.write_index[j * self.n:(j + 1) * self.n] - j * self.slots
+        view.kv_lens = self.kv_lens[j:j + 1]
+        view.mask = self.mask[j:j + 1]
+        return view
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         b, n, s = self.num_branches, self.n, self.slots
         kb, vb = self.k[layer], self.v[layer]

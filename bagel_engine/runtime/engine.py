@@ -32,10 +32,11 @@ import queue
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from bagel_engine.model.attention import check_backend, use_backend
@@ -45,7 +46,8 @@ from bagel_engine.model.config import ModelConfig
 from bagel_engine.params import BagelInputError, ImageParams, Limits, TextParams, first_stop, held_back
 from bagel_engine.runtime import image_transforms as transforms
 from bagel_engine.runtime.context import Context, ContextBuilder, PreparedImage
-from bagel_engine.runtime.image_generation import GuidanceContexts, ImageDenoise, denoise_step
+from bagel_engine.runtime.image_generation import (GuidanceContexts, ImageDenoise, denoise_step,
+                                                   denoise_step_cfg_parallel)
 from bagel_engine.runtime.text_decoding import TextDecode, decode_step
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.runtime.vae_tiling import Tiling, decode_tiled, encode_tiled
@@ -219,6 +221,7 @@ class Engine:
         self.limits = Limits()  # what one request may ask for (a server sets its own)
         self.decoder_fn: Callable | None = None  # a compiled decoder (``BagelPipeline.compile``)
         self.vae_tiling: Tiling | None = None  # encode / decode large images in tiles (``vae_tiling``)
+        self.cfg_parallel = None  # a process group: each step's guidance branches spread over its ranks
         self._scheduler: Scheduler | None = None
         self.ticks = 0  # batched steps run (text and image forwards count once each)
 
@@ -230,6 +233,9 @@ class Engine:
             raise ValueError("max_batch must be >= 1")
         if max_step_tokens is not None and max_step_tokens < 1:
             raise ValueError("max_step_tokens must be >= 1")
+        if self.cfg_parallel is not None:
+            raise BagelInputError("CFG-parallel runs requests that every rank is given (the CLI, batch jobs, the Python "
+                                  "API under torchrun), not a scheduler's: a server with it is not supported yet")
         if self._scheduler is None or not self._scheduler.running:
             self._scheduler = Scheduler(self, max_batch, max_step_tokens).start()
         else:
@@ -280,6 +286,10 @@ class Engine:
 
     def admit(self, request: Request, builder: ContextBuilder) -> _Active:
         """Stages 1 (validate) and 2 (prefill); then the request waits for its first tick."""
+        if self.cfg_parallel is not None and request.seed is None:  # every rank draws the same noise
+            seed = torch.tensor([_new_seed() if dist.get_rank(self.cfg_parallel) == 0 else 0], dtype=torch.int64)
+            dist.broadcast(seed, src=dist.get_global_rank(self.cfg_parallel, 0), group=self.cfg_parallel)
+            request = replace(request, seed=int(seed))
         a = _Active(request, builder)
         a.text_params = request.text.validate()
         a.image_params = None if request.understanding_output else request.image.validate()
@@ -478,7 +488,11 @@ class Engine:
                 if a.decoding.done and a.error is None:
                     self._settle(a, self._text_done)
         if images:
-            denoise_step(self.model, [a.denoising for a in images], self.decoder_fn)
+            if self.cfg_parallel is not None:  # one image at a time, its branches over the ranks
+                for a in images:
+                    denoise_step_cfg_parallel(self.model, a.denoising, self.cfg_parallel, self.decoder_fn)
+            else:
+                denoise_step(self.model, [a.denoising for a in images], self.decoder_fn)
             for a in images:
                 if a.denoising.done and a.error is None:
                     self._settle(a, self._image_done)

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from bagel_engine.model.bagel import Bagel
 from bagel_engine.model.kv_cache import BranchKV, MultiKV
-from bagel_engine.params import ImageParams
+from bagel_engine.params import BagelInputError, ImageParams
 from bagel_engine.runtime import image_transforms
 from bagel_engine.model.qwen2_mot import Routing
 from bagel_engine.runtime.context import Context, block_routing
@@ -239,6 +240,33 @@ def denoise_step(model: Bagel, images: Sequence[ImageDenoise], decoder_fn: Calla
     for im, r in zip(images, runs):
         im.finish_step(pieces[id(im)], im.count if r else 0)
     return forwards
+
+
+def denoise_step_cfg_parallel(model: Bagel, image: ImageDenoise, group, decoder_fn: Callable | None = None) -> int:
+    """One step of ONE image with its guidance branches spread over the ranks of a process ``group``
+    (CFG-parallel): on a guided step rank r runs branches r, r + world, ... (each over its own context), the
+    final rows are all-gathered and every rank combines the same velocities, so every rank holds the same
+    latent; an unguided step runs the conditional branch on every rank. Equal to :func:`denoise_step` within
+    float rounding (a branch alone instead of in a batch). Returns the blocks this rank ran."""
+    if image.caches is not None:
+        raise BagelInputError("the step cache (enable_taylorseer) does not run with CFG-parallel yet")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    q, rope, kv, routing = image.inputs()
+    decoder = model.decoder if decoder_fn is None else decoder_fn
+    count, width = image.count, image.n + 2
+    if count == 1 or world == 1:
+        image.finish_step(decoder(q, rope, kv, False, routing), count)
+        return count
+    per_rank = -(-count // world)
+    mine = torch.zeros(per_rank, width, q.shape[-1], dtype=q.dtype, device=q.device)
+    for slot, j in enumerate(range(rank, count, world)):
+        rows = slice(j * width, (j + 1) * width)
+        mine[slot] = decoder(q[rows], tuple(t[rows] for t in rope), kv.only(j), False, image.routing_cond)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    hidden = torch.stack([gathered[j % world][j // world] for j in range(count)])  # branch order
+    image.finish_step(hidden.reshape(count * width, -1), count)
+    return len(range(rank, count, world))
 
 
 def _concat(parts):
