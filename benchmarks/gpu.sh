@@ -39,6 +39,10 @@ run "${BENCH[@]}" -w understand --height "$SIZE" --width "$SIZE" --max-new-token
 # issue 6: what offload costs on a GPU (fp8 / int8 / nf4 need torchao / bitsandbytes wheels carried in)
 run "${BENCH[@]}" --height "$SIZE" --width "$SIZE" --num-timesteps 20 --cfg-img-scale 1 --repeat 1 --warmup 1 \
     --compare offload=model enable_taylorseer=true
+# VAE tiling: the decode's peak memory and time at 1024x1024 in tiles of 256 px against untiled (4 steps: the
+# denoising is the same; the quality column compares the random-weight VAE's pictures, so only the memory counts)
+run "${BENCH[@]}" --height "$SIZE" --width "$SIZE" --num-timesteps 4 --cfg-img-scale 1 --repeat 1 --warmup 1 \
+    --compare vae_tiling=true
 # training: LoRA on the generation expert, bf16 base, gradient checkpointing (the one-GPU recipe)
 run "${BAGEL[@]}" bench -w train --random-weights "$CFG" --dtype "$DTYPE" --lora-rank 32 --gradient-checkpointing \
     --max-tokens 4096 --height "$TRAIN_SIZE" --width "$TRAIN_SIZE" --repeat 3 --warmup 1 --json
