@@ -233,6 +233,9 @@ class BagelPipeline:
         if size not in (2, 3) or dist.get_world_size() != size:
             raise BagelInputError(f"CFG-parallel needs 2 or 3 processes, as many as --cfg-parallel-size: asked for "
                                   f"{size}, running {dist.get_world_size()}")
+        if self.engine.batching:
+            raise BagelInputError("CFG-parallel cannot start under a running scheduler (start_batching): every rank "
+                                  "must run the same requests")
         self.engine.cfg_parallel = dist.group.WORLD
         return self
 

@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import re
+import stat
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
@@ -56,6 +57,8 @@ class ImagePolicy:
     max_bytes: int | None = None
     timeout_s: float = 60.0
     hints: tuple[tuple[str, str], ...] = ()
+    show_paths: bool = True  # name the local path looked at in errors (False: the server's messages)
+    lenient: bool = True  # the user's own files: base64 with line breaks decodes (the server's is strict)
 
     def relative_to(self, base_dir: Path) -> "ImagePolicy":
         return replace(self, base_dir=Path(base_dir))
@@ -65,7 +68,7 @@ class ImagePolicy:
                    hints: dict[str, str] | None = None) -> "ImagePolicy":
         return cls(local_roots=tuple(Path(p).resolve() for p in local_roots), allow_remote=allow_remote,
                    max_pixels=max_pixels, max_bytes=max_bytes, timeout_s=timeout_s,
-                   hints=tuple((hints or {}).items()))
+                   hints=tuple((hints or {}).items()), show_paths=False, lenient=False)
 
     def error(self, message: str, code: str = "invalid_image") -> ImageInputError:
         hint = dict(self.hints).get(code)
@@ -116,9 +119,10 @@ def image_bytes(value: Any, policy: ImagePolicy = TRUSTED, what: str = "image") 
         if not policy.allow_remote:
             raise policy.error(f"{what}: remote URLs are not fetched here", "remote_urls_disabled")
         return _fetch(ref, policy, what)
-    if scheme in ("", "file") or (len(scheme) == 1 and ref[1:2] == ":"):  # a path (C:\... included)
-        return _read_local(ref, policy, what)
-    raise policy.error(f"{what}: unsupported image reference scheme {scheme!r}; use a path or a data: URL")
+    if scheme and scheme != "file" and "://" in ref:  # ftp://, s3://, ...: a URL this module does not fetch
+        raise policy.error(f"{what}: unsupported image reference scheme {scheme!r}; use a path or a data: URL",
+                           "invalid_value")
+    return _read_local(ref, policy, what)  # a path: C:\..., cat:v2.png and file:// URLs included
 
 
 def decode_image(data: bytes, policy: ImagePolicy = TRUSTED, what: str = "image") -> Image.Image:
@@ -141,14 +145,17 @@ def decode_image(data: bytes, policy: ImagePolicy = TRUSTED, what: str = "image"
         raise policy.error(f"{what} has too many pixels to decode safely ({e})", "image_too_large") from None
     except UnidentifiedImageError:
         raise policy.error(f"{what} is not an image (unknown format, corrupt or not an image file)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError) as e:
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many kinds (struct.error, ZeroDivisionError...)
         raise policy.error(f"{what} could not be decoded as an image, corrupt or truncated? "
                            f"({type(e).__name__}: {_public(str(e))})") from None
     return img
 
 
 def _public(text: str) -> str:
-    """An exception's text without the local paths it may carry (it can go back to a remote client)."""
+    """An exception's text without the local paths, object reprs and memory addresses it may carry (it can go
+    back to a remote client)."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", text)
+    text = re.sub(r"0x[0-9a-fA-F]{6,}", "0x…", text)
     return re.sub(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+", "<path>", text)[:200]
 
 
@@ -165,6 +172,11 @@ def _decode_data_url(ref: str, policy: ImagePolicy, what: str) -> bytes:
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
+        if policy.lenient:  # line-wrapped base64 in a user's own file
+            try:
+                return base64.b64decode("".join(payload.split()), validate=True)
+            except (binascii.Error, ValueError):
+                pass
         raise policy.error(f"{what}: the data: URL holds invalid base64") from None
 
 
@@ -186,11 +198,16 @@ def _read_local(ref: str, policy: ImagePolicy, what: str) -> bytes:
                                "local_path_not_allowed")
         path = resolved
     try:
-        if policy.max_bytes is not None and path.stat().st_size > policy.max_bytes:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(str(path))
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise policy.error(f"{what} is not a regular file")
+        if policy.max_bytes is not None and st.st_size > policy.max_bytes:
             raise policy.error(f"{what}: {text!r} is larger than {policy.max_bytes} bytes", "image_too_large")
         return path.read_bytes()
     except FileNotFoundError:
-        where = f" (looked at {path.absolute()})" if policy.local_roots is None else ""  # a server keeps its paths
+        where = f" (looked at {path.absolute()})" if policy.show_paths else ""  # a server keeps its paths
         raise policy.error(f"{what} not found{where}") from None
     except IsADirectoryError:
         raise policy.error(f"{what} is a directory, not an image file") from None

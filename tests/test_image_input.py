@@ -42,7 +42,7 @@ def test_every_kind_of_reference_gives_the_same_picture(tmp_path):
     (".", ["is a directory"], "invalid_image"),
     ("data:image/png;base64,@@@", ["invalid base64"], "invalid_image"),
     ("data:text/plain;base64,aGk=", ["is not an image"], "invalid_image"),
-    ("ftp://host/a.png", ["scheme 'ftp'"], "invalid_image"),
+    ("ftp://host/a.png", ["scheme 'ftp'"], "invalid_value"),
     ({"neither": 1}, ["neither 'bytes' nor 'path'"], "invalid_image"),
     (3.5, ["got float"], "invalid_image"),
 ])
@@ -101,3 +101,16 @@ def test_limits_on_pixels_and_bytes(tmp_path):
 def test_describe_cuts_data_urls_short():
     assert image_input.describe(data_url(png())).endswith("...") and len(image_input.describe(data_url(png()))) == 43
     assert image_input.describe({"bytes": b"abc"}) == "<3 bytes>" and image_input.describe(" a.png ") == "a.png"
+
+
+def test_odd_names_and_files(tmp_path):
+    (tmp_path / "cat:v2.png").write_bytes(png())  # a colon in a file name is a path, not a URL scheme
+    assert read_image("cat:v2.png", TRUSTED.relative_to(tmp_path)).size == (8, 6)
+    os.mkfifo(tmp_path / "pipe.png")  # would block a reader forever
+    with pytest.raises(ImageInputError, match="not a regular file"):
+        read_image(str(tmp_path / "pipe.png"))
+    b64 = base64.b64encode(png()).decode()
+    wrapped = "data:image/png;base64," + "\n".join(b64[i:i + 40] for i in range(0, len(b64), 40))
+    assert read_image(wrapped).size == (8, 6)  # the user's own file: line-wrapped base64 is fine
+    with pytest.raises(ImageInputError, match="invalid base64"):
+        read_image(wrapped, server(tmp_path))  # a server is strict

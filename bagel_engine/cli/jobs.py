@@ -236,7 +236,10 @@ def run_task(task: str, pipe_args: tuple, values: dict[str, Any], *, model: str 
     pipe = load_pipeline(model, device, dtype, as_json, **(values.get("load_options") or {}))
     bar, streamed = None, False
     if _helper_rank():  # CFG-parallel: every rank runs the task, rank 0 alone shows and writes it
-        getattr(pipe, knob_table.TASK_METHODS[task])(*pipe_args, **knobs)
+        try:
+            getattr(pipe, knob_table.TASK_METHODS[task])(*pipe_args, **knobs)
+        except BagelInputError:
+            raise typer.Exit(2) from None  # rank 0 says why
         return
     if task in knob_table.IMAGE_TASKS:
         bar = StepBar("denoising")

@@ -140,6 +140,13 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
 )
 
 
+def refuse_cfg_parallel(load_options: dict, command: str, why: str) -> None:
+    """Stop a command whose ranks cannot all run the same requests when it is given --cfg-parallel-size."""
+    if load_options.get("cfg_parallel_size"):
+        typer.secho(f"error: --cfg-parallel-size does not run with {command}: {why}", fg="red", err=True)
+        raise typer.Exit(2)
+
+
 def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect):
     """A decorator giving a command the ``options`` ((parameter name, option, default), declared once) as
     command-line options; the command receives ``collect({name: value})`` as its parameter ``param``.

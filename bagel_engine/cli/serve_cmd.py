@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bagel_engine.cli.load_options import with_load_options
+from bagel_engine.cli.load_options import refuse_cfg_parallel, with_load_options
 from bagel_engine.cli.main import app
 
 ModelOpt = Annotated[str, typer.Option(
@@ -42,6 +42,7 @@ def _load(model: str, device: str | None, dtype: str | None, options: dict | Non
     from bagel_engine.serve._engine import load_pipeline
     from bagel_engine.serve.threaded import in_fresh_thread
 
+    refuse_cfg_parallel(options or {}, "the server or the web UI", "one scheduler process serves the requests")
     typer.echo(f"loading {model} ...", err=True)
     try:
         return in_fresh_thread(lambda: load_pipeline(model, device=device, dtype=dtype, **(options or {})))

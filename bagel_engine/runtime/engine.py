@@ -287,7 +287,9 @@ class Engine:
     def admit(self, request: Request, builder: ContextBuilder) -> _Active:
         """Stages 1 (validate) and 2 (prefill); then the request waits for its first tick."""
         if self.cfg_parallel is not None and request.seed is None:  # every rank draws the same noise
-            seed = torch.tensor([_new_seed() if dist.get_rank(self.cfg_parallel) == 0 else 0], dtype=torch.int64)
+            on = self.device if dist.get_backend(self.cfg_parallel) == "nccl" else "cpu"  # NCCL moves GPU tensors only
+            seed = torch.tensor([_new_seed() if dist.get_rank(self.cfg_parallel) == 0 else 0], dtype=torch.int64,
+                                device=on)
             dist.broadcast(seed, src=dist.get_global_rank(self.cfg_parallel, 0), group=self.cfg_parallel)
             request = replace(request, seed=int(seed))
         a = _Active(request, builder)

@@ -16,7 +16,7 @@ from bagel_engine import image_input
 from bagel_engine.image_input import ImageInputError, ImagePolicy
 from bagel_engine.image_metadata import encode_image as encode_image_as
 
-from .errors import bad_request
+from .errors import bad_request, public_text
 from .settings import ServeSettings
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
@@ -45,7 +45,7 @@ def decode_image(data: bytes, settings: ServeSettings, what: str) -> Image.Image
     try:
         return image_input.decode_image(data, image_policy(settings), what)
     except ImageInputError as e:
-        raise bad_request(str(e), param=what, code=e.code) from None
+        raise bad_request(public_text(str(e)), param=what, code=e.code) from None
 
 
 def read_image_ref(ref: str, settings: ServeSettings, what: str) -> Image.Image:
@@ -53,7 +53,7 @@ def read_image_ref(ref: str, settings: ServeSettings, what: str) -> Image.Image:
     try:
         return image_input.read_image(ref, image_policy(settings), what)
     except ImageInputError as e:
-        raise bad_request(str(e), param=what, code=e.code) from None
+        raise bad_request(public_text(str(e)), param=what, code=e.code) from None
 
 
 def encode_image_bytes(img: Image.Image, output_format: str = "png", meta: dict | None = None) -> bytes:

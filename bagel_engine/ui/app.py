@@ -145,7 +145,7 @@ def _open_images(paths: list[str], settings: ServeSettings) -> list[Any]:
     if len(paths) > settings.max_images:
         raise gr.Error(f"{len(paths)} images is above the limit of {settings.max_images}")
     # the uploads are gradio's own temporary files: read wherever they are, under the server's size limits
-    policy = dataclasses.replace(image_policy(settings), local_roots=None)
+    policy = dataclasses.replace(image_policy(settings), local_roots=None)  # still no paths in messages
     images = []
     for i, p in enumerate(paths):
         try:
