@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 import time
-from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from bagel_engine import knobs as knob_table
 from bagel_engine import params
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.attention import check_backend
@@ -27,10 +24,12 @@ from bagel_engine.runtime.context import PreparedImage
 from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, BagelOutput, Engine,
                                          ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
+from bagel_engine.runtime import task_requests
+from bagel_engine.runtime.image_generation import cfg_parallel_group
 from bagel_engine.runtime.vae_tiling import Tiling
-from bagel_engine.weights.config import ConfigError, ModelConfig, checkpoint_config, read_task_defaults_file
+from bagel_engine.weights.config import ModelConfig, checkpoint_config, checkpoint_task_defaults
 from bagel_engine.weights.hub import HubOptions
-from bagel_engine.weights.layout import Checkpoint, find_checkpoint
+from bagel_engine.weights.layout import find_checkpoint
 from bagel_engine.weights.loader import parse_dtype, resolve_model_dir
 from bagel_engine.weights.placement import (OFFLOAD_MODES, QUANTIZE_METHODS, Placement, load_modules,
                                             weight_bytes_bar)
@@ -40,10 +39,9 @@ log = logging.getLogger("bagel_engine")
 __all__ = ["load", "BagelPipeline", "BagelOutput", "StepPreview", "Request", "ImageInput", "QUANTIZE_METHODS",
            "OFFLOAD_MODES", "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT"]
 
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 
 
 def load(
@@ -123,7 +121,7 @@ def load(
     tokenizer = BagelTokenizer.from_dir(checkpoint.tokenizer_dir or model_dir, fallback=not reads_weights)
     log.info("loaded %s (%s) on %s (%s) in %.1f s", model_dir, checkpoint.describe(), device, dtype,
              time.perf_counter() - t0)
-    defaults = _task_defaults(checkpoint, task_defaults)
+    defaults = checkpoint_task_defaults(checkpoint, task_defaults)
     pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
                          official_numerics=official_numerics, task_defaults=defaults, attention=attention)
     if compile:
@@ -133,18 +131,6 @@ def load(
     if cfg_parallel_size:
         pipe.enable_cfg_parallel(cfg_parallel_size)
     return pipe
-
-
-def _task_defaults(checkpoint: Checkpoint, given: str | os.PathLike | dict | None) -> params.TaskDefaults:
-    """The given per-task defaults, else the model directory's ``task_defaults.json`` (else the base's)."""
-    if isinstance(given, dict):
-        return params.TaskDefaults.from_dict(given, "task_defaults")
-    path = Path(given) if given is not None else checkpoint.file("task_defaults.json")
-    if path is None:
-        return params.TaskDefaults()
-    if not path.exists():
-        raise ConfigError(f"task defaults file {path} not found")
-    return params.TaskDefaults.from_dict(read_task_defaults_file(path), str(path))
 
 
 class BagelPipeline:
@@ -223,20 +209,10 @@ class BagelPipeline:
         the same calls (prefill and think included), draws the same seed, and gets the same result; the latency
         of a guided step becomes that of one branch. The process group is started here when torchrun's
         variables are set (gloo on the CPU, NCCL on GPUs)."""
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            if "WORLD_SIZE" not in os.environ:
-                raise BagelInputError(f"CFG-parallel over {size} processes runs under torchrun: "
-                                      f"torchrun --nproc-per-node {size} --no-python bagel ...")
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if size not in (2, 3) or dist.get_world_size() != size:
-            raise BagelInputError(f"CFG-parallel needs 2 or 3 processes, as many as --cfg-parallel-size: asked for "
-                                  f"{size}, running {dist.get_world_size()}")
         if self.engine.batching:
             raise BagelInputError("CFG-parallel cannot start under a running scheduler (start_batching): every rank "
                                   "must run the same requests")
-        self.engine.cfg_parallel = dist.group.WORLD
+        self.engine.cfg_parallel = cfg_parallel_group(size, self.device)
         return self
 
     def disable_vae_tiling(self) -> "BagelPipeline":
@@ -297,70 +273,6 @@ class BagelPipeline:
             sample_posterior, callback, on_text, on_step, trace, negative_prompt=negative_prompt or None)])[0]
 
     # ----------------------------------------------------------------------------- task methods
-    @staticmethod
-    def _need_prompt(prompt: Any, what: str) -> str:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BagelInputError(f"{what} must be a non-empty string")
-        return prompt
-
-    @staticmethod
-    def _as_list(images) -> list:
-        if images is None:
-            return []
-        if isinstance(images, (list, tuple)):
-            return list(images)
-        return [images]
-
-    @staticmethod
-    def _params(defaults: ImageParams, knobs: dict, image_params: ImageParams | None,
-                text_params: TextParams | None) -> tuple[ImageParams, TextParams]:
-        """The call's params, built once: the given (or default) ones with the caller's knobs replaced."""
-        allowed = params.IMAGE_PARAM_NAMES + params.TEXT_PARAM_NAMES
-        params.split_knobs(knobs, allowed, hint=knob_table.did_you_mean)
-        image = {k: v for k, v in knobs.items() if k in params.IMAGE_PARAM_NAMES}
-        if "cfg_interval" in image and isinstance(image["cfg_interval"], (list, tuple)):
-            image["cfg_interval"] = tuple(image["cfg_interval"])
-        text = {k: v for k, v in knobs.items() if k in params.TEXT_PARAM_NAMES}
-        base_text = text_params or TextParams(params.THINK_TOKENS_DEFAULT, False, 0.3)
-        return replace(image_params or defaults, **image), replace(base_text, **text)
-
-    @staticmethod
-    def _image_call(task: str, knobs: dict, seed, noise) -> tuple[dict, dict]:
-        """Split a generate / edit call's keywords: aliases resolved (``guidance_scale``, ``latents``,
-        ``num_inference_steps``...), then the call-level ones (negative prompt, images per prompt, seed,
-        noise, generator) apart from the knobs of the params."""
-        knobs = knob_table.canonical({**knobs, "seed": seed, "noise": noise}, task)
-        call = {name: knobs.pop(name, None) for name in ("negative_prompt", "num_images_per_prompt", "seed",
-                                                         "noise", "generator")}
-        n = call["num_images_per_prompt"]
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise BagelInputError(f"num_images_per_prompt must be an integer >= 1 (got {n!r})")
-        if call["generator"] is not None:
-            if call["seed"] is not None:
-                raise BagelInputError("give seed or generator, not both")
-            if not isinstance(call["generator"], torch.Generator):
-                raise BagelInputError(f"generator must be a torch.Generator (got {type(call['generator']).__name__})")
-        neg = call["negative_prompt"]
-        if neg is not None and not isinstance(neg, str):
-            raise BagelInputError(f"negative_prompt must be a string (got {type(neg).__name__})")
-        call["negative_prompt"] = neg or None  # an empty negative prompt is none
-        return knobs, call
-
-    @staticmethod
-    def _seeds(seed, generator: torch.Generator | None, count: int, single: bool, what: str = "images") -> list:
-        """One seed per image: ``seed + k`` (one seed) or the list given; a ``generator`` draws them (the
-        same generator state, the same images; the generator advances as diffusers' would)."""
-        if generator is not None:
-            return [int(torch.randint(0, 2**31, (1,), generator=generator)) for _ in range(count)]
-        if seed is None or (single and count == 1):
-            return [seed] * count
-        if isinstance(seed, int):
-            return [seed + k for k in range(count)]
-        seeds = list(seed)
-        if len(seeds) != count:
-            raise BagelInputError(f"{len(seeds)} seeds for {count} {what}")
-        return seeds
-
     def generate(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
                  think: bool = False, think_contexts: str = "app", simple_think: bool = False,
                  seed: int | Sequence[int] | None = None, noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -387,32 +299,14 @@ class BagelPipeline:
         (``gen_images_mp_wise.py``: the text-unconditional branch holds no system prompt) instead of the app's;
         ``simple_think``: WISE's option, only the think text after ``</think>`` conditions the picture.
         """
-        knobs, call = self._image_call("t2i", knobs, seed, noise)
-        height = self.task_defaults.height if height is None else height
-        width = self.task_defaults.width if width is None else width
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
-        if not prompts:
-            raise BagelInputError("prompt list is empty")
-        for p in prompts:
-            self._need_prompt(p, "prompt" if single else "every prompt")
-        self.check_size(height, width)
-        per_prompt = call["num_images_per_prompt"] or 1
-        if per_prompt > 1:
-            prompts = [p for p in prompts for _ in range(per_prompt)]
-            single = False
-        what = "prompts" if per_prompt == 1 else "images"
-        seeds = self._seeds(call["seed"], call["generator"], len(prompts), single, what)
-        noise = call["noise"]
-        noises = [noise] if single else [None] * len(prompts) if noise is None else list(noise)
-        if len(noises) != len(prompts):
-            raise BagelInputError(f"{len(noises)} noise tensors for {len(prompts)} {what}")
-        image, text = self._params(self.task_defaults.t2i, knobs, image_params, text_params)
-        outs = self.engine.run([
-            Request([p], think=think, text=text, image=image, image_shape=(height, width), seed=s, noise=n,
-                    negative_prompt=call["negative_prompt"], think_contexts=think_contexts, simple_think=simple_think,
-                    callback=callback if k == 0 else None, on_step=on_step, index=k)  # they step in lockstep
-            for k, (p, s, n) in enumerate(zip(prompts, seeds, noises))])
+        size = (self.task_defaults.height if height is None else height,
+                self.task_defaults.width if width is None else width)
+        self.check_size(*size)
+        requests, single = task_requests.t2i_requests(
+            prompt, size, self.task_defaults.t2i, knobs, seed=seed, noise=noise, think=think,
+            think_contexts=think_contexts, simple_think=simple_think, callback=callback, on_step=on_step,
+            image_params=image_params, text_params=text_params)
+        outs = self.engine.run(requests)
         return outs[0] if single else outs
 
     def edit(self, images, prompt: str, *, think: bool = False, think_contexts: str = "app", size_from: int = -1,
@@ -426,20 +320,12 @@ class BagelPipeline:
         image-unconditional context too, as the official benchmark scripts (GEdit, ImgEdit, KRIS, RISE) do.
         ``size_from``: the input image whose resized size the output takes (-1, the last, as the app; the
         benchmark scripts of several input images take the first, 0)."""
-        knobs, call = self._image_call("edit", knobs, seed, noise)
-        images = self._as_list(images)
-        if not images:
-            raise BagelInputError("edit needs at least one input image")
-        self._need_prompt(prompt, "prompt")
-        image, text = self._params(self.task_defaults.edit, knobs, image_params, text_params)
-        count = call["num_images_per_prompt"] or 1
-        seeds = self._seeds(call["seed"], call["generator"], count, count == 1)
-        outs = self.engine.run([Request([*images, prompt], think=think, text=text, image=image, seed=s,
-                                        noise=call["noise"], negative_prompt=call["negative_prompt"],
-                                        think_contexts=think_contexts, size_from=size_from,
-                                        callback=callback if k == 0 else None, on_step=on_step, index=k)
-                                for k, s in enumerate(seeds)])
-        return outs[0] if count == 1 and call["num_images_per_prompt"] is None else outs
+        requests, single = task_requests.edit_requests(
+            images, prompt, self.task_defaults.edit, knobs, seed=seed, noise=noise, think=think,
+            think_contexts=think_contexts, size_from=size_from, callback=callback, on_step=on_step,
+            image_params=image_params, text_params=text_params)
+        outs = self.engine.run(requests)
+        return outs[0] if single else outs
 
     def understand(self, images, question: str, *, think: bool = False, max_new_tokens: int | None = None,
                    do_sample: bool = False, text_temperature: float | None = None, seed: int | None = None,
@@ -449,10 +335,10 @@ class BagelPipeline:
         piece of the answer as it is written (streaming; the pieces add up to ``text``). Sampling:
         ``do_sample`` with ``text_temperature`` (alias ``temperature``), ``top_p``, ``top_k``; ``stop``: strings
         that end the answer (not included)."""
-        images = self._as_list(images)
+        images = task_requests.as_list(images)
         if not images:
             raise BagelInputError("understand needs at least one input image")
-        self._need_prompt(question, "question")
+        task_requests.need_prompt(question, "question")
         return self._answer("understand", [*images, question], think,
                             dict(knobs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  text_temperature=text_temperature), seed, callback, on_text)
@@ -462,19 +348,13 @@ class BagelPipeline:
              callback=None, on_text=None, **knobs) -> BagelOutput:
         """Text in, text out (``max_new_tokens``: default the model's, else 512); the other keywords as in
         ``understand``."""
-        self._need_prompt(prompt, "prompt")
+        task_requests.need_prompt(prompt, "prompt")
         return self._answer("chat", [prompt], think,
                             dict(knobs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  text_temperature=text_temperature), seed, callback, on_text)
 
     def _answer(self, task: str, inputs: list, think: bool, knobs: dict, seed: int | None, callback,
                 on_text) -> BagelOutput:
-        knobs = knob_table.canonical(knobs, task)
-        allowed = ("max_new_tokens", "do_sample", "text_temperature", "top_p", "top_k", "stop")
-        params.split_knobs(knobs, allowed, hint=knob_table.did_you_mean)
-        default = self.task_defaults.understand_tokens if task == "understand" else self.task_defaults.chat_tokens
-        text = TextParams(knobs.get("max_new_tokens") or default, bool(knobs.get("do_sample", False)),
-                          knobs.get("text_temperature", 0.3), top_p=knobs.get("top_p", 1.0),
-                          top_k=knobs.get("top_k", 0), stop=tuple(params.stop_strings(knobs.get("stop"))))
-        return self.engine.run([Request(inputs, understanding_output=True, think=think, text=text, seed=seed,
-                                        callback=callback, on_text=on_text)])[0]
+        tokens = self.task_defaults.understand_tokens if task == "understand" else self.task_defaults.chat_tokens
+        return self.engine.run([task_requests.answer_request(task, inputs, think, knobs, tokens, seed, callback,
+                                                             on_text)])[0]

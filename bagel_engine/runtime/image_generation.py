@@ -269,6 +269,22 @@ def denoise_step_cfg_parallel(model: Bagel, image: ImageDenoise, group, decoder_
     return len(range(rank, count, world))
 
 
+def cfg_parallel_group(size: int, device: torch.device):
+    """The process group CFG-parallel runs over: torchrun's world of ``size`` (2 or 3) processes, started here
+    when torchrun's variables are set and no group is (gloo on the CPU, NCCL on GPUs)."""
+    import os
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise BagelInputError(f"CFG-parallel over {size} processes runs under torchrun: "
+                                  f"torchrun --nproc-per-node {size} --no-python bagel ...")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if size not in (2, 3) or dist.get_world_size() != size:
+        raise BagelInputError(f"CFG-parallel needs 2 or 3 processes, as many as --cfg-parallel-size: asked for "
+                              f"{size}, running {dist.get_world_size()}")
+    return dist.group.WORLD
+
+
 def _concat(parts):
     """One forward's inputs from several blocks' ``(q, rope, kv, routing)``."""
     if len(parts) == 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bagel_engine.model.config import BagelConfig, LLMConfig, ModelConfig, VAEConfig, ViTConfig
-from bagel_engine.params import ConfigError
+from bagel_engine.params import ConfigError, TaskDefaults
 from bagel_engine.weights.layout import Checkpoint
 
 __all__ = ["BagelConfig", "ConfigError", "LLMConfig", "ModelConfig", "VAEConfig", "ViTConfig", "load_model_config"]
@@ -105,6 +105,19 @@ def checkpoint_config(ck: Checkpoint) -> ModelConfig:
 def read_task_defaults_file(path: str | Path) -> dict[str, Any]:
     """A ``task_defaults.json`` file's content (``{"t2i": {...}, "edit": {...}, ...}``)."""
     return _read_json(Path(path))
+
+
+def checkpoint_task_defaults(ck: Checkpoint, given: str | Path | dict | None = None) -> TaskDefaults:
+    """The given per-task defaults (a dict or a JSON file), else the model directory's ``task_defaults.json``
+    (else the base's), else the official app's."""
+    if isinstance(given, dict):
+        return TaskDefaults.from_dict(given, "task_defaults")
+    path = Path(given) if given is not None else ck.file("task_defaults.json")
+    if path is None:
+        return TaskDefaults()
+    if not path.exists():
+        raise ConfigError(f"task defaults file {path} not found")
+    return TaskDefaults.from_dict(read_task_defaults_file(path), str(path))
 
 
 def validate(cfg: ModelConfig) -> None:
