@@ -3,6 +3,8 @@ with its own task defaults, and a rerun resumes instead of redoing."""
 
 import json
 
+import torch
+
 import bagel_engine
 from bagel_engine.shapes.recipe import Recipe
 
@@ -10,7 +12,7 @@ from bagel_engine.shapes.recipe import Recipe
 def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     recipe = Recipe(tmp_path / "work", t2i_rows=12, edit_rows=6, vqa_rows=6, eval_rows=2, ae_steps=3, ae_batch=2,
                     ae_eval_pictures=4, steps=2, max_tokens=1024, progress=False, refine_steps=2,
-                    refine_t2i_rows=6, refine_edit_rows=3, refine_vqa_rows=6)
+                    refine_t2i_rows=6, refine_edit_rows=3, refine_vqa_rows=6, retable_steps=2)
     out = recipe.run()
     assert (out / "ema.safetensors").exists() and (out / "ae.safetensors").exists()
     assert not (out / "trainer").exists()
@@ -25,6 +27,17 @@ def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     refine_log = [json.loads(line) for line in (recipe.refine_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in refine_log if "mse" in r] == [2]
     assert json.loads((recipe.refine_data / "dataset.json").read_text())["seed"] == recipe.seed + 1
+    # stage 3 started from stage 2's export with the position tables of contrast, on rows of seed + 2
+    from safetensors.torch import load_file
+
+    from bagel_engine.shapes.recipe import contrast_position_table
+    assert json.loads((recipe.retable_data / "dataset.json").read_text())["seed"] == recipe.seed + 2
+    stage2, shipped = load_file(recipe.stage2 / "ema.safetensors"), load_file(out / "ema.safetensors")
+    assert torch.equal(shipped["vit_pos_embed.pos_embed"], contrast_position_table(8, 160, 100.0))
+    assert torch.equal(shipped["latent_pos_embed.pos_embed"], contrast_position_table(16, 160, 12.0))
+    assert not torch.equal(stage2["vit_pos_embed.pos_embed"], shipped["vit_pos_embed.pos_embed"])
+    assert [json.loads(line)["step"] for line in (recipe.retable_dir / "train_log.jsonl").read_text().splitlines()
+            if "mse" in json.loads(line)] == [2]
 
     pipe = bagel_engine.load(out, device="cpu")
     assert (pipe.task_defaults.height, pipe.task_defaults.width) == (64, 64)
@@ -37,7 +50,7 @@ def test_the_recipe_runs_end_to_end_and_resumes(tmp_path):
     ae_before = (recipe.base / "ae.safetensors").stat().st_mtime_ns
     Recipe(tmp_path / "work", t2i_rows=12, edit_rows=6, vqa_rows=6, eval_rows=2, ae_steps=3, ae_batch=2,
            ae_eval_pictures=4, steps=2, max_tokens=1024, progress=False, refine_steps=2,
-           refine_t2i_rows=6, refine_edit_rows=3, refine_vqa_rows=6).run()
+           refine_t2i_rows=6, refine_edit_rows=3, refine_vqa_rows=6, retable_steps=2).run()
     assert (recipe.base / "ae.safetensors").stat().st_mtime_ns == ae_before
     log = [json.loads(line) for line in (recipe.run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "mse" in r] == [2]  # logged once (the last step), not trained again
@@ -64,3 +77,22 @@ def test_the_v3_recipe_has_the_shipped_model_s_architecture():
     v3_recipe = Recipe.of("v3", Path("w"))
     assert (v3_recipe.steps, v3_recipe.refine_steps, v3_recipe.max_tokens, v3_recipe.tokens_px) == (
         Recipe.steps, Recipe.refine_steps, Recipe.max_tokens, Recipe.tokens_px)  # the defaults are the shipped recipe's
+
+
+def test_the_contrast_position_table_tells_the_patches_of_a_small_grid_apart():
+    import torch
+
+    from bagel_engine.shapes.recipe import contrast_position_table
+    from bagel_engine.weights.loader import sincos_table_2d
+
+    def spread(table):  # smallest distance between two rows, against the mean row norm
+        d = torch.cdist(table, table) + torch.eye(len(table)) * 1e9
+        return (d.min() / table.norm(dim=1).mean()).item()
+
+    table = contrast_position_table(8, 160, 100.0)
+    assert table.shape == (64, 160)
+    assert abs(table.norm(dim=1).mean().item() - 100.0) < 1e-3
+    assert table.mean(0).abs().max() < 1e-4  # no constant part: every row is its position only
+    # neighbours differ by a good part of a row; the official table's rows are nearly the same on 8 x 8
+    assert spread(table) > 0.6
+    assert spread(sincos_table_2d(8, 160)) < 0.25
