@@ -96,3 +96,16 @@ def test_an_option_declared_twice_is_refused():
 
     with pytest.raises(TypeError, match="declares do_sample itself"):
         with_knobs(SAMPLING)(command)
+
+
+def test_fp32_is_dtype_float32_for_the_official_suites_and_refuses_another_dtype():
+    import json
+
+    for suite in ("geneval", "wise", "gedit", "imgedit", "kris", "rise", "shapes"):
+        assert "--fp32" in help_text("eval", suite), suite
+    r = RUNNER.invoke(cli_main.app, ["eval", "shapes", "-m", "bagel-shapes", "--fp32", "--task", "vqa", "--n", "1",
+                                     "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["params"]["load"]["dtype"] == "float32"
+    r = RUNNER.invoke(cli_main.app, ["eval", "shapes", "-m", "bagel-shapes", "--fp32", "--dtype", "bfloat16"])
+    assert r.exit_code == 2 and "--fp32 asks for float32 and --dtype for bfloat16" in r.output

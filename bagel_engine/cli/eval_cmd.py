@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from bagel_engine.cli.jobs import ANY_KNOBS, Device, Dtype, Json, Model, fail, guidance, load_pipeline, with_knobs
-from bagel_engine.cli.load_options import refuse_cfg_parallel, with_load_options
+from bagel_engine.cli.load_options import refuse_cfg_parallel, with_fp32, with_load_options
 from bagel_engine.cli.main import app
 
 eval_app = typer.Typer(help="Evaluate a model on a benchmark suite (scores per category; pictures kept with -o).",
@@ -58,6 +58,7 @@ and every answer (the right word and no competing one).
   bagel eval shapes -m runs/pink/checkpoint-000400 --task t2i --enable-taylorseer
 """)
 @with_load_options
+@with_fp32
 @with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_renorm_min",)))
 def shapes(
     model: Model = None,
@@ -115,13 +116,14 @@ has seed --seed + 4i + k, whatever the ranks and resumes. Bad lines go to OUT/ba
 
 [bold]Examples[/bold]
 
-  bagel eval geneval evaluation_metadata_long.jsonl -m ByteDance-Seed/BAGEL-7B-MoT -o out/geneval --dtype float32
+  bagel eval geneval evaluation_metadata_long.jsonl -m ByteDance-Seed/BAGEL-7B-MoT -o out/geneval --fp32
 
   torchrun --nproc-per-node 8 --no-python bagel eval geneval evaluation_metadata.jsonl -m ./BAGEL-7B-MoT -o out/g
 
   bagel eval geneval prompts.jsonl -m bagel-shapes -o /tmp/g --resolution 64 --num-timesteps 25 --limit 5
 """)
 @with_load_options
+@with_fp32
 @with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_img_scale", "cfg_renorm_min")))
 def geneval(
     metadata: Annotated[Path, typer.Argument(
@@ -169,6 +171,7 @@ Prompt i (its place in the file) has seed --seed + i. Bad entries go to OUT/bad_
   torchrun --nproc-per-node 8 --no-python bagel eval wise final_data.json -m ./BAGEL-7B-MoT -o out/wise/images
 """)
 @with_load_options
+@with_fp32
 @with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_img_scale", "cfg_renorm_min")))
 def wise(
     metadata: Annotated[Path, typer.Argument(
@@ -216,13 +219,14 @@ Bad rows go to OUT/bad_rows.jsonl.
 
 [bold]Examples[/bold]
 
-  bagel eval gedit -m ByteDance-Seed/BAGEL-7B-MoT -o out/gedit/gen_image --dtype float32   [dim]# O 6.52 (EN)[/dim]
+  bagel eval gedit -m ByteDance-Seed/BAGEL-7B-MoT -o out/gedit/gen_image --fp32   [dim]# O 6.52 (EN)[/dim]
 
   torchrun --nproc-per-node 8 --no-python bagel eval gedit -m ./BAGEL-7B-MoT -o out/gedit/gen_image
 
   bagel eval gedit --data gedit-parquet/ --language en --limit 10 -m ./BAGEL-7B-MoT -o /tmp/gedit
 """)
 @with_load_options
+@with_fp32
 @with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_renorm_min",)))
 def gedit(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the edits go (OUT/fullset/...).")],
@@ -277,7 +281,7 @@ Rerun to resume; spread over GPUs with torchrun. Item i has seed --seed + i. Bad
 
 [bold]Examples[/bold]
 
-  bagel eval {suite} {meta} -m ByteDance-Seed/BAGEL-7B-MoT -o out/{suite}/bagel --dtype float32
+  bagel eval {suite} {meta} -m ByteDance-Seed/BAGEL-7B-MoT -o out/{suite}/bagel --fp32
 
   torchrun --nproc-per-node 8 --no-python bagel eval {suite} {meta} -m ./BAGEL-7B-MoT -o out/{suite}/bagel
 """
@@ -312,7 +316,7 @@ Rerun to resume; spread over GPUs with torchrun. Item i has seed --seed + i. Bad
     # the annotations name this function's locals (the suite's help texts): resolved here, for typer
     command.__annotations__ = typing.get_type_hints(command, localns=locals(), include_extras=True)
     knob_options = with_knobs(guidance(ANY_KNOBS, leave_out=("cfg_renorm_min",)))
-    return eval_app.command(suite, epilog=epilog)(with_load_options(knob_options(command)))
+    return eval_app.command(suite, epilog=epilog)(with_load_options(with_fp32(knob_options(command))))
 
 
 for _suite in _EDIT_SUITES:

@@ -10,10 +10,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 
 from bagel_engine.api import OFFLOAD_MODES, QUANTIZE_METHODS
 from bagel_engine.model.attention import BACKENDS
+from bagel_engine.weights.loader import parse_dtype
 
 PANEL = "Memory and speed"
 
@@ -147,9 +149,11 @@ def refuse_cfg_parallel(load_options: dict, command: str, why: str) -> None:
         raise typer.Exit(2)
 
 
-def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect):
+def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect, *, into: bool = False):
     """A decorator giving a command the ``options`` ((parameter name, option, default), declared once) as
     command-line options; the command receives ``collect({name: value})`` as its parameter ``param``.
+    ``into=True``: ``param`` stays a command-line option of its own and the command receives
+    ``collect({name: value}, param's value)`` (a flag that sets another option: ``--fp32``).
     Apply it under ``@app.command``; several stack."""
 
     def decorate(command):
@@ -158,7 +162,7 @@ def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect)
         if param not in signature.parameters:
             raise TypeError(f"{command.__name__} must take a {param} parameter")
         kept = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
-                if p.name != param]
+                if into or p.name != param]
         clash = {p.name for p in kept} & {name for name, _, _ in options}
         if clash:
             raise TypeError(f"{command.__name__} declares {', '.join(sorted(clash))} itself and through {param}")
@@ -168,6 +172,8 @@ def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect)
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             values = {name: kwargs.pop(name, default) for name, _, default in options}
+            if into:
+                return command(*args, **{**kwargs, param: collect(values, kwargs.get(param))})
             return command(*args, **{param: collect(values)}, **kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -178,6 +184,25 @@ def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect)
         return wrapper
 
     return decorate
+
+
+FP32_OPTION = Annotated[bool, typer.Option(
+    "--fp32", rich_help_panel="Model and output", help="The maintainers' setting for the published scores: float32 weights and "
+                                          "compute (the same as --dtype float32).")]
+
+
+def _fp32_into_dtype(values: dict, dtype: str | None) -> str | None:
+    if not values["fp32"]:
+        return dtype
+    if dtype is not None and parse_dtype(dtype) != torch.float32:
+        raise typer.BadParameter(f"--fp32 asks for float32 and --dtype for {dtype}: give one", param_hint="--fp32")
+    return "float32"
+
+
+def with_fp32(command):
+    """Give ``command`` (which takes ``dtype``) the ``--fp32`` flag: ``--dtype float32`` in the words of the
+    official evaluation instructions."""
+    return with_options("dtype", (("fp32", FP32_OPTION, False),), _fp32_into_dtype, into=True)(command)
 
 
 def with_load_options(command):
