@@ -53,6 +53,12 @@ def checkpoint_of(model: str | os.PathLike, weights_file: str | None = None, bas
 
 def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
                   base_config: str | None = None, hub: HubOptions | None = None) -> dict[str, Any]:
+    """:func:`inspect_and_config`'s report."""
+    return inspect_and_config(model, weights_file, base_config, hub)[0]
+
+
+def inspect_and_config(model: str | os.PathLike, weights_file: str | None = None, base_config: str | None = None,
+                       hub: HubOptions | None = None) -> tuple[dict[str, Any], ModelConfig]:
     """A JSON-ready report: the layout found, the configs as the engine reads them, every expected tensor
     name and shape per file, parameter counts and sizes per dtype, and (where the weight files are present)
     missing, unexpected and wrongly shaped tensors with hints for known mistakes. A hub model's weight files
@@ -114,7 +120,7 @@ def inspect_model(model: str | os.PathLike, weights_file: str | None = None,
     tok = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if (tok_dir / n).exists()]
     report["tokenizer_files"] = tok
     report["ok"] = all(e.get("ok", False) for e in report["files"].values()) and bool(tok)
-    return report
+    return report, cfg
 
 
 def _remote_report(paths: list[Path], headers: _HubHeaders, expected: dict[str, tuple[int, ...]],

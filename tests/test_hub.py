@@ -72,6 +72,19 @@ def test_inspect_reads_headers_not_weights(hub, tmp_path):
     assert not (tmp_path / "default-cache").exists()  # --cache-dir was used, not the default
 
 
+def test_inspect_with_a_memory_plan_asks_the_hub_nothing_more(hub, tmp_path):
+    hub.requests.clear()
+    assert run(hub, tmp_path, "inspect", "tiny-org/tiny", "--json", "--cache-dir", str(tmp_path / "a")).returncode == 0
+    alone = sorted((method, p) for method, p, _ in hub.requests)  # downloads run in threads: any order
+    hub.requests.clear()
+    r = run(hub, tmp_path, "inspect", "tiny-org/tiny", "--plan", "--gpu-memory", "24GB", "--json", "--cache-dir",
+            str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["plan"]
+    assert sorted((method, p) for method, p, _ in hub.requests) == alone  # the hub id is resolved once, not per use
+
+
 def test_inspect_a_revision_finds_what_is_wrong(hub, tmp_path):
     r = run(hub, tmp_path, "inspect", "tiny-org/tiny@broken", "--json")
     assert r.returncode == 1, r.stderr

@@ -50,15 +50,13 @@ def inspect_command(
     unexpected and wrongly shaped tensors, with hints for known mistakes. Reads no weights: a hub
     model's weight files are judged by their safetensors headers, read over HTTP.
     Exits 1 when a present file does not match."""
-    from bagel_engine import inspect_model
-    from bagel_engine.inspection import format_report
+    from bagel_engine.inspection import format_report, inspect_and_config
     from bagel_engine.weights.hub import HubOptions
 
     hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     try:
-        report = inspect_model(model, weights_file, base_config, hub)
-        memory_plan = _plan(model, weights_file, base_config, hub, gpu_memory, height, width, fp8) if (
-            plan or gpu_memory) else None
+        report, cfg = inspect_and_config(model, weights_file, base_config, hub)  # the hub id is resolved once
+        memory_plan = _plan(cfg, model, gpu_memory, height, width, fp8) if plan or gpu_memory else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -77,10 +75,7 @@ def inspect_command(
         raise typer.Exit(1)
 
 
-def _plan(model: str, weights_file: str | None, base_config: str | None, hub, gpu_memory: str | None, height: int,
-          width: int, fp8: bool):
-    from bagel_engine.inspection import checkpoint_of
+def _plan(cfg, model: str, gpu_memory: str | None, height: int, width: int, fp8: bool):
     from bagel_engine.memory_plan import parse_size, plan
 
-    _, cfg = checkpoint_of(model, weights_file, base_config, hub)
     return plan(cfg, parse_size(gpu_memory) if gpu_memory else None, height, width, model=model, fp8=fp8)
