@@ -98,6 +98,35 @@ def test_resume_continues_exactly(tmp_path):
         "checkpoint-000003", "checkpoint-000006"]
 
 
+def test_the_latent_cache_survives_a_resume_and_changes_no_number(tmp_path):
+    cached = dict(dropout=Dropout(), latent_cache_mb=64)
+    straight = train(config(tmp_path / "a", steps=6, **cached))
+    train(config(tmp_path / "b", steps=3, **cached))
+    shards = sorted((tmp_path / "b" / "run" / "latent_cache" / "rank0").glob("shard-*.safetensors"))
+    assert len(shards) == 1
+    resumed_trainer = Trainer(config(tmp_path / "b", steps=6, **cached))
+    kept = resumed_trainer.latent_cache.stats()["entries"]
+    assert kept > 0 and resumed_trainer.latent_cache.misses == 0  # read back, not encoded again
+    resumed = resumed_trainer.run()
+    a = load_file(str(straight / "trainer" / "model.safetensors"))
+    b = load_file(str(resumed / "trainer" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the resumed run encoded only pictures its first part had not seen, and spilled only those
+    assert resumed_trainer.latent_cache.misses == resumed_trainer.latent_cache.stats()["entries"] - kept
+    new_shards = sorted((tmp_path / "b" / "run" / "latent_cache" / "rank0").glob("shard-*.safetensors"))
+    assert new_shards[0] == shards[0] and len(new_shards) == (2 if resumed_trainer.latent_cache.misses else 1)
+    # shards of another autoencoder are not read
+    other = Trainer(config(tmp_path / "b", steps=6, **cached))
+    other.vae_digest = "another"
+    other.latent_cache.entries.clear()
+    other.latent_cache.bytes = 0
+    assert other.latent_cache.restore(other.latent_cache_dir, "another") == 0
+    # a fresh start (resume=False) removes them
+    Trainer(config(tmp_path / "b", steps=6, resume=False, **cached))
+    assert not (tmp_path / "b" / "run" / "latent_cache").exists()
+
+
 def test_frozen_parts_stay_and_ema_is_published(tmp_path):
     path = train(config(tmp_path, steps=3, freeze=("und", "vit"), ema=0.5))
     base = load_file(str(MODEL_DIR / "ema.safetensors"))

@@ -36,7 +36,7 @@ from bagel_engine.train.data import TASKS, DataStream, Prefetcher, pack_in_order
 from bagel_engine.train.official_mix import MixedStream, is_official_config, read_official_config
 from bagel_engine.train.lora import TARGETS as LORA_TARGETS
 from bagel_engine.train.lora import add_lora, lora_parameter_names, lora_scales, merge_adapters
-from bagel_engine.train.latent_cache import LatentCache
+from bagel_engine.train.latent_cache import LatentCache, module_digest
 from bagel_engine.train.objective import training_losses
 from bagel_engine.train.packing import SequencePacker
 from bagel_engine.train.reporters import CHOICES as REPORT_TO
@@ -240,6 +240,8 @@ class Trainer:
                                              rank=self.dist.rank, world=self.dist.world)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
         self.latent_cache = LatentCache(cfg.latent_cache_mb) if cfg.latent_cache_mb > 0 else None
+        self.latent_cache_dir = self.output_dir / "latent_cache" / f"rank{self.dist.rank}"
+        self.vae_digest = module_digest(self.vae) if self.latent_cache is not None else ""
         self.batches: Prefetcher | None = None
         self.eval_batches, self.eval_bad = [], []
         if cfg.eval_data:
@@ -251,6 +253,10 @@ class Trainer:
         self.reporter: Reporter | None = None  # rank 0, while run() runs
         if cfg.resume:
             self._resume()
+            if self.latent_cache is not None and self.latent_cache_dir.exists():
+                read = self.latent_cache.restore(self.latent_cache_dir, self.vae_digest,
+                                                 next(self.vae.parameters()).device)
+                log.info("latent cache: %d pictures' moments read back from %s", read, self.latent_cache_dir)
         elif self.dist.rank == 0:
             self._clear()
 
@@ -263,6 +269,7 @@ class Trainer:
             shutil.rmtree(path, ignore_errors=True)
         for name in ("latest", "train_log.jsonl", "bad_rows.jsonl"):
             (self.output_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.output_dir / "latent_cache", ignore_errors=True)
 
     def _resume(self) -> None:
         path = checkpoints.latest_checkpoint(self.output_dir)
@@ -363,6 +370,8 @@ class Trainer:
                 (self.output_dir / "bad_rows.jsonl").write_text(
                     "".join(json.dumps({"where": w, "error": e}) + "\n" for w, e in bad))
             log.info("saved %s", path)
+        if self.latent_cache is not None:  # each rank its own pictures' moments, kept for a resume
+            self.latent_cache.spill(self.latent_cache_dir, self.vae_digest)
         self.dist.barrier()
         return path
 
