@@ -135,7 +135,8 @@ def train(
         "--latent-cache-mb", rich_help_panel=DATA, min=0,
         help="Keep the frozen VAE's encoding of each picture (up to this many MB) instead of re-encoding it every "
              "epoch: the same latents, a faster step when pictures repeat. The real VAE's takes 128 KB a 256x256 "
-             "picture. \\[default: 0, off]")] = 0.0,
+             "picture. Kept on disk beside the checkpoints (OUTPUT/latent_cache), so a resumed run reads them back. "
+             "\\[default: 0, off]")] = 0.0,
     eval_data: Annotated[Optional[Path], typer.Option(
         "--eval-data", rich_help_panel=DATA,
         help="Rows to evaluate on (same formats): losses at fixed flow times and noise, logged as eval_mse / eval_ce.")] = None,
