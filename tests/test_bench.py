@@ -330,3 +330,38 @@ def test_training_benchmark_reports_throughput_and_mfu():
     assert r["trainable_params"] < r["params"]  # the position tables never train
     text = format_training(r)
     assert "tokens/s" in text and "MFU" in text
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_serve_bench_measures_a_real_server_in_a_thread_or_its_own_process(where):
+    args = ["bench", "-w", "serve", "-m", "bagel-shapes", "--concurrency", "2", "--max-batch", "2",
+            "--num-timesteps", "2", "--max-new-tokens", "4", "--json"] + (["--server-process"] if where == "process" else [])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["server"] == where
+    rows = {(row["load"], row["max_batch"]): row for row in result["rounds"]}
+    assert set(rows) == {(load, mb) for load in ("images", "chat", "mix") for mb in (1, 2)}
+    assert all(row["images_per_min"] > 0 for (load, _), row in rows.items() if load != "chat")
+    assert all(row["tokens_per_s"] > 0 for (load, _), row in rows.items() if load != "images")
+    assert {(q["load"], q["concurrency"]) for q in result["ratios"]} == {(load, 2) for load in ("images", "chat", "mix")}
+
+
+def test_load_flags_ask_again_for_the_same_load_options():
+    import typer
+
+    from bagel_engine.cli.load_options import load_flags, with_load_options
+
+    asked = {"quantize": "int8", "compile": True, "attention": "sdpa", "vae_tiling": True, "lora": ["a", "b"],
+             "lora_strength": 0.5, "revision": "v2", "task_defaults": "d.json"}
+    seen = {}
+    cli = typer.Typer()
+
+    @cli.command()
+    @with_load_options
+    def probe(load_options: dict = None) -> None:
+        seen.update(load_options)
+
+    r = CliRunner().invoke(cli, load_flags(asked))
+    assert r.exit_code == 0, r.output
+    assert seen == asked

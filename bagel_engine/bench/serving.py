@@ -6,17 +6,27 @@ each at the same moment; the server runs with ``--max-batch N`` (the engine's sc
 step by step) and, for the ratio, with ``--max-batch 1`` (one request at a time, the others queued).
 Reported: wall time of the round, images per minute, tokens per second, p50 / p95 latency and the
 time to first token of streamed answers. Every request is checked to succeed.
+
+Where the server runs: in this process, in a thread (``run_serve_benchmark``: the clients' threads share the
+interpreter with it), or as its own ``bagel serve`` process (``server_process``, ``--server-process``: the clients
+take nothing from the server's interpreter, as with real users; the model is loaded once per ``--max-batch``).
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Sequence
 
 import httpx
 
@@ -129,17 +139,35 @@ def run_round(base_url: str, load: str, concurrency: int, max_batch: int, cfg: S
 
 
 def run_serve_benchmark(pipe: Pipeline, cfg: ServeBench, log: Callable[[str], None] = lambda m: None) -> dict:
-    """Every load and concurrency with ``max_batch`` 1 and ``cfg.max_batch``, on one loaded pipeline."""
-    rounds: list[Round] = []
-    for max_batch in dict.fromkeys((1, cfg.max_batch)):
+    """Every load and concurrency with ``max_batch`` 1 and ``cfg.max_batch``, on one loaded pipeline served in a
+    thread of this process."""
+
+    def in_thread(max_batch: int):
         settings = ServeSettings(max_batch=max_batch, queue_size=max(cfg.concurrency) * 2,
                                  max_timesteps=max(250, cfg.num_timesteps))
-        with ThreadedServer(create_app(pipe, settings)) as srv:
+        return _threaded_url(ThreadedServer(create_app(pipe, settings)))
+
+    return run_serve_benchmark_on(in_thread, cfg, log)
+
+
+@contextlib.contextmanager
+def _threaded_url(server: ThreadedServer):
+    with server as srv:
+        yield srv.base_url
+
+
+def run_serve_benchmark_on(start_server: Callable[[int], ContextManager[str]], cfg: ServeBench,
+                           log: Callable[[str], None] = lambda m: None) -> dict:
+    """The rounds against the servers ``start_server(max_batch)`` starts (a context giving the base URL), with
+    ``max_batch`` 1 and ``cfg.max_batch``; the ratios of the two."""
+    rounds: list[Round] = []
+    for max_batch in dict.fromkeys((1, cfg.max_batch)):
+        with start_server(max_batch) as base_url:
             for load in cfg.loads:  # warm-up: one of each kind, not measured
-                run_round(srv.base_url, load, 1, max_batch, cfg)
+                run_round(base_url, load, 1, max_batch, cfg)
             for load in cfg.loads:
                 for c in cfg.concurrency:
-                    r = run_round(srv.base_url, load, c, max_batch, cfg)
+                    r = run_round(base_url, load, c, max_batch, cfg)
                     log(f"max-batch {max_batch:2d}  {load:6s} x{c}: {r.wall_s:6.2f} s  {r.summary()}")
                     rounds.append(r)
     rows = [r.summary() for r in rounds]
@@ -154,10 +182,53 @@ def run_serve_benchmark(pipe: Pipeline, cfg: ServeBench, log: Callable[[str], No
     return {"config": asdict(cfg), "rounds": rows, "ratios": ratios}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(model: str, max_batch: int, cfg: ServeBench, serve_args: Sequence[str] = (),
+                   ready_timeout: float = 600.0):
+    """``bagel serve MODEL --max-batch N`` in its own process on a free loopback port, until the context ends
+    (stopped with SIGTERM, then killed); yields its base URL once ``/health`` answers. ``serve_args``: more
+    ``bagel serve`` options (``--device``, ``--dtype``, load options)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "bagel_engine", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch", str(max_batch), "--queue-size", str(max(cfg.concurrency) * 2),
+           "--max-timesteps", str(max(250, cfg.num_timesteps)), "--no-ui", "--log-level", "warning", *serve_args]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                if proc.poll() is not None:
+                    err.seek(0)
+                    raise RuntimeError(f"bagel serve exited with {proc.returncode} before it was ready: "
+                                       f"{err.read()[-2000:].strip()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"bagel serve was not ready after {ready_timeout:.0f} s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def format_serve(result: dict) -> str:
     cfg = result["config"]
     lines = [f"serve benchmark: sizes {cfg['sizes']}, {cfg['num_timesteps']} timesteps, chat {cfg['max_new_tokens']} "
-             f"tokens, max-batch {cfg['max_batch']} against 1",
+             f"tokens, max-batch {cfg['max_batch']} against 1, the server "
+             f"{'in its own process' if result.get('server') == 'process' else 'in a thread of this process'}",
              f"{'load':6s} {'conc':>4s} {'batch':>5s} {'wall s':>8s} {'img/min':>8s} {'tok/s':>7s} {'p50 s':>7s} "
              f"{'p95 s':>7s} {'ttft s':>7s}"]
     for r in result["rounds"]:

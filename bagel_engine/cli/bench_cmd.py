@@ -58,34 +58,53 @@ prompts and reported with seconds per request, peak memory, latent cosine simila
   bagel bench -w train --random-weights benchmarks/configs/mid --max-tokens 2048 --repeat 5   [dim]# training throughput, MFU[/dim]
 
   bagel bench -w serve -m tests/data/tiny-v1/model --max-new-tokens 64 --concurrency 1 4 8   [dim]# a real server, batched against --max-batch 1[/dim]
+
+  bagel bench -w serve -m bagel-shapes --server-process   [dim]# the server as its own process (no GIL shared with the clients)[/dim]
 """
 
 
 def _serve_bench(model, random, device, dtype, load_options, height, width, num_timesteps, max_new_tokens,
-                 concurrency, max_batch, seed, record, date, as_json) -> None:
+                 concurrency, max_batch, seed, record, date, as_json, server_process=False) -> None:
     import datetime
+    import functools
 
     import bagel_engine
     from bagel_engine.bench.runner import json_safe
-    from bagel_engine.bench.serving import ServeBench, format_serve, run_serve_benchmark
+    from bagel_engine.bench.serving import (ServeBench, format_serve, run_serve_benchmark, run_serve_benchmark_on,
+                                            server_process as serve_in_process)
+    from bagel_engine.cli.load_options import load_flags
 
-    try:
-        from bagel_engine.serve.threaded import in_fresh_thread
-
-        pipe = in_fresh_thread(lambda: bagel_engine.load(model, device=device, dtype=dtype, random_weights=random,
-                                                         **load_options))
-        side = pipe.config.latent_downsample
-        own = pipe.task_defaults  # the model's own size when it is small (bagel-shapes), else 64 px
+    def bench_config(side: int, own) -> ServeBench:  # the model's own size when it is small (bagel-shapes), else 64 px
         w = width or (own.width if own.width <= 256 else 64)
         h = height or (own.height if own.height <= 256 else 64)
         sizes = ((w, h), (w, max(side, h // 2 // side * side)))
-        cfg = ServeBench(sizes=sizes, num_timesteps=num_timesteps or 25, max_new_tokens=max_new_tokens,
-                         concurrency=tuple(concurrency or (1, 4, 8)), max_batch=max_batch, seed=seed)
-        result = run_serve_benchmark(pipe, cfg, log=lambda m: typer.echo(m, err=True))
-    except (ValueError, OSError) as e:
+        return ServeBench(sizes=sizes, num_timesteps=num_timesteps or 25, max_new_tokens=max_new_tokens,
+                          concurrency=tuple(concurrency or (1, 4, 8)), max_batch=max_batch, seed=seed)
+
+    try:
+        if server_process:
+            from bagel_engine.inspection import checkpoint_of
+            from bagel_engine.weights.config import checkpoint_task_defaults
+
+            ck, model_cfg = checkpoint_of(model)
+            cfg = bench_config(model_cfg.latent_downsample, checkpoint_task_defaults(ck))
+            args = [*(["--device", device] if device else []), *(["--dtype", dtype] if dtype else []),
+                    *load_flags(load_options)]
+            result = run_serve_benchmark_on(functools.partial(serve_in_process, model, cfg=cfg, serve_args=args), cfg,
+                                            log=lambda m: typer.echo(m, err=True))
+            where = {"device": device or "default", "server": "process"}
+        else:
+            from bagel_engine.serve.threaded import in_fresh_thread
+
+            pipe = in_fresh_thread(lambda: bagel_engine.load(model, device=device, dtype=dtype, random_weights=random,
+                                                             **load_options))
+            cfg = bench_config(pipe.config.latent_downsample, pipe.task_defaults)
+            result = run_serve_benchmark(pipe, cfg, log=lambda m: typer.echo(m, err=True))
+            where = {"device": str(pipe.device), "server": "thread"}
+    except (ValueError, OSError, RuntimeError) as e:
         _fail(str(e), as_json)
-    result |= {"model": model, "date": date or datetime.date.today().isoformat(),
-               "device": str(pipe.device), "threads": __import__("torch").get_num_threads()}
+    result |= {"model": model, "date": date or datetime.date.today().isoformat(), **where,
+               "threads": __import__("torch").get_num_threads()}
     if record is not None:
         slug = "-".join(part for part in Path(model).parts[-2:] if part not in ("/", "model")) or "model"
         out = Path(record) / "results" / f"serve-{result['date']}-{slug}.json"
@@ -257,6 +276,10 @@ def bench(
     max_batch: Annotated[int, typer.Option(
         "--max-batch", min=1, rich_help_panel=SERVE,
         help="serve: the server's --max-batch, measured against --max-batch 1.")] = 8,
+    server_process: Annotated[bool, typer.Option(
+        "--server-process", rich_help_panel=SERVE,
+        help="serve: run the server as its own `bagel serve` process (the clients then share nothing with it, as "
+             "real users); default: in a thread of this process.")] = False,
 ) -> None:
     """Time a workload (t2i / edit / understand / chat / train / serve) and compare it with the device's floor."""
     from bagel_engine.bench import report
@@ -274,8 +297,10 @@ def bench(
     if workload is Kind.serve:
         options = {k: v for k, v in (("quantize", quantize), ("offload", offload), ("compile", compile_),
                                      ("attention", attention)) if v is not None}
+        if server_process and random_weights:
+            _fail("--server-process serves a model directory or hub id: give --model, not --random-weights", json_)
         _serve_bench(str(random_weights or model), random_weights is not None, device, dtype, options, height, width,
-                     num_timesteps, max_new_tokens, concurrency, max_batch, seed, record, date, json_)
+                     num_timesteps, max_new_tokens, concurrency, max_batch, seed, record, date, json_, server_process)
         return
     if workload is Kind.train:
         _train_bench(str(random_weights or model), random_weights is not None, height, width, max_tokens, repeat,

@@ -142,6 +142,22 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
 )
 
 
+def load_flags(load_options: dict[str, Any]) -> list[str]:
+    """The command-line flags that ask for ``load_options`` (what :func:`load_kwargs` gives): to start another
+    ``bagel`` command (a server process) with the same loading."""
+    flags: list[str] = []
+    for name, value in load_options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                flags += [flag, str(v)]
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
 def refuse_cfg_parallel(load_options: dict, command: str, why: str) -> None:
     """Stop a command whose ranks cannot all run the same requests when it is given --cfg-parallel-size."""
     if load_options.get("cfg_parallel_size"):
