@@ -1,26 +1,28 @@
 """CFG-parallel (issue 14): the guidance branches of each step on their own gloo process give the
 one-process result: an edit (three branches over three ranks), a text-to-image (two branches, one rank
-idle), with and without a given seed (the ranks agree on a drawn one)."""
+idle), with and without a given seed (the ranks agree on a drawn one). The edit's input is a drawn picture:
+a generated one may differ by one unit in a pixel between thread layouts (float rounding at a .5), and an edit
+amplifies that past the tolerance."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
 import bagel_engine
+from bagel_engine.shapes.world import Obj, draw
 
 FAST = dict(num_timesteps=6)
 
 
 def _jobs(pipe):
-    picture = pipe.generate("a red circle on the left", seed=5, **FAST).image
+    picture = draw([Obj("red", "circle", 12, 32, 8)])
     edit = pipe.edit(picture, "make the circle blue", seed=7, **FAST)
     t2i = pipe.generate("two blue squares", seed=3, **FAST)
     drawn = pipe.generate("a green square", **FAST)  # no seed: one is drawn
-    return {"picture": torch.from_numpy(np.asarray(picture)), "edit": edit.latents,
+    return {"edit": edit.latents,
             "t2i": t2i.latents, "drawn": drawn.latents, "drawn_seed": drawn.seed}
 
 
@@ -44,7 +46,6 @@ def test_three_ranks_give_the_one_process_result(tmp_path):
         for r in ranks:  # every rank holds the same latent...
             assert torch.equal(r[name], ranks[0][name])
     alone = _jobs(pipe)
-    assert torch.equal(alone["picture"], ranks[0]["picture"])  # the unguided-first picture, same on every rank
     for name in ("edit", "t2i"):  # ... equal to one process within float rounding
         torch.testing.assert_close(ranks[0][name], alone[name], rtol=1e-4, atol=1e-4)
     again = pipe.generate("a green square", seed=ranks[0]["drawn_seed"], **FAST).latents
