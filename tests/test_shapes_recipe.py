@@ -3,6 +3,7 @@ with its own task defaults, and a rerun resumes instead of redoing."""
 
 import json
 
+import pytest
 import torch
 
 import bagel_engine
@@ -74,6 +75,8 @@ def test_the_v3_recipe_has_the_shipped_model_s_architecture():
     v4 = Recipe.of("v4", Path("w"))
     assert v4.configs()["vit"]["patch_size"] == 16 and v4.configs()["ae"]["ch_mult"] == [1, 2, 2, 2]
     assert (v4.steps, v4.refine_steps, v4.max_tokens) == (10000, 0, 1024)
+    v5 = Recipe.of("v5", Path("w"))  # v3's architecture, other position tables at init, a shorter stage 2
+    assert v5.configs() == v3 and v5.position_tables == "contrast" and v5.refine_steps < Recipe.refine_steps
     v3_recipe = Recipe.of("v3", Path("w"))
     assert (v3_recipe.steps, v3_recipe.refine_steps, v3_recipe.max_tokens, v3_recipe.tokens_px) == (
         Recipe.steps, Recipe.refine_steps, Recipe.max_tokens, Recipe.tokens_px)  # the defaults are the shipped recipe's
@@ -96,3 +99,21 @@ def test_the_contrast_position_table_tells_the_patches_of_a_small_grid_apart():
     # neighbours differ by a good part of a row; the official table's rows are nearly the same on 8 x 8
     assert spread(table) > 0.6
     assert spread(sincos_table_2d(8, 160)) < 0.25
+
+
+def test_position_tables_of_contrast_from_the_init(tmp_path):
+    """--recipe v5's init: both position tables are tables of contrast at the recipe's norms, the rest random."""
+    from safetensors.torch import load_file
+
+    from bagel_engine.shapes.recipe import contrast_position_table
+
+    recipe = Recipe.of("v5", tmp_path / "work", t2i_rows=6, edit_rows=3, vqa_rows=3, eval_rows=1, progress=False)
+    recipe.make_data()
+    recipe.make_base()
+    recipe.init_weights()
+    state = load_file(recipe.base / "ema.safetensors")
+    assert torch.equal(state["vit_pos_embed.pos_embed"], contrast_position_table(8, 160, 100.0))
+    assert torch.equal(state["latent_pos_embed.pos_embed"], contrast_position_table(16, 160, 9.0))
+    assert state["vit_pos_embed.pos_embed"].shape == (64, 160) and state["latent_pos_embed.pos_embed"].shape == (256, 160)
+    with pytest.raises(ValueError, match="position_tables must be"):
+        Recipe(tmp_path / "other", position_tables="learned")

@@ -59,6 +59,8 @@ autoencoder (PSNR in WORK/ae_report.json) -> random init -> bagel train -> WORK/
 
   bagel shapes build work/ --recipe v4          [dim]# the tokens-of-16-px experiment[/dim]
 
+  bagel shapes build work/ --recipe v5          [dim]# position tables of contrast from the first step[/dim]
+
   bagel eval shapes -m work/bagel-shapes         [dim]# score what it made[/dim]
 """)
 def build(
@@ -70,7 +72,8 @@ def build(
         "--refine-steps", min=0, help=f"Training steps of stage 2 (0: ship stage 1). {RECIPE}")] = None,
     recipe: Annotated[str, typer.Option(
         "--recipe", help="v3: the shipped model's (tokens of 8 px, two stages); v4: an experiment (tokens of "
-                         "16 px, one stage; worse so far, docs/demo-model.md).")] = "v3",
+                         "16 px, one stage; worse so far); v5: v3 with position tables of contrast from the "
+                         "first step and a shorter stage 2 (docs/demo-model.md).")] = "v3",
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,

@@ -68,12 +68,16 @@ TOKENS_OF_8PX = {"vit": {"patch_size": 8}, "ae": {"ch_mult": [1, 2, 2], "z_chann
                  "bagel": {"max_latent_size": 16, "vit_max_num_patch_per_side": 8, "vae_transform": [64, 32, 8],
                            "vit_transform": [64, 32, 8]}}
 # Each recipe's choices (``bagel shapes build --recipe``): v3 made the shipped model (the default); v4 is an
-# experiment, worse at mid-run than v3 (docs/demo-model.md).
+# experiment, worse at mid-run than v3; v5 is v3 with position tables of contrast from the first step (the ViT's
+# at norm 100, the latent one at the official table's norm, 9) and a shorter stage 2 (docs/demo-model.md).
 RECIPES = {
     "v3": {"tokens_px": 8, "t2i_rows": 32000, "edit_rows": 16000, "vqa_rows": 16000, "steps": 9000,
            "refine_steps": 12000, "max_tokens": 2048},
     "v4": {"tokens_px": 16, "t2i_rows": 48000, "edit_rows": 24000, "vqa_rows": 36000, "steps": 10000,
            "refine_steps": 0, "max_tokens": 1024},
+    "v5": {"tokens_px": 8, "t2i_rows": 32000, "edit_rows": 16000, "vqa_rows": 16000, "steps": 9000,
+           "refine_steps": 6000, "max_tokens": 2048, "position_tables": "contrast", "vit_table_norm": 100.0,
+           "latent_table_norm": 9.0},
 }
 
 
@@ -127,6 +131,10 @@ class Recipe:
     threads: int | None = None
     progress: bool = True
     timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.position_tables not in ("official", "contrast"):
+            raise ValueError(f"position_tables must be 'official' or 'contrast', not {self.position_tables!r}")
 
     @classmethod
     def of(cls, version: str, work: Path, **overrides) -> "Recipe":
@@ -255,8 +263,6 @@ class Recipe:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if self.position_tables == "contrast":
             state |= self.contrast_tables(state)
-        elif self.position_tables != "official":
-            raise ValueError(f"position_tables must be 'official' or 'contrast', not {self.position_tables!r}")
         tmp = path.with_suffix(".tmp")
         save_safetensors(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(path)
