@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from bagel_engine import params
+from bagel_engine.distributed import parallel_groups
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.attention import check_backend
 from bagel_engine.model.bagel import Bagel
@@ -25,7 +26,6 @@ from bagel_engine.runtime.engine import (GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYST
                                          ImageInput, Request, StepPreview)
 from bagel_engine.runtime.tokenizer import BagelTokenizer
 from bagel_engine.runtime import task_requests
-from bagel_engine.runtime.image_generation import cfg_parallel_group
 from bagel_engine.runtime.vae_tiling import Tiling
 from bagel_engine.weights.config import ModelConfig, checkpoint_config, checkpoint_task_defaults
 from bagel_engine.weights.hub import HubOptions
@@ -58,6 +58,7 @@ def load(
     attention: str = "auto",
     vae_tiling: bool = False,
     cfg_parallel_size: int | None = None,
+    tensor_parallel_size: int | None = None,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -84,7 +85,9 @@ def load(
     (:meth:`BagelPipeline.enable_vae_tiling`): less memory at high resolution, not the same numbers.
     ``cfg_parallel_size`` (2 or 3, under torchrun with as many processes): each denoising step's guidance
     branches run on their own rank (:meth:`BagelPipeline.enable_cfg_parallel`); on a GPU each rank takes
-    ``cuda:LOCAL_RANK`` unless ``device`` says otherwise.
+    ``cuda:LOCAL_RANK`` unless ``device`` says otherwise. ``tensor_parallel_size`` (under torchrun): every layer's
+    heads and MLP columns split over that many ranks (``bagel_engine.weights.tensor_parallel``); with
+    ``cfg_parallel_size`` too, a mesh of ``cfg x tp`` processes (``bagel_engine.distributed``).
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -99,13 +102,16 @@ def load(
     the hub client's (``HF_HUB_CACHE``, ``HF_TOKEN``). With ``device="meta"`` or ``random_weights`` only the
     configs and the tokenizer are downloaded.
     """
-    if device is None and cfg_parallel_size and torch.cuda.is_available():
+    parallel = (cfg_parallel_size or 1) > 1 or (tensor_parallel_size or 1) > 1
+    if device is None and parallel and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     placement_device = torch.device(device) if device is not None else _default_device()
+    groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device) if parallel else None
     placement = Placement(
         device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),
         official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
-        lora_strength=lora_strength, random_weights=random_weights, seed=seed)
+        lora_strength=lora_strength, random_weights=random_weights, seed=seed,
+        tensor_parallel=groups.tp if groups is not None else None)
     check_backend(attention)
     hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     reads_weights = not random_weights and placement.device.type != "meta"
@@ -124,6 +130,8 @@ def load(
     defaults = checkpoint_task_defaults(checkpoint, task_defaults)
     pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
                          official_numerics=official_numerics, task_defaults=defaults, attention=attention)
+    if groups is not None:
+        pipe.tensor_parallel_size, pipe.engine.lockstep = groups.tp_size, groups.lockstep
     if compile:
         pipe.compile()
     if vae_tiling:
@@ -149,6 +157,7 @@ class BagelPipeline:
         self.task_defaults = task_defaults or params.TaskDefaults()
         self.device, self.dtype, self.model_name = device, dtype, model_name
         self.official_numerics = official_numerics
+        self.tensor_parallel_size = 1  # set by load(tensor_parallel_size=...)
 
     @property
     def limits(self) -> params.Limits:
@@ -212,7 +221,8 @@ class BagelPipeline:
         if self.engine.batching:
             raise BagelInputError("CFG-parallel cannot start under a running scheduler (start_batching): every rank "
                                   "must run the same requests")
-        self.engine.cfg_parallel = cfg_parallel_group(size, self.device)
+        groups = parallel_groups(size, self.tensor_parallel_size, self.device)
+        self.engine.cfg_parallel, self.engine.lockstep = groups.cfg, groups.lockstep
         return self
 
     def disable_vae_tiling(self) -> "BagelPipeline":

@@ -179,9 +179,11 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     bad flag, bad ``DG_BAGEL_*`` value); a bad row never raises, it becomes a failed record."""
     t_start = time.perf_counter()
     knob_table.check_task(job.task)
-    if job.load_options.get("cfg_parallel_size"):  # its ranks would take different rows: a hang, not a job
-        raise BagelInputError("--cfg-parallel-size does not run with batch jobs yet: under torchrun a batch job's ranks "
-                              "share out the rows (data parallel); run the rows on one process per GPU instead")
+    for name in ("cfg_parallel_size", "tensor_parallel_size"):  # its ranks would take different rows: a hang
+        if job.load_options.get(name):
+            raise BagelInputError(f"--{name.replace('_', '-')} does not run with batch jobs yet: under torchrun a batch "
+                                  "job's ranks share out the rows (data parallel); run the rows on one process per GPU "
+                                  "instead")
     out_dir = Path(job.output_dir)
     dist = data_parallel.setup(job.device)
     lock = FolderLock(out_dir, manifests.shard_tag(job.shard))

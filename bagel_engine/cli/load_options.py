@@ -50,6 +50,11 @@ CfgParallelSize = Annotated[Optional[int], typer.Option(
     "--cfg-parallel-size", rich_help_panel=PANEL, min=2, max=3, metavar="N",
     help="Run each step's guidance branches on N processes, one branch each (2: text guidance; 3: an edit's text "
          "and image guidance): torchrun --nproc-per-node N --no-python bagel ...; rank 0 writes the output.")]
+TensorParallelSize = Annotated[Optional[int], typer.Option(
+    "--tensor-parallel-size", rich_help_panel=PANEL, min=2, metavar="N",
+    help="Split every layer's heads and MLP columns (decoder, ViT, connector) over N processes: torchrun "
+         "--nproc-per-node N --no-python bagel ...; with --cfg-parallel-size C, C x N processes. Each rank holds "
+         "1/N of the layers and of the KV cache; rank 0 writes the output.")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -104,8 +109,9 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
         attention = attention.value if isinstance(attention, Enum) else attention
         if attention != "auto":
             out["attention"] = attention
-    if values.get("cfg_parallel_size"):
-        out["cfg_parallel_size"] = int(values["cfg_parallel_size"])
+    for name in ("cfg_parallel_size", "tensor_parallel_size"):
+        if values.get(name):
+            out[name] = int(values[name])
     for name in ("official_numerics", "vae_tiling"):
         if values.get(name):
             out[name] = True
@@ -131,6 +137,7 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("official_numerics", OfficialNumerics, False),
     ("vae_tiling", VaeTiling, False),
     ("cfg_parallel_size", CfgParallelSize, None),
+    ("tensor_parallel_size", TensorParallelSize, None),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),
@@ -159,10 +166,13 @@ def load_flags(load_options: dict[str, Any]) -> list[str]:
 
 
 def refuse_cfg_parallel(load_options: dict, command: str, why: str) -> None:
-    """Stop a command whose ranks cannot all run the same requests when it is given --cfg-parallel-size."""
-    if load_options.get("cfg_parallel_size"):
-        typer.secho(f"error: --cfg-parallel-size does not run with {command}: {why}", fg="red", err=True)
-        raise typer.Exit(2)
+    """Stop a command whose ranks cannot all run the same requests when it is given --cfg-parallel-size or
+    --tensor-parallel-size."""
+    for name in ("cfg_parallel_size", "tensor_parallel_size"):
+        if load_options.get(name):
+            flag = "--" + name.replace("_", "-")
+            typer.secho(f"error: {flag} does not run with {command}: {why}", fg="red", err=True)
+            raise typer.Exit(2)
 
 
 def with_options(param: str, options: tuple[tuple[str, Any, Any], ...], collect, *, into: bool = False):

@@ -145,6 +145,11 @@ class Qwen2MoTModel(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this decoder holds: the config's, or a tensor-parallel rank's share."""
+        return self.layers[0].self_attn.num_kv_heads
+
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         return rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 

@@ -222,6 +222,8 @@ class Engine:
         self.decoder_fn: Callable | None = None  # a compiled decoder (``BagelPipeline.compile``)
         self.vae_tiling: Tiling | None = None  # encode / decode large images in tiles (``vae_tiling``)
         self.cfg_parallel = None  # a process group: each step's guidance branches spread over its ranks
+        # every rank that runs the same requests in step (CFG-parallel, tensor parallel): they agree on drawn seeds
+        self.lockstep = None
         self._scheduler: Scheduler | None = None
         self.ticks = 0  # batched steps run (text and image forwards count once each)
 
@@ -233,9 +235,9 @@ class Engine:
             raise ValueError("max_batch must be >= 1")
         if max_step_tokens is not None and max_step_tokens < 1:
             raise ValueError("max_step_tokens must be >= 1")
-        if self.cfg_parallel is not None:
-            raise BagelInputError("CFG-parallel runs requests that every rank is given (the CLI, batch jobs, the Python "
-                                  "API under torchrun), not a scheduler's: a server with it is not supported yet")
+        if self.lockstep is not None:
+            raise BagelInputError("CFG-parallel and tensor parallel run requests that every rank is given (the CLI, the "
+                                  "Python API under torchrun), not a scheduler's: a server with them is not supported yet")
         if self._scheduler is None or not self._scheduler.running:
             self._scheduler = Scheduler(self, max_batch, max_step_tokens).start()
         else:
@@ -286,11 +288,11 @@ class Engine:
 
     def admit(self, request: Request, builder: ContextBuilder) -> _Active:
         """Stages 1 (validate) and 2 (prefill); then the request waits for its first tick."""
-        if self.cfg_parallel is not None and request.seed is None:  # every rank draws the same noise
-            on = self.device if dist.get_backend(self.cfg_parallel) == "nccl" else "cpu"  # NCCL moves GPU tensors only
-            seed = torch.tensor([_new_seed() if dist.get_rank(self.cfg_parallel) == 0 else 0], dtype=torch.int64,
+        if self.lockstep is not None and request.seed is None:  # every rank draws the same noise
+            on = self.device if dist.get_backend(self.lockstep) == "nccl" else "cpu"  # NCCL moves GPU tensors only
+            seed = torch.tensor([_new_seed() if dist.get_rank(self.lockstep) == 0 else 0], dtype=torch.int64,
                                 device=on)
-            dist.broadcast(seed, src=dist.get_global_rank(self.cfg_parallel, 0), group=self.cfg_parallel)
+            dist.broadcast(seed, src=dist.get_global_rank(self.lockstep, 0), group=self.lockstep)
             request = replace(request, seed=int(seed))
         a = _Active(request, builder)
         a.text_params = request.text.validate()

@@ -110,7 +110,7 @@ class ImageDenoise:
         plan = plan_branches([contexts], active, separate_roles=params.enable_taylorseer and not guided_prefix)
         self.num_branches = len(plan.contexts)
         self.layout = BranchKV([c.kv for c in plan.contexts], [c.length for c in plan.contexts], n + 2,
-                               cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, device, dtype)
+                               cfg.num_hidden_layers, model.decoder.kv_heads, cfg.head_dim, device, dtype)
         self.cond_layout = self.layout.first(1)
         positions = torch.cat([torch.full((n + 2,), c.rope, device=device) for c in plan.contexts])
         self.rope_all = model.decoder.rope(positions, dtype)
@@ -267,22 +267,6 @@ def denoise_step_cfg_parallel(model: Bagel, image: ImageDenoise, group, decoder_
     hidden = torch.stack([gathered[j % world][j // world] for j in range(count)])  # branch order
     image.finish_step(hidden.reshape(count * width, -1), count)
     return len(range(rank, count, world))
-
-
-def cfg_parallel_group(size: int, device: torch.device):
-    """The process group CFG-parallel runs over: torchrun's world of ``size`` (2 or 3) processes, started here
-    when torchrun's variables are set and no group is (gloo on the CPU, NCCL on GPUs)."""
-    import os
-
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            raise BagelInputError(f"CFG-parallel over {size} processes runs under torchrun: "
-                                  f"torchrun --nproc-per-node {size} --no-python bagel ...")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if size not in (2, 3) or dist.get_world_size() != size:
-        raise BagelInputError(f"CFG-parallel needs 2 or 3 processes, as many as --cfg-parallel-size: asked for "
-                              f"{size}, running {dist.get_world_size()}")
-    return dist.group.WORLD
 
 
 def _concat(parts):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,7 +27,8 @@ OFFLOAD_MODES = ("model", "layer")
 class Placement:
     """``device`` and ``dtype`` of the decoder; the VAE runs on the device (bf16 on a GPU) unless
     ``official_numerics`` keeps it on the CPU in float32. ``offload`` keeps the decoder's weights in CPU
-    memory and streams them to ``device``. ``device.type == "meta"``: build only, read nothing."""
+    memory and streams them to ``device``. ``tensor_parallel``: a process group over which every big matrix is
+    split (``weights.tensor_parallel``). ``device.type == "meta"``: build only, read nothing."""
 
     device: torch.device
     dtype: torch.dtype
@@ -38,8 +39,11 @@ class Placement:
     lora_strength: float = 1.0
     random_weights: bool = False  # draw the weights (seeded by ``seed``) instead of reading them
     seed: int = 0
+    tensor_parallel: Any = None
 
     def __post_init__(self):
+        if self.tensor_parallel is not None and self.offload:
+            raise ValueError("offload does not run with tensor parallel: each rank already holds a share of the weights")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ValueError(f"unknown quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
@@ -51,7 +55,8 @@ class Placement:
 
     @property
     def weights_device(self) -> torch.device:
-        return torch.device("cpu") if self.offload else self.device
+        # tensor parallel: the whole weights on the CPU first, this rank's shards to the device
+        return torch.device("cpu") if self.offload or self.tensor_parallel is not None else self.device
 
     @property
     def vae_device(self) -> torch.device:
@@ -82,6 +87,10 @@ def load_modules(checkpoint: Checkpoint, cfg: ModelConfig, placement: Placement,
 
         count = merge_adapter(bagel, adapter, p.lora_strength)
         log.info("merged the LoRA adapter %s (%d layers, strength %g)", adapter, count, p.lora_strength)
+    if p.tensor_parallel is not None:
+        from bagel_engine.weights.tensor_parallel import shard_model
+
+        shard_model(bagel, p.tensor_parallel).to(p.device)
     if p.quantize:
         from bagel_engine.weights.quantize import quantize_model
 

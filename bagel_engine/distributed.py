@@ -1,0 +1,89 @@
+"""The process groups of one image's parallel modes under torchrun (``torch.distributed``: NCCL on GPUs, gloo on
+the CPU): CFG-parallel (each step's guidance branches on their own ranks) and tensor parallel (every layer's
+heads and MLP columns split over ranks), alone or together as a 2-D mesh.
+
+Ranks are laid out tensor-parallel innermost, as Megatron and vLLM do (the ranks of a TP group are neighbours,
+on one machine's fast links): with ``cfg`` x ``tp`` processes, rank ``c * tp + t`` holds TP shard ``t`` of guidance
+slot ``c``. The TP group of a rank is ``{c * tp, ..., c * tp + tp - 1}``; its CFG group is ``{t, t + tp, ...}``.
+Every rank runs the same requests in the same order (the CLI, batch jobs or the Python API under torchrun), so
+``lockstep`` (all the ranks) is the group over which they agree on a drawn seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bagel_engine.params import BagelInputError
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    cfg_size: int
+    tp_size: int
+    cfg: Any  # the group of this rank's CFG slots (None when cfg_size == 1)
+    tp: Any  # the group of this rank's tensor-parallel shards (None when tp_size == 1)
+    lockstep: Any  # every rank of the mesh
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp) if self.tp is not None else 0
+
+
+_GROUPS: dict[tuple[int, int], ParallelGroups] = {}
+
+
+def torchrun_command(size: int) -> str:
+    return f"torchrun --nproc-per-node {size} --no-python bagel ..."
+
+
+def parallel_groups(cfg_size: int, tp_size: int, device: torch.device) -> ParallelGroups:
+    """The groups of a ``cfg_size`` x ``tp_size`` mesh over torchrun's world, the process group started here when
+    torchrun's variables are set and none is (every rank must call this, in the same order)."""
+    cfg_size, tp_size = int(cfg_size or 1), int(tp_size or 1)
+    if cfg_size != 1 and cfg_size not in (2, 3):
+        raise BagelInputError(f"CFG-parallel runs over 2 or 3 ranks (one guidance branch each), not {cfg_size}")
+    if tp_size < 1:
+        raise BagelInputError(f"the tensor-parallel size must be >= 1, not {tp_size}")
+    size = cfg_size * tp_size
+    what = " with ".join(p for p in ("CFG-parallel" if cfg_size > 1 else "",
+                                     "tensor parallel" if tp_size > 1 else "") if p) or "one process"
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise BagelInputError(f"{what} over {size} processes runs under torchrun: {torchrun_command(size)}")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world = dist.get_world_size()
+    if world != size:
+        raise BagelInputError(f"{what} needs {size} processes (--cfg-parallel-size x --tensor-parallel-size), "
+                              f"running {world}: {torchrun_command(size)}")
+    key = (cfg_size, tp_size)
+    if key not in _GROUPS:
+        _GROUPS[key] = ParallelGroups(cfg_size, tp_size, _my_group(_cfg_ranks(cfg_size, tp_size), cfg_size > 1),
+                                      _my_group(_tp_ranks(cfg_size, tp_size), tp_size > 1), dist.group.WORLD)
+    return _GROUPS[key]
+
+
+def _tp_ranks(cfg_size: int, tp_size: int) -> list[list[int]]:
+    return [[c * tp_size + t for t in range(tp_size)] for c in range(cfg_size)]
+
+
+def _cfg_ranks(cfg_size: int, tp_size: int) -> list[list[int]]:
+    return [[c * tp_size + t for c in range(cfg_size)] for t in range(tp_size)]
+
+
+def _my_group(partition: list[list[int]], needed: bool):
+    """This rank's group of ``partition`` (every rank creates every group, as ``new_group`` requires)."""
+    if not needed:
+        return None
+    if len(partition) == 1:
+        return dist.group.WORLD
+    rank, mine = dist.get_rank(), None
+    for ranks in partition:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine

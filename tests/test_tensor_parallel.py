@@ -1,0 +1,117 @@
+"""Tensor parallel (issue 14) on gloo processes: every rank holds a share of the heads and MLP columns, and
+together they give the one-process result: t2i and edit latents within float rounding, greedy answers exactly;
+alone (2 ranks) and as a 2 x 2 mesh with CFG-parallel (4 ranks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import bagel_engine
+from bagel_engine.shapes.world import Obj, draw
+
+FAST = dict(num_timesteps=6)
+PICTURE = [Obj("red", "circle", 12, 32, 8)]
+
+
+def _layer_params(pipe) -> int:
+    return sum(p.numel() for p in pipe.model.decoder.layers.parameters())
+
+
+def _jobs(pipe):
+    picture = draw(PICTURE)
+    drawn = pipe.generate("a green square", **FAST)  # no seed: the ranks agree on a drawn one
+    return {"t2i": pipe.generate("two blue squares", seed=3, **FAST).latents,
+            "edit": pipe.edit(picture, "make the circle blue", seed=7, **FAST).latents,
+            "answer": pipe.understand(picture, "What color is the circle?").text,
+            "chat": pipe.chat("a red circle", max_new_tokens=8).text,
+            "drawn": drawn.latents, "drawn_seed": drawn.seed, "layer_params": _layer_params(pipe),
+            "kv_heads": pipe.model.decoder.kv_heads, "vit_heads": pipe.model.vit_model.vision_model.encoder.layers[0].self_attn.num_heads}
+
+
+def _rank(rank: int, world: int, init: str, out: str, cfg: int | None, tp: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    pipe = bagel_engine.load("bagel-shapes", device="cpu", cfg_parallel_size=cfg, tensor_parallel_size=tp)
+    torch.save(_jobs(pipe), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def alone():
+    torch.set_num_threads(1)
+    pipe = bagel_engine.load("bagel-shapes", device="cpu")
+    return pipe, _jobs(pipe)
+
+
+@pytest.mark.parametrize("cfg,tp", [(None, 2), (2, 2)], ids=["tp2", "cfg2xtp2"])
+def test_ranks_give_the_one_process_result(tmp_path, alone, cfg, tp):
+    pipe, one = alone
+    world = (cfg or 1) * tp
+    out = str(tmp_path / "result")
+    mp.spawn(_rank, args=(world, f"file://{tmp_path / 'rendezvous'}", out, cfg, tp), nprocs=world)
+    ranks = [torch.load(f"{out}.{r}") for r in range(world)]
+    for r in ranks:  # each rank holds its share of the layers, heads and KV heads
+        assert r["layer_params"] < 0.55 * one["layer_params"]
+        assert r["kv_heads"] == one["kv_heads"] // tp and r["vit_heads"] == one["vit_heads"] // tp
+        assert r["drawn_seed"] == ranks[0]["drawn_seed"]
+        assert (r["answer"], r["chat"]) == (one["answer"], one["chat"])  # greedy text exactly
+        for name in ("t2i", "edit"):
+            torch.testing.assert_close(r[name], one[name], rtol=1e-4, atol=1e-4)
+    again = pipe.generate("a green square", seed=ranks[0]["drawn_seed"], **FAST).latents
+    torch.testing.assert_close(ranks[0]["drawn"], again, rtol=1e-4, atol=1e-4)
+
+
+def test_shards_that_do_not_divide_are_refused():
+    from bagel_engine.weights.tensor_parallel import check_divisible
+
+    pipe = bagel_engine.load("bagel-shapes", device="meta")
+    check_divisible(pipe.model, 2)
+    with pytest.raises(ValueError, match="decoder attention heads 4.*divide by 3|divide by 3"):
+        check_divisible(pipe.model, 3)
+
+
+def test_without_torchrun_it_says_how(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(bagel_engine.BagelInputError, match="tensor parallel over 2 processes runs under torchrun: "
+                                                           "torchrun --nproc-per-node 2"):
+        bagel_engine.load("bagel-shapes", device="cpu", tensor_parallel_size=2)
+    with pytest.raises(bagel_engine.BagelInputError, match="CFG-parallel with tensor parallel over 6 processes"):
+        bagel_engine.load("bagel-shapes", device="cpu", cfg_parallel_size=3, tensor_parallel_size=2)
+
+
+def test_the_cli_under_torchrun_answers_once_as_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 --no-python bagel understand ... --tensor-parallel-size 2``: rank 0 alone
+    prints, and the answer is the one process's."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    picture = tmp_path / "circle.png"
+    draw(PICTURE).save(picture)
+    bin_dir = Path(sys.executable).parent
+    bagel, torchrun = shutil.which("bagel", path=str(bin_dir)), shutil.which("torchrun", path=str(bin_dir))
+    if not (bagel and torchrun):
+        pytest.skip("the bagel and torchrun commands are not installed beside this python")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    args = ["understand", str(picture), "-p", "What color is the circle?", "-m", "bagel-shapes", "--device", "cpu",
+            "--json"]
+    one = subprocess.run([bagel, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(port), "--no-python", bagel, *args,
+                          "--tensor-parallel-size", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    lines = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone
+    assert json.loads(lines[0])["text"] == json.loads(one.stdout.strip().splitlines()[-1])["text"]
