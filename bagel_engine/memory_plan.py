@@ -24,6 +24,10 @@ Everything is computed from the configs (no weights are read):
 * VAE decode: the full-resolution stage of the FLUX decoder, ``4 x 2 ch x H x W x 2 bytes``
   (matches the measured peak).
 * overhead: 1 GiB (CUDA context, cuBLAS workspaces) + 5% of the rest (allocator fragmentation).
+* tensor parallel over N cards (``--gpus N``): per card, the decoder layers' and the ViT's weights, the KV
+  cache and the MLP temporaries divided by N; the embeddings, ``lm_head``, the glue, the hidden-size
+  temporaries and the VAE whole (``weights.tensor_parallel``). Listed after the one-card options of the same
+  quantization, and before offload: a lossless split over fast links beats streaming weights.
 
 The decoder step and the VAE decode do not overlap, so the peak is weights + KV + the larger of
 the two. Estimates, not measurements: ``docs/memory.md`` compares them with measured peaks.
@@ -168,10 +172,12 @@ def context_tokens(cfg: ModelConfig, height: int, width: int, text_tokens: int =
             "latent": (height // cfg.latent_downsample) * (width // cfg.latent_downsample)}
 
 
-def step_activation_bytes(cfg: ModelConfig, rows: int, context: int, act_bytes: int = 2) -> float:
+def step_activation_bytes(cfg: ModelConfig, rows: int, context: int, act_bytes: int = 2,
+                          tensor_parallel: int = 1) -> float:
     """Peak temporaries of one decoder forward of ``rows`` query rows over ``context`` cached keys."""
     llm = cfg.llm
-    per_row = (3 * llm.intermediate_size + 5 * llm.hidden_size) * act_bytes  # measured, see docs/memory.md
+    # measured, see docs/memory.md; a tensor-parallel rank holds 1/N of the MLP columns
+    per_row = (3 * llm.intermediate_size / tensor_parallel + 5 * llm.hidden_size) * act_bytes
     mask = rows * (context + rows)  # bool mask of the SDPA path
     return rows * per_row + mask
 
@@ -199,6 +205,7 @@ class Estimate:
     host_pinned: float  # decoder weights kept in host memory (offload)
     fits: bool | None = None
     note: str = ""
+    tensor_parallel: int = 1  # cards the layers are split over (the figures are per card)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -206,32 +213,39 @@ class Estimate:
 
 def estimate(cfg: ModelConfig, height: int = 1024, width: int = 1024, *, quantize: str | None = None,
              offload: str | None = None, label: str | None = None, text_tokens: int = TEXT_TOKENS,
-             think_tokens: int = 0, batch: int = 1, branches: int = 3) -> Estimate:
-    """Peak GPU memory of generating or editing a ``height x width`` image with these options."""
+             think_tokens: int = 0, batch: int = 1, branches: int = 3, tensor_parallel: int = 1) -> Estimate:
+    """Peak GPU memory (per card, with ``tensor_parallel`` > 1) of generating or editing a ``height x width``
+    image with these options."""
+    tp = tensor_parallel
+    if tp > 1 and offload is not None:
+        raise ValueError("offload does not run with tensor parallel")
     w = weight_bytes(cfg, quantize)
     layers = cfg.llm.num_hidden_layers
     per_layer = {e: w[e] / layers for e in ("und", "gen")}
     if offload is None:
-        decoder_gpu, host = w["und"] + w["gen"], 0.0
+        decoder_gpu, host = (w["und"] + w["gen"]) / tp, 0.0
     elif offload == "model":
         decoder_gpu, host = max(w["und"], w["gen"]) + 2 * max(per_layer.values()), w["und"] + w["gen"]
     elif offload == "layer":
         decoder_gpu, host = 2 * (per_layer["und"] + per_layer["gen"]), w["und"] + w["gen"]
     else:
         raise ValueError(f"unknown offload {offload!r}")
-    weights_gpu = decoder_gpu + w["small"] + w["vae"]
+    weights_gpu = decoder_gpu + w["small"] - w["vit"] * (1 - 1 / tp) + w["vae"]
     tok = context_tokens(cfg, height, width, text_tokens + think_tokens)
-    kv = batch * (tok["gen"] + tok["cfg_text"] + tok["cfg_img"]) * kv_bytes_per_token(cfg)
+    kv = batch * (tok["gen"] + tok["cfg_text"] + tok["cfg_img"]) * kv_bytes_per_token(cfg) / tp
     rows = batch * branches * (tok["latent"] + 2)
-    step = step_activation_bytes(cfg, rows, tok["gen"])
+    step = step_activation_bytes(cfg, rows, tok["gen"], tensor_parallel=tp)
     if quantize in ("int8", "nf4"):  # a dequantized copy of the largest weight during each matmul
-        step += cfg.llm.hidden_size * cfg.llm.intermediate_size * 2
+        step += cfg.llm.hidden_size * cfg.llm.intermediate_size * 2 / tp
     act = max(step, vae_decode_bytes(cfg, height, width))
     subtotal = weights_gpu + kv + act
     overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal
     label = label or next((lbl for lbl, q, o in OPTIONS if q == quantize and o == offload), f"{quantize}/{offload}")
     note = "; ".join(NOTES[k] for k in (quantize, offload) if k is not None) or NOTES[None]
-    return Estimate(label, quantize, offload, weights_gpu, kv, act, overhead, subtotal + overhead, host, note=note)
+    if tp > 1:
+        note += f"; per card, layers split over {tp}"
+    return Estimate(label, quantize, offload, weights_gpu, kv, act, overhead, subtotal + overhead, host, note=note,
+                    tensor_parallel=tp)
 
 
 @dataclass
@@ -246,32 +260,57 @@ class Plan:
     tokens: dict[str, int]
     options: list[Estimate] = field(default_factory=list)
     recommended: Estimate | None = None
+    gpus: int = 1
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["recommended"] = None if self.recommended is None else self.recommended.label
-        d["recommended_options"] = None if self.recommended is None else {
-            "quantize": self.recommended.quantize, "offload": self.recommended.offload}
+        r = self.recommended
+        d["recommended"] = None if r is None else r.label
+        d["recommended_options"] = None if r is None else {
+            "quantize": r.quantize, "offload": r.offload, "tensor_parallel_size": r.tensor_parallel}
         return d
 
 
+def tensor_parallel_size(cfg: ModelConfig, gpus: int) -> int:
+    """The most cards (at most ``gpus``) the model's heads, KV heads and widths split over evenly."""
+    llm, vit = cfg.llm, cfg.vit
+    counts = (llm.num_attention_heads, llm.num_key_value_heads, llm.intermediate_size, vit.num_attention_heads,
+              vit.intermediate_size, llm.hidden_size)
+    return max(n for n in range(1, max(1, gpus) + 1) if all(c % n == 0 for c in counts))
+
+
+def _with_tensor_parallel(options: list[tuple[str, str | None, str | None]], tp: int) -> list[tuple]:
+    """``options`` as (label, quantize, offload, tp): each quantization's tensor-parallel row right after its
+    one-card row, ahead of every offload row."""
+    if tp == 1:
+        return [(*o, 1) for o in options]
+    out = []
+    for label, q, o in options:
+        out.append((label, q, o, 1))
+        if o is None:
+            out.append((f"{label} + tp={tp}", q, None, tp))
+    return out
+
+
 def plan(cfg: ModelConfig, gpu_memory: int | str | None = None, height: int = 1024, width: int = 1024, *,
-         model: str = "", fp8: bool = False, text_tokens: int = TEXT_TOKENS, think_tokens: int = 0) -> Plan:
-    """Every option's estimate and, given ``gpu_memory`` (bytes or "24GB"), the first option of
+         model: str = "", fp8: bool = False, text_tokens: int = TEXT_TOKENS, think_tokens: int = 0,
+         gpus: int = 1) -> Plan:
+    """Every option's estimate and, given ``gpu_memory`` (bytes or "24GB", per card), the first option of
     ``OPTIONS`` that fits. fp8 is recommended only when ``fp8=True`` (the GPU has compute
-    capability >= 8.9); it is listed either way."""
+    capability >= 8.9); it is listed either way. ``gpus`` > 1 adds tensor-parallel rows (over as many of
+    the cards as the model splits over evenly)."""
     gpu = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     if height % cfg.latent_downsample or width % cfg.latent_downsample:
         raise ValueError(f"height and width must be multiples of {cfg.latent_downsample}")
     p = Plan(model=model, height=height, width=width, gpu_memory=gpu, parameters=parameter_count(cfg),
              weights=weight_bytes(cfg), kv_bytes_per_token=kv_bytes_per_token(cfg),
-             tokens=context_tokens(cfg, height, width, text_tokens + think_tokens))
+             tokens=context_tokens(cfg, height, width, text_tokens + think_tokens), gpus=gpus)
     order = OPTIONS
     if fp8:  # fp8 before int8: same memory, faster on the GPUs that have it
         order = sorted(OPTIONS, key=lambda opt: (OPTIONS.index(opt) - 1.5) if opt[1] == "fp8" else OPTIONS.index(opt))
-    for label, q, o in order:
+    for label, q, o, tp in _with_tensor_parallel(order, tensor_parallel_size(cfg, gpus)):
         e = estimate(cfg, height, width, quantize=q, offload=o, label=label, text_tokens=text_tokens,
-                     think_tokens=think_tokens)
+                     think_tokens=think_tokens, tensor_parallel=tp)
         if gpu is not None:
             e.fits = e.total <= gpu
             if p.recommended is None and e.fits and (q != "fp8" or fp8):
@@ -284,7 +323,8 @@ def format_plan(p: Plan) -> str:
     w = p.weights
     lines = [
         f"memory plan for {p.model or 'the model'} at {p.width}x{p.height}"
-        + (f" on a {fmt_bytes(p.gpu_memory)} GPU" if p.gpu_memory else ""),
+        + (f" on {p.gpus} GPUs of {fmt_bytes(p.gpu_memory)}" if p.gpu_memory and p.gpus > 1 else
+           f" on a {fmt_bytes(p.gpu_memory)} GPU" if p.gpu_memory else ""),
         f"  parameters: {p.parameters / 1e9:.2f} B; bf16 weights {fmt_bytes(sum(w[k] for k in ('und', 'gen', 'small')))}"
         f" (understanding expert {fmt_bytes(w['und'])}, generation expert {fmt_bytes(w['gen'])}, "
         f"embeddings + lm_head {fmt_bytes(w['embeddings'] + w['lm_head'])}, ViT {fmt_bytes(w['vit'])}); "
@@ -314,9 +354,15 @@ def format_plan(p: Plan) -> str:
         r = p.recommended
         args = [f"quantize={r.quantize!r}"] if r.quantize else []
         args += [f"offload={r.offload!r}"] if r.offload else []
-        flags = " ".join(([f"--quantize {r.quantize}"] if r.quantize else []) + ([f"--offload {r.offload}"] if r.offload else []))
-        lines.append(f"  recommended: {r.label} (about {fmt_bytes(r.total)})"
-                     + (f": bagel_engine.load(MODEL, {', '.join(args)}), CLI {flags}" if args else ": no option needed"))
+        args += [f"tensor_parallel_size={r.tensor_parallel}"] if r.tensor_parallel > 1 else []
+        flags = " ".join(([f"--quantize {r.quantize}"] if r.quantize else []) + ([f"--offload {r.offload}"] if r.offload else [])
+                         + ([f"--tensor-parallel-size {r.tensor_parallel}"] if r.tensor_parallel > 1 else []))
+        launch = f"torchrun --nproc-per-node {r.tensor_parallel} --no-python bagel ... " if r.tensor_parallel > 1 else ""
+        lines.append(f"  recommended: {r.label} (about {fmt_bytes(r.total)}{' per card' if r.tensor_parallel > 1 else ''})"
+                     + (f": bagel_engine.load(MODEL, {', '.join(args)}), CLI {launch}{flags}" if args else ": no option needed"))
+        if p.gpus > 1 and r.tensor_parallel == 1:
+            lines.append(f"  it fits on one card: run {p.gpus} processes for throughput (bagel batch under torchrun), "
+                         "or --cfg-parallel-size for the latency of one picture")
         if r.host_pinned:
             lines.append(f"  offload keeps {fmt_bytes(r.host_pinned)} of decoder weights in pinned host memory")
         fp8 = next(e for e in p.options if e.quantize == "fp8")

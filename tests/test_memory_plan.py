@@ -142,3 +142,28 @@ def test_cli_plan_as_a_user_runs_it():
                         "--gpu-memory", "24GB"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "recommended: offload=model" in r.stdout
+
+
+def test_two_cards_plan_tensor_parallel(cfg):
+    """--gpus 2: per-card figures of the layers split over the cards; bf16 over two 24 GB cards fits where one
+    card needs offload; a model that fits one card stays on one."""
+    one, two = mp.estimate(cfg), mp.estimate(cfg, tensor_parallel=2)
+    w = mp.weight_bytes(cfg)
+    assert two.weights_gpu == pytest.approx(one.weights_gpu - (w["und"] + w["gen"] + w["vit"]) / 2)
+    assert two.kv_cache == pytest.approx(one.kv_cache / 2)
+    p = mp.plan(cfg, "24GB", gpus=2)
+    assert (p.recommended.label, p.recommended.tensor_parallel, p.recommended.offload) == ("bf16 + tp=2", 2, None)
+    assert p.as_dict()["recommended_options"]["tensor_parallel_size"] == 2
+    assert "--tensor-parallel-size 2" in mp.format_plan(p) and "torchrun --nproc-per-node 2" in mp.format_plan(p)
+    assert mp.tensor_parallel_size(cfg, 3) == 2 and mp.tensor_parallel_size(cfg, 8) == 4  # 4 KV heads
+    big = mp.plan(cfg, "80GB", gpus=2)
+    assert big.recommended.tensor_parallel == 1 and "fits on one card" in mp.format_plan(big)
+    assert all(e.tensor_parallel == 1 for e in mp.plan(cfg, "24GB").options)  # one card: no split rows
+    with pytest.raises(ValueError, match="offload does not run with tensor parallel"):
+        mp.estimate(cfg, offload="model", tensor_parallel=2)
+
+
+def test_cli_plan_for_two_cards():
+    r = _bagel("inspect", str(REAL_CONFIG_DIR), "--plan", "--gpus", "2", "--gpu-memory", "24GB")
+    assert r.exit_code == 0, r.output
+    assert "on 2 GPUs of 24.0 GB" in r.stdout and "recommended: bf16 + tp=2" in r.stdout

@@ -20,7 +20,8 @@ from bagel_engine.cli.main import app
         "  bagel inspect ./BAGEL-7B-MoT --tensors\n\n"
         "  bagel inspect ./my-finetune --json | jq '.files[\"ema.safetensors\"].missing'\n\n"
         "  bagel inspect ByteDance-Seed/BAGEL-7B-MoT --plan --gpu-memory 24GB\n\n"
-        "  bagel inspect ./BAGEL-7B-MoT --plan --gpu-memory 12GB --height 768 --width 1024"
+        "  bagel inspect ./BAGEL-7B-MoT --plan --gpu-memory 12GB --height 768 --width 1024\n\n"
+        "  bagel inspect ./BAGEL-7B-MoT --plan --gpus 2 --gpu-memory 24GB   # two cards: tensor parallel"
     ),
 )
 def inspect_command(
@@ -31,6 +32,8 @@ def inspect_command(
                                        "offload) needs at the requested size and which fits (JSON key 'plan').")] = False,
     gpu_memory: Annotated[str | None, typer.Option("--gpu-memory", help="GPU memory to plan for, e.g. 24GB, 24GiB, 12000MB "
                                                    "(implies --plan): recommends the options that fit.")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Cards to plan for (--gpu-memory is per card): adds the "
+                                      "tensor-parallel options (--tensor-parallel-size).")] = 1,
     height: Annotated[int, typer.Option("--height", help="Image height to plan for (pixels).")] = 1024,
     width: Annotated[int, typer.Option("--width", help="Image width to plan for (pixels).")] = 1024,
     fp8: Annotated[bool, typer.Option("--fp8", help="The GPU supports fp8 (compute capability >= 8.9): "
@@ -56,7 +59,7 @@ def inspect_command(
     hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     try:
         report, cfg = inspect_and_config(model, weights_file, base_config, hub)  # the hub id is resolved once
-        memory_plan = _plan(cfg, model, gpu_memory, height, width, fp8) if plan or gpu_memory else None
+        memory_plan = _plan(cfg, model, gpu_memory, height, width, fp8, gpus) if plan or gpu_memory else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -75,7 +78,7 @@ def inspect_command(
         raise typer.Exit(1)
 
 
-def _plan(cfg, model: str, gpu_memory: str | None, height: int, width: int, fp8: bool):
+def _plan(cfg, model: str, gpu_memory: str | None, height: int, width: int, fp8: bool, gpus: int = 1):
     from bagel_engine.memory_plan import parse_size, plan
 
-    return plan(cfg, parse_size(gpu_memory) if gpu_memory else None, height, width, model=model, fp8=fp8)
+    return plan(cfg, parse_size(gpu_memory) if gpu_memory else None, height, width, model=model, fp8=fp8, gpus=gpus)
