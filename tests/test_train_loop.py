@@ -237,9 +237,14 @@ def test_two_processes_train_like_one_over_the_same_samples(tmp_path):
     assert two.returncode == 0, two.stderr
     sharded = torchrun(tmp_path / "fsdp", "--strategy", "fsdp")
     assert sharded.returncode == 0, sharded.stderr
+    # hybrid sharding as a 2 x 1 mesh (two replicas of one shard) and a 1 x 2 mesh (one replica in two shards)
+    for shards in (1, 2):
+        hybrid = torchrun(tmp_path / f"hsdp{shards}", "--strategy", "hsdp", "--num-shard", shards)
+        assert hybrid.returncode == 0, hybrid.stderr
     a, base = weights(tmp_path / "one", 2), load_file(str(MODEL_DIR / "ema.safetensors"))
     moved = 0
-    for other in (weights(tmp_path / "two", 2), weights(tmp_path / "fsdp", 2)):
+    for other in (weights(tmp_path / "two", 2), weights(tmp_path / "fsdp", 2), weights(tmp_path / "hsdp1", 2),
+                  weights(tmp_path / "hsdp2", 2)):
         assert other.keys() == a.keys()
         for name in a:
             torch.testing.assert_close(other[name], a[name], atol=2e-5, rtol=1e-4, msg=name)
@@ -414,3 +419,17 @@ def test_check_reads_the_data_without_training(tmp_path):
     assert report["tokens"] == report["image_tokens"] + report["text_tokens"]
     assert 0 < report["packing_efficiency"] <= 1 and report["sequences_per_epoch"] >= report["tokens"] / 400
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_hybrid_sharding_mesh_shape(monkeypatch):
+    """--strategy hsdp: replicas x shards, the shard groups one node (LOCAL_WORLD_SIZE) unless --num-shard says."""
+    from bagel_engine.train import parallel as DP
+    from bagel_engine.train import TrainConfig
+
+    assert DP.shard_mesh_shape(2, 1) == (2, 1) and DP.shard_mesh_shape(2, 2) == (1, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert DP.shard_mesh_shape(32, None) == (4, 8)
+    with pytest.raises(ValueError, match="--num-shard 3 must divide the 4 processes"):
+        DP.shard_mesh_shape(4, 3)
+    with pytest.raises(bagel_engine.BagelInputError, match="shard group size of --strategy hsdp"):
+        TrainConfig(model="m", data="d", output_dir="o", num_shard=2).check()

@@ -190,8 +190,13 @@ def train(
         help="Recompute each decoder layer in backward: much less activation memory, ~30% more time.")] = False,
     strategy: Annotated[str, typer.Option(
         "--strategy", rich_help_panel=RUN,
-        help="Under torchrun: ddp (every GPU holds the model) or fsdp (parameters, gradients and optimizer "
-             "state sharded over the GPUs: full fine-tuning of the 7B model).")] = "ddp",
+        help="Under torchrun: ddp (every GPU holds the model), fsdp (parameters, gradients and optimizer "
+             "state sharded over the GPUs: full fine-tuning of the 7B model) or hsdp (sharded inside groups of "
+             "--num-shard GPUs, one node by default, replicated across them: the official HYBRID_SHARD).")] = "ddp",
+    num_shard: Annotated[Optional[int], typer.Option(
+        "--num-shard", rich_help_panel=RUN, min=1,
+        help="--strategy hsdp: processes that share one copy of the model (must divide the world). "
+             "\\[default: the processes per node, torchrun's LOCAL_WORLD_SIZE]")] = None,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=RUN, min=0, help="Data order and random draws.")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", rich_help_panel=RUN, min=1, help="Checkpoint every N steps.")] = 500,
     keep: Annotated[int, typer.Option("--keep", rich_help_panel=RUN, min=1, help="Checkpoints to keep.")] = 2,
@@ -240,7 +245,7 @@ def train(
             dropout=Dropout(text_dropout, vit_dropout, vae_dropout), freeze=parts, ema=ema, seed=seed,
             visual_gen=visual_gen, visual_und=visual_und, dataset_info=str(dataset_info) if dataset_info else None,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            gradient_checkpointing=gradient_checkpointing, strategy=strategy,
+            gradient_checkpointing=gradient_checkpointing, strategy=strategy, num_shard=num_shard,
             save_every=save_every, keep=keep, eval_data=str(eval_data) if eval_data else None, eval_every=eval_every, log_every=log_every, report_to=report_to.value, device=device, dtype=dtype,
             autocast=None if autocast == "none" else autocast, resume=not overwrite, progress=progress,
             weights_file=weights_file, base_config=base_config,

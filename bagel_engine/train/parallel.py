@@ -1,6 +1,6 @@
 """Data parallelism for training, through torch.distributed (start the processes with torchrun).
 
-Two strategies:
+Three strategies:
 
 - ``ddp``: every process holds the whole model; after backward the gradients are averaged with
   one all-reduce per parameter (a parameter a rank's batch did not touch contributes zeros, so
@@ -10,6 +10,10 @@ Two strategies:
   objective calls directly is one unit, all-gathered for its forward and backward and resharded
   after. This is what full fine-tuning of the 14.6 B-parameter model needs (291 GB of float32 weights,
   gradients and AdamW state: 36 GB per GPU over eight). Gradients are reduce-scattered as means.
+- ``hsdp``: hybrid sharding, the official trainer's HYBRID_SHARD: the same units sharded over groups of
+  ``num_shard`` processes (default: one node, torchrun's LOCAL_WORLD_SIZE) and replicated across the
+  groups (a 2-D mesh, replicate x shard, FSDP2's HSDP): the all-gathers stay inside a node, one all-reduce
+  of the gradient shards crosses nodes.
 
 Both give each process its own packed sequence per step; the objective divides each loss by the
 token count of all processes, so both compute the gradient of the global token mean.
@@ -24,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "hsdp")
+SHARDED = ("fsdp", "hsdp")
 
 
 @dataclass
@@ -98,13 +103,28 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def shard(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
+def shard_mesh_shape(world: int, num_shard: int | None) -> tuple[int, int]:
+    """(replicas, shards) of a hybrid-sharding mesh: ``num_shard`` processes share one copy of the model
+    (default: torchrun's LOCAL_WORLD_SIZE, the processes of one node)."""
+    shards = num_shard or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if shards < 1 or world % shards:
+        raise ValueError(f"--num-shard {shards} must divide the {world} processes (replicas x shards)")
+    return world // shards, shards
+
+
+def shard(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None,
+          hybrid: bool = False, num_shard: int | None = None) -> None:
     """Shard ``model`` over all processes with FSDP2 (``param_dtype``: the all-gathered dtype, e.g.
-    bfloat16 on GPUs; gradients are reduced in float32)."""
+    bfloat16 on GPUs; gradients are reduced in float32); ``hybrid``: over groups of ``num_shard`` processes,
+    replicated across the groups (HSDP)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size() if dist.is_initialized() else 1,))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if hybrid:
+        mesh = init_device_mesh(device.type, shard_mesh_shape(world, num_shard), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp)

@@ -83,7 +83,8 @@ class TrainConfig:
     lora_alpha: float | None = None  # default: the rank (scale 1)
     lora_targets: str = "gen"  # gen / und / all
     gradient_checkpointing: bool = False  # recompute each layer in backward: long sequences, less memory
-    strategy: str = "ddp"  # data parallelism: "ddp" (replicated) or "fsdp" (sharded; see train.parallel)
+    strategy: str = "ddp"  # data parallelism: "ddp" (replicated), "fsdp" (sharded) or "hsdp" (see train.parallel)
+    num_shard: int | None = None  # hsdp: processes per shard group (default: torchrun's LOCAL_WORLD_SIZE)
     random_weights: bool = False  # build the model from the configs with random weights (benchmarks)
     latent_cache_mb: float = 0.0  # keep the frozen VAE's moments of each picture, up to this many MB (0: off)
     prefetch: int = 2  # sequences packed ahead in a background thread (0: in the loop)
@@ -135,6 +136,8 @@ class TrainConfig:
             raise BagelInputError(f"unknown schedule {self.schedule!r}; use constant or cosine")
         if self.strategy not in DP.STRATEGIES:
             raise BagelInputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(DP.STRATEGIES)}")
+        if self.num_shard is not None and (self.strategy != "hsdp" or self.num_shard < 1):
+            raise BagelInputError("num_shard (>= 1) is the shard group size of --strategy hsdp")
         if self.lora_rank < 0 or (self.lora_rank and self.lora_targets not in LORA_TARGETS):
             raise BagelInputError(f"LoRA needs a rank >= 1 and targets among {', '.join(LORA_TARGETS)}")
         if not (self.visual_gen or self.visual_und):
@@ -216,9 +219,12 @@ class Trainer:
             self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         else:
             self.autocast = {None: None, "none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.autocast]
-        self.sharded = cfg.strategy == "fsdp"
+        self.sharded = cfg.strategy in DP.SHARDED
         if self.sharded:
-            DP.shard(self.model, self.device, self.autocast)
+            try:
+                DP.shard(self.model, self.device, self.autocast, hybrid=cfg.strategy == "hsdp", num_shard=cfg.num_shard)
+            except ValueError as e:
+                raise BagelInputError(str(e)) from None
         self.params = {n: p for n, p in self.model.named_parameters() if n in names}
         # the fused kernel (one pass over every tensor): 3x faster than the per-tensor loop on a CPU, where the
         # optimizer step of a small model is a tenth of the training step; FSDP's sharded tensors take the loop
