@@ -279,3 +279,48 @@ def test_check_reports_an_official_mix(official_layout):
     assert report["groups"]["vlm_sft"] == {"rows": 2, "weight": 1.0, "mandatory": True}
     assert report["rows"] == 10 and report["good"] == 10 and not report["bad"]
     assert report["tasks"] == {"official_t2i": 6, "official_edit": 2, "conversation": 2}
+
+
+def test_a_killed_official_yaml_run_resumes_where_it_stopped(official_layout, tmp_path):
+    """``bagel train example.yaml`` killed with SIGKILL after its first checkpoint, then run again: it resumes
+    from that checkpoint and ends with the weights of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from golden import MODEL_DIR
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out):
+        return [sys.executable, "-m", "bagel_engine.cli.main", "train", str(official_layout), "-m", str(MODEL_DIR),
+                "-o", str(out), "--steps", "10", "--save-every", "2", "--keep", "10", "--max-tokens", "1200",
+                "--lr", "1e-4", "--warmup-steps", "1", "--seed", "4", "--no-progress"]
+
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = subprocess.Popen(command(tmp_path / "killed"), cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "checkpoint-000002").exists() and time.monotonic() < deadline:
+        if killed.poll() is not None:
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(60) == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (tmp_path / "killed" / "checkpoint-000010").exists()
+    again = subprocess.run(command(tmp_path / "killed"), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout + again.stderr
+    a = load_file(tmp_path / "whole" / "checkpoint-000010" / "trainer" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoint-000010" / "trainer" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
