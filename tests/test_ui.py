@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -164,5 +165,53 @@ def test_bagel_ui_runs_alone():
         for tab in ("Text to image", "Edit", "Understand", "Chat"):
             assert tab in config
         assert httpx.get(srv.base_url + "/v1/models").status_code == 404  # the UI alone has no HTTP API
+    finally:
+        srv.stop()
+
+
+def test_every_word_the_ui_shows_has_a_chinese_translation():
+    """Every literal the app passes to its words table (labels, tabs, buttons, hints, progress, errors) is in
+    the Chinese table, and every entry there is used."""
+    import ast
+
+    from bagel_engine.ui import app as ui_app
+    from bagel_engine.ui.strings import ZH, Words
+
+    tree = ast.parse(Path(ui_app.__file__).read_text())
+    used = {node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "w"
+            and node.args and isinstance(node.args[0], ast.Constant)}
+    assert len(used) > 60
+    assert used - ZH.keys() == set()
+    assert ZH.keys() - used == set()
+    words = Words("zh")
+    assert words("seed {seed}", seed=7) == "种子 7" and words("not a word") == "not a word"
+    assert words.missing == {"not a word"}
+    with pytest.raises(ValueError, match="unknown UI language 'fr'"):
+        Words("fr")
+
+
+@needs_chromium
+def test_the_ui_in_chinese_in_the_browser(browser):
+    """``bagel ui --lang zh``: the tabs, buttons and messages in Chinese, and a picture drawn from it."""
+    srv = ServerProcess("--lang", "zh", command="ui")
+    try:
+        pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+        pg.set_default_timeout(30_000)
+        pg.goto(srv.base_url + "/")
+        pg.wait_for_selector("#t2i-run")
+        assert pg.locator("button[role=tab]:has-text('文字生成图片')").count() == 1
+        assert pg.locator("button[role=tab]:has-text('Text to image')").count() == 0
+        assert "生成" in pg.locator("#t2i-run").inner_text()
+        pg.fill("#t2i-prompt textarea", "a red circle")
+        _set_number(pg, "t2i-width", 32)
+        _set_number(pg, "t2i-height", 32)
+        pg.locator("#t2i-seed input").fill("7")
+        pg.locator("#tab-t2i button:has-text('图片生成设置')").click()
+        _set_number(pg, "t2i-steps", 3)
+        pg.click("#t2i-run")
+        assert _image_size(pg, "t2i-output") == [32, 32]
+        pg.wait_for_function("document.querySelector('#t2i-info textarea').value.startsWith('种子 7')")
+        pg.close()
     finally:
         srv.stop()

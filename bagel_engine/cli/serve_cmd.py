@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +11,7 @@ import typer
 
 from bagel_engine.cli.load_options import refuse_cfg_parallel, with_load_options
 from bagel_engine.cli.main import app
+from bagel_engine.ui.strings import LANGS
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", envvar="BAGEL_MODEL", show_envvar=True,
@@ -22,6 +24,8 @@ ApiKeyOpt = Annotated[
                  help="Require 'Authorization: Bearer KEY' on every endpoint but /health (the UI asks for it as "
                       "the password)."),
 ]
+UiLang = Enum("UiLang", {lang: lang for lang in LANGS}, type=str)  # type: ignore[misc]
+LangOpt = Annotated[UiLang, typer.Option("--lang", help="The web UI's language: en (English) or zh (Chinese).")]
 QueueOpt = Annotated[int, typer.Option(min=0, help="Requests that may wait while --max-batch run; one more gets 429.")]
 MaxBatchOpt = Annotated[int, typer.Option(
     "--max-batch", min=1, help="Requests run at once, batched step by step (1: one at a time).")]
@@ -105,6 +109,7 @@ def serve_command(
     url_ttl: Annotated[float, typer.Option(
         "--url-ttl", min=1.0, help="Seconds an image answered as response_format 'url' stays available.")] = 3600.0,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Mount the web UI at /ui (needs the 'ui' extra).")] = True,
+    lang: LangOpt = UiLang.en,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API: /v1/images/generations, /v1/images/edits,
@@ -132,7 +137,7 @@ def serve_command(
         max_image_pixels=max_image_pixels, max_images=max_images, max_timesteps=max_timesteps,
         max_model_len=max_model_len, allow_local_paths=list(allow_local_paths or []),
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
-        mount_ui=build_ui is not None, strict=strict, url_ttl_s=url_ttl,
+        mount_ui=build_ui is not None, strict=strict, url_ttl_s=url_ttl, ui_lang=lang.value,
     )
     pipe = _load(model, device, dtype, load_options)
     application = create_app(pipe, settings, ui=build_ui)
@@ -170,7 +175,8 @@ def _bind(host: str, port: int):
 
 @app.command(
     "ui",
-    epilog="Example:\n\n  bagel ui --model ByteDance-Seed/BAGEL-7B-MoT --port 7860",
+    epilog="Examples:\n\n  bagel ui --model ByteDance-Seed/BAGEL-7B-MoT --port 7860\n\n"
+           "  bagel ui --model bagel-shapes --lang zh   [dim]# the UI in Chinese[/dim]",
 )
 @with_load_options
 def ui_command(
@@ -184,6 +190,7 @@ def ui_command(
     queue_size: QueueOpt = 8,
     max_batch: MaxBatchOpt = 8,
     max_step_tokens: MaxStepTokensOpt = None,
+    lang: LangOpt = UiLang.en,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
     share: Annotated[bool, typer.Option(
         "--share", help="Also publish a temporary public link through Gradio's share servers (*.gradio.live, 72 "
@@ -202,7 +209,7 @@ def ui_command(
     if share and not api_key:
         typer.echo("warning: --share without --api-key: anyone with the public link can use the model", err=True)
     settings = ServeSettings(queue_size=queue_size, max_batch=max_batch, max_step_tokens=max_step_tokens,
-                             api_key=api_key)
+                             api_key=api_key, ui_lang=lang.value)
     pipe = _load(model, device, dtype, load_options)
     worker = ModelWorker(pipe, queue_size=settings.queue_size, max_batch=settings.max_batch,
                          max_step_tokens=settings.max_step_tokens).start()

@@ -27,8 +27,9 @@ class ServeSettings:
     remote_timeout_s: float = 15.0
     # Names the model answers to in `model` fields and /v1/models (the first one is listed).
     served_model_names: list[str] = field(default_factory=list)
-    # Web UI mounted at /ui (needs the `ui` extra).
+    # Web UI mounted at /ui (needs the `ui` extra), in this language ("en", "zh": bagel_engine.ui.strings).
     mount_ui: bool = False
+    ui_lang: str = "en"
     # OpenAI clients: fields that do not change the result are ignored with a Warning header (strict: a 400).
     strict: bool = False
     # response_format "url": images kept in memory and served at /v1/images/files/... for this long.
