@@ -192,3 +192,49 @@ def test_step_token_budget_holds_a_newcomer_until_there_is_room(pipe):
     assert set(seen_shared[0]) & set(seen_shared[1])  # the same steps
     for k in (0, 1):
         assert_same(held[k], shared[k])
+
+
+def test_a_newcomer_s_prefill_runs_an_image_block_per_step(pipe, photo):
+    """Chunked prefill: an edit of two pictures (four image blocks: VAE and ViT of each) arriving while a
+    picture is drawn computes one image block between two of its steps, not all four at once; both results
+    are their solo ones."""
+    from bagel_engine.runtime.context import ContextBuilder
+
+    blocks = []  # the running request's step count when each context block was computed
+    first_steps = []
+    real_run = ContextBuilder._run
+
+    def counting_run(self, ctx, x, positions, causal, routing, key):
+        if ctx.history + (key,) not in self._memo:
+            blocks.append((key[0], len(first_steps)))
+        return real_run(self, ctx, x, positions, causal, routing, key)
+
+    edit_kw = dict(seed=9, num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=2.0)
+    pipe.start_batching(4)
+    out = {}
+    try:
+        def submit_edit():
+            out["edit"] = pipe.edit([photo, photo.rotate(90)], "make them green", **edit_kw)
+
+        thread = threading.Thread(target=submit_edit)
+
+        def first_callback(k, n):
+            first_steps.append(k)
+            if k == 2:
+                thread.start()
+
+        ContextBuilder._run = counting_run
+        try:
+            first = pipe.generate("a big red circle", height=32, width=32, seed=7, num_timesteps=30,
+                                  timestep_shift=1.0, callback=first_callback)
+            thread.join(60)
+        finally:
+            ContextBuilder._run = real_run
+    finally:
+        pipe.stop_batching()
+    image_blocks = [step for kind, step in blocks if kind in ("vae", "vit") and step >= 2]
+    assert len(image_blocks) == 4, blocks
+    assert len(set(image_blocks)) == 4, blocks  # each between another pair of steps
+    assert_same(first, pipe.generate("a big red circle", height=32, width=32, seed=7, num_timesteps=30,
+                                     timestep_shift=1.0))
+    assert_same(out["edit"], pipe.edit([photo, photo.rotate(90)], "make them green", **edit_kw))

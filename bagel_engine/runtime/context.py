@@ -74,6 +74,7 @@ class ContextBuilder:
     device: torch.device
     trace: dict | None = None
     max_len: int | None = None  # tokens a context may hold (the model's context length); None: no limit
+    forwards: int = 0  # blocks computed (not found in the memo): what a chunked prefill counts
     _memo: dict = field(default_factory=dict)
 
     @property
@@ -92,6 +93,7 @@ class ContextBuilder:
         if history in self._memo:
             return self._memo[history]
         _, kv = self.model.decoder.extend(x, positions, ctx.kv, causal, routing)
+        self.forwards += 1
         n = x.shape[0]
         new = Context(kv=tuple(kv), length=ctx.length + n, rope=ctx.rope + (n if causal else 1), history=history)
         self._memo[history] = new

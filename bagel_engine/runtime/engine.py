@@ -168,6 +168,7 @@ class _Active:
         self.gen = self.cfg_text = self.cfg_img = Context()
         self.height = self.width = 0
         self.stage = "validate"
+        self.prefill = None  # the prefill's generator (``Engine.begin``)
         self.decoding: TextDecode | None = None
         self.ids: list[int] = []
         self.shown = ""
@@ -287,7 +288,14 @@ class Engine:
                               max_len=self.max_model_len)
 
     def admit(self, request: Request, builder: ContextBuilder) -> _Active:
-        """Stages 1 (validate) and 2 (prefill); then the request waits for its first tick."""
+        """Stages 1 (validate) and 2 (prefill, all of it); then the request waits for its first tick."""
+        a = self.begin(request, builder)
+        while not self.prefill_block(a):
+            pass
+        return a
+
+    def begin(self, request: Request, builder: ContextBuilder) -> _Active:
+        """Stage 1 (validate); the prefill is then run by :meth:`prefill_block`, an image block at a time."""
         if self.lockstep is not None and request.seed is None:  # every rank draws the same noise
             on = self.device if dist.get_backend(self.lockstep) == "nccl" else "cpu"  # NCCL moves GPU tensors only
             seed = torch.tensor([_new_seed() if dist.get_rank(self.lockstep) == 0 else 0], dtype=torch.int64,
@@ -301,20 +309,33 @@ class Engine:
             self.limits.check_timesteps(a.image_params.num_timesteps)
         if not request.inputs:
             raise BagelInputError("inputs is empty: give at least one text or image")
-        self._prefill(a)
-        if request.understanding_output or request.think:
+        a.stage, a.prefill = "prefill", self._prefill(a)
+        return a
+
+    def prefill_block(self, a: _Active) -> bool:
+        """Stage 2 up to the next input image the prefill computes (its VAE or ViT block: the big ones; text
+        blocks run on), so a scheduler can run the running requests' steps in between (chunked prefill).
+        True when the prefill is done and the request is ready for its first tick."""
+        try:
+            next(a.prefill)
+            return False
+        except StopIteration:
+            pass
+        r = a.request
+        if r.understanding_output or r.think:
             self._check_decode_room(a)
-        if not request.understanding_output:
+        if not r.understanding_output:
             self.check_size(a.height, a.width)
         a.stage = "prefilled"
-        if request.understanding_output or request.think:
+        if r.understanding_output or r.think:
             self._start_text(a)
         else:
             self._start_image(a)
-        return a
+        return True
 
-    def _prefill(self, a: _Active) -> None:
-        """The three contexts of one request, built the way ``interleave_inference`` does."""
+    def _prefill(self, a: _Active):
+        """The three contexts of one request, built the way ``interleave_inference`` does; a generator that
+        pauses after each image block it computed (``prefill_block``)."""
         r, builder = a.request, a.builder
         if r.text.do_sample:
             a.sample_gen = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(a.seed)
@@ -342,8 +363,14 @@ class Engine:
                     eps = None
                     if r.sample_posterior:
                         eps = torch.randn((1, *self.latent_shape(*item.size_hw)), generator=a.cpu_gen)
+                    forwards = builder.forwards
                     gen = builder.add_vae_image(gen, item, eps)
+                    if builder.forwards != forwards:
+                        yield
+                forwards = builder.forwards
                 gen = builder.add_vit_image(gen, item)
+                if builder.forwards != forwards:
+                    yield
                 cfg_text = gen
         if (r.think and r.think_contexts == "eval" and not r.understanding_output
                 and all(isinstance(item, str) for item in prepared)):
@@ -598,11 +625,14 @@ class Scheduler:
     batch at the next step boundary (at most ``max_batch`` at once; the rest wait in arrival order)
     and leave it when done; each caller waits for its own requests only. With ``max_step_tokens``, a
     prefilled request whose rows would take a step's forward over the budget waits (holding its
-    contexts) until there is room; one request alone always runs."""
+    contexts) until there is room; one request alone always runs. Prefill is chunked: while requests run,
+    a newcomer's prefill computes one input image's block between two steps (its text blocks run on), so an
+    edit of large pictures arriving does not stall the running steps for its whole prefill."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_step_tokens: int | None = None):
         self.engine, self.max_batch, self.max_step_tokens = engine, max_batch, max_step_tokens
         self._held: list[_Active] = []  # prefilled, waiting for room in the step budget
+        self._prefilling: list[_Active] = []  # admitted, their prefill under way (a block per step)
         self._incoming: queue.Queue = queue.Queue()
         self._waiting: list[tuple[Request, ContextBuilder, concurrent.futures.Future, _Group]] = []
         self.thread = threading.Thread(target=self._loop, name="bagel-scheduler", daemon=True)
@@ -639,7 +669,7 @@ class Scheduler:
     def _serve(self) -> None:
         active: list[_Active] = []
         while True:
-            block = not active and not self._waiting and not self._held
+            block = not active and not self._waiting and not self._held and not self._prefilling
             try:
                 while True:
                     item = self._incoming.get(block=block)
@@ -654,7 +684,7 @@ class Scheduler:
                 a.future.set_exception(a.group.error)
             while self._held and self._fits(active, self._held[0]):
                 active.append(self._held.pop(0))
-            while self._waiting and len(active) + len(self._held) < self.max_batch:
+            while self._waiting and len(active) + len(self._held) + len(self._prefilling) < self.max_batch:
                 request, builder, future, group = self._waiting.pop(0)
                 if not future.set_running_or_notify_cancel():
                     continue
@@ -662,19 +692,19 @@ class Scheduler:
                     future.set_exception(group.error)
                     continue
                 try:
-                    a = self.engine.admit(request, builder)
+                    a = self.engine.begin(request, builder)
                 except BaseException as e:  # noqa: BLE001 - a bad request fails alone (with its call)
                     group.error = e
                     future.set_exception(e)
                     continue
                 a.future, a.group = future, group
-                if not self._held and self._fits(active, a):
-                    active.append(a)
-                else:
-                    self._held.append(a)
+                self._prefilling.append(a)
+            self._advance_prefills(active)
             if not active and self._held:  # one request alone always runs
                 active.append(self._held.pop(0))
             self.active_count = len(active)
+            if not active:
+                continue
             try:
                 self.engine.tick([a for a in active if not a.finished])
             except BaseException as e:  # noqa: BLE001 - a failure of the batch fails its requests, not the thread
@@ -698,13 +728,38 @@ class Scheduler:
             active = still
             self.active_count = len(active)
 
+    def _advance_prefills(self, active: list[_Active]) -> None:
+        """Run the prefills under way in arrival order: one image block in all while requests are running (then
+        the step), all of them when none is. A finished prefill joins the batch (or waits for room)."""
+        while self._prefilling:
+            a = self._prefilling[0]
+            if a.group.error is not None:  # its call failed meanwhile
+                self._prefilling.pop(0)
+                a.future.set_exception(a.group.error)
+                continue
+            try:
+                done = self.engine.prefill_block(a)
+            except BaseException as e:  # noqa: BLE001 - a bad request fails alone (with its call)
+                self._prefilling.pop(0)
+                a.group.error = e
+                a.future.set_exception(e)
+                continue
+            if done:
+                self._prefilling.pop(0)
+                if not self._held and self._fits(active, a):
+                    active.append(a)
+                else:
+                    self._held.append(a)
+            elif any(not x.finished for x in active):
+                return  # an image block ran: the running requests step before the next one
+
     def _fits(self, active: list[_Active], a: _Active) -> bool:
         if self.max_step_tokens is None or not active:
             return True
         return sum(x.rows for x in active if not x.finished) + a.rows <= self.max_step_tokens
 
     def _fail_all(self, active: list[_Active], error: BaseException) -> None:
-        for a in [*active, *self._held]:
+        for a in [*active, *self._held, *self._prefilling]:
             if not a.future.done():
                 a.future.set_exception(error)
         for _, _, f, _ in self._waiting:
@@ -712,4 +767,5 @@ class Scheduler:
                 f.set_exception(error)
         self._waiting.clear()
         self._held.clear()
+        self._prefilling.clear()
         self.active_count = 0
