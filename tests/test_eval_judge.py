@@ -24,8 +24,9 @@ PROMPTS = {"add": "Judge the addition: <edit_prompt>. Answer as 'Name: score' li
 class FakeJudge:
     """A chat-completions endpoint: 'hat' edits score 4/3/5, others 2/2; the first request of a run gets a 503."""
 
-    def __init__(self, fail_first: bool = True):
+    def __init__(self, fail_first: bool = True, answer=None):
         self.requests: list[dict] = []
+        self.answer = answer  # body -> verdict text (default: the ImgEdit verdicts above)
         self.auth: list[str | None] = []
         self.fail_first = fail_first
         judge = self
@@ -45,8 +46,11 @@ class FakeJudge:
                     return
                 judge.requests.append(body)
                 text = body["messages"][0]["content"][0]["text"]
-                verdict = ("Prompt Compliance: 4\nVisual Naturalness: 3\nPhysical & Detail Integrity: 5" if "hat" in text
-                           else "Prompt Compliance: 2\nVisual Naturalness: 2\nnotes: fine")
+                if judge.answer is not None:
+                    verdict = judge.answer(body)
+                else:
+                    verdict = ("Prompt Compliance: 4\nVisual Naturalness: 3\nPhysical & Detail Integrity: 5" if "hat" in text
+                               else "Prompt Compliance: 2\nVisual Naturalness: 2\nnotes: fine")
                 out = json.dumps({"id": "x", "object": "chat.completion", "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": verdict}, "finish_reason": "stop"}]}).encode()
                 self.send_response(200)
@@ -146,3 +150,87 @@ def test_the_command(tmp_path):
         assert summary["scores"]["overall"] == 2.67 and summary["asked"] == 3
     finally:
         fake.close()
+
+
+WISE_SCRIPT = """
+def build_evaluation_messages(prompt_data, image_base64):
+    return [
+        {"role": "system", "content": [{"type": "text", "text": "You audit pictures."}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": f\"\"\"Score the picture.
+PROMPT: "{prompt_data['Prompt']}"
+EXPLANATION: "{prompt_data['Explanation']}"
+Answer as Consistency / Realism / Aesthetic Quality lines.\"\"\"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_base64}"}},
+        ]},
+    ]
+"""
+
+
+def test_wise_scoring_as_the_official_scripts(tmp_path, monkeypatch):
+    """WISE's protocol read from (a miniature of) its gpt_eval_mp.py, the system message sent first, the verdicts'
+    digits into the official record files, cal_score.py's WiScore per category, and a rerun that asks nothing."""
+    from bagel_engine.eval.wise_score import read_protocol, score_wise, summarize, verdict_scores
+
+    script = tmp_path / "gpt_eval_mp.py"
+    script.write_text(WISE_SCRIPT)
+    protocol = read_protocol(script)
+    assert protocol.system == "You audit pictures."
+    entry = {"Prompt": "Mooncakes", "Explanation": "round pastries"}
+    assert 'PROMPT: "Mooncakes"\nEXPLANATION: "round pastries"' in protocol.user_text(entry)
+
+    assert verdict_scores("**Consistency**: 2\nRealism: 1\nAesthetic Quality：0") == {
+        "consistency": 2.0, "realism": 1.0, "aesthetic_quality": 0.0}
+    assert verdict_scores("Consistency: 1")["realism"] == 9.9
+
+    entries = [{"prompt_id": 3, "Prompt": "cultural one", "Explanation": "e", "Subcategory": "Festival"},
+               {"prompt_id": 420, "Prompt": "a time one", "Explanation": "e", "Subcategory": "Horizontal time"},
+               {"prompt_id": 650, "Prompt": "a space one", "Explanation": "e", "Subcategory": "Occlusion"},
+               {"prompt_id": 705, "Prompt": "biology", "Explanation": "e", "Subcategory": "State"},
+               {"prompt_id": 999, "Prompt": "not drawn", "Explanation": "e", "Subcategory": "x"}]
+    metadata = tmp_path / "final_data.json"
+    metadata.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    out.mkdir()
+    for e in entries[:4]:
+        Image.new("RGB", (8, 8), "red").save(out / f"{e['prompt_id']}.png")
+
+    def answer(body):
+        assert body["messages"][0]["role"] == "system" and body["temperature"] == 0.0
+        text = body["messages"][1]["content"][0]["text"]
+        return "Consistency: 2\nRealism: 2\nAesthetic Quality: 2" if "cultural" in text else \
+            "Consistency: 1\nRealism: 0\nAesthetic Quality: 1"
+
+    fake = FakeJudge(fail_first=False, answer=answer)
+    try:
+        judge = Judge(JudgeConfig(fake.url, "gpt-4o", max_tokens=2000, temperature=0.0), out / "judge_cache.jsonl")
+        report = score_wise(out, metadata, script, judge)
+        assert report["judged"] == 4 and report["no_image_yet"] == 1 and report["asked"] == 4
+        # WiScore / 2: cultural (0.7*2 + 0.2*2 + 0.1*2) / 2 = 1.0; the others (0.7 + 0 + 0.1) / 2 = 0.4
+        scores = report["scores"]
+        assert scores["Cultural"] == pytest.approx(1.0) and scores["Time"] == pytest.approx(0.4)
+        assert scores["Space"] == pytest.approx(0.4) and scores["Biology"] == pytest.approx(0.4)
+        assert scores["Overall"] == pytest.approx((1.0 + 3 * 0.4) / 4)
+        assert not report["complete"] and report["short_files"]  # 4 entries are not WISE's 1,000
+        records = [json.loads(line) for line in (out / "final_data_scores.jsonl").read_text().splitlines()]
+        assert {r["prompt_id"] for r in records} == {3, 420, 650, 705}
+        assert {"prompt_id", "Subcategory", "consistency", "realism", "aesthetic_quality"} == set(records[0])
+        full = [json.loads(line) for line in (out / "final_data_full.jsonl").read_text().splitlines()]
+        assert {"prompt_id", "prompt", "key", "image_path", "evaluation"} == set(full[0])
+        assert (out / "results.txt").read_text().split("\n")[0].split() == ["Cultural", "Time", "Space", "Biology",
+                                                                             "Overall"]
+        # a rerun asks nothing; a new picture is judged alone
+        Image.new("RGB", (8, 8), "red").save(out / "999.png")
+        again = score_wise(out, metadata, script, Judge(JudgeConfig(fake.url, "gpt-4o", temperature=0.0),
+                                                        out / "judge_cache.jsonl"))
+        assert again["asked"] == 1 and again["judged"] == 5 and len(fake.requests) == 5
+    finally:
+        fake.close()
+    assert summarize([{"prompt_id": 5, "Subcategory": "x", "consistency": 9.9, "realism": 1, "aesthetic_quality": 1}])[
+        "unscored"] == 1
+    bad = tmp_path / "other.py"
+    bad.write_text("x = 1\n")
+    from bagel_engine.params import BagelInputError
+
+    with pytest.raises(BagelInputError, match="no build_evaluation_messages"):
+        read_protocol(bad)

@@ -357,6 +357,26 @@ score_app = typer.Typer(help="Score a suite's outputs with its judge (the offici
                         no_args_is_help=True)
 eval_app.add_typer(score_app, name="score")
 
+# The judge's options, declared once for every scoring command.
+JudgeUrl = Annotated[str, typer.Option("--judge-url", help="OpenAI-compatible API base, e.g. https://api.openai.com/v1.")]
+JudgeKeyEnv = Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the key.")]
+JudgeMaxRequests = Annotated[Optional[int], typer.Option(
+    "--judge-max-requests", min=1, help="At most this many new requests this run (a rerun goes on).")]
+JudgeWorkers = Annotated[int, typer.Option("--judge-workers", min=1, help="Requests in flight at once.")]
+
+
+def _judge_report(report: dict, things: str, missing: str, json_: bool, suite: str) -> None:
+    """A scoring command's scores and counts (JSON or a table); exit 1 when a request failed."""
+    if json_:
+        print(json.dumps({"suite": suite, **report}))
+    else:
+        for name, value in report["scores"].items():
+            typer.echo(f"{name:>12}  {value:.2f}")
+        typer.echo(f"{report['judged']} {things} judged ({report['asked']} asked this run), {len(report['failed'])} failed, "
+                   f"{report['left_by_cap']} left by --judge-max-requests, {report[missing]} without a picture yet")
+    if report["failed"] or report["left_by_cap"]:
+        raise typer.Exit(1 if report["failed"] else 0)
+
 
 @score_app.command("imgedit", epilog="""
 [bold]What it does[/bold]: the official eval/gen/imgedit/basic_bench.py, step1_get_avgscore.py and step2_typescore.py
@@ -377,16 +397,15 @@ def score_imgedit_command(
     metadata: Annotated[Path, typer.Argument(help="ImgEdit's singleturn.json.", exists=True, dir_okay=False)],
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The edits (bagel eval imgedit -o).",
                                              exists=True, file_okay=False)],
-    judge_url: Annotated[str, typer.Option("--judge-url", help="OpenAI-compatible API base, e.g. https://api.openai.com/v1.")],
+    judge_url: JudgeUrl,
     judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name (official: gpt-4o-2024-11-20).")],
     judge_prompts: Annotated[Optional[Path], typer.Option(
         "--judge-prompts", help="ImgEdit's judge_prompt.json. [default: beside METADATA]", dir_okay=False)] = None,
     images: Annotated[Optional[Path], typer.Option(
         "--images", help="The original pictures' folder. [default: METADATA's folder]", file_okay=False)] = None,
-    judge_key_env: Annotated[str, typer.Option("--judge-key-env", help="Environment variable holding the key.")] = "OPENAI_API_KEY",
-    judge_max_requests: Annotated[Optional[int], typer.Option(
-        "--judge-max-requests", min=1, help="At most this many new requests this run (a rerun goes on).")] = None,
-    judge_workers: Annotated[int, typer.Option("--judge-workers", min=1, help="Requests in flight at once.")] = 4,
+    judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    judge_max_requests: JudgeMaxRequests = None,
+    judge_workers: JudgeWorkers = 4,
     json_: Json = False,
 ) -> None:
     """ImgEdit's GPT scores of the edits in OUT, as the official scoring scripts compute them."""
@@ -404,12 +423,56 @@ def score_imgedit_command(
             bar.close()
     except (ValueError, OSError) as e:  # BagelInputError included
         fail(str(e), json_)
-    if json_:
-        print(json.dumps({"suite": "imgedit", **report}))
-    else:
-        for name, value in report["scores"].items():
-            typer.echo(f"{name:>12}  {value:.2f}")
-        typer.echo(f"{report['judged']} edits judged ({report['asked']} asked this run), {len(report['failed'])} failed, "
-                   f"{report['left_by_cap']} left by --judge-max-requests, {report['no_edit_yet']} without an edit yet")
-    if report["failed"] or report["left_by_cap"]:
-        raise typer.Exit(1 if report["failed"] else 0)
+    _judge_report(report, "edits", "no_edit_yet", json_, "imgedit")
+
+
+@score_app.command("wise", epilog="""
+[bold]What it does[/bold]: the official eval/gen/wise/gpt_eval_mp.py and cal_score.py through any OpenAI-compatible
+judge: each picture OUT/{prompt_id}.png (made by bagel eval wise) is sent with WISE's judge protocol, read from your
+copy of gpt_eval_mp.py (--judge-script; parsed, not run), at temperature 0; the verdicts go to OUT/{stem}_full.jsonl
+and {stem}_scores.jsonl, the WiScores per category (Cultural, Time, Space, Biology, Physics, Chemistry) and Overall to
+OUT/results.txt and wise_scores.json, as cal_score.py computes them. Verdicts are cached (OUT/judge_cache.jsonl): a
+rerun asks only what is missing. The key comes from the environment.
+
+[bold]Examples[/bold]
+
+  OPENAI_API_KEY=... bagel eval score wise Bagel/eval/gen/wise/final_data.json -o out/wise/bagel \\
+      --judge-script Bagel/eval/gen/wise/gpt_eval_mp.py --judge-url https://api.openai.com/v1 \\
+      --judge-model gpt-4o-2024-11-20                                                  [dim]# the published judge[/dim]
+""")
+def score_wise_command(
+    metadata: Annotated[Path, typer.Argument(help="WISE's metadata: final_data.json, or one of its three files.",
+                                             exists=True, dir_okay=False)],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The pictures (bagel eval wise -o).",
+                                             exists=True, file_okay=False)],
+    judge_script: Annotated[Path, typer.Option(
+        "--judge-script", help="WISE's eval/gen/wise/gpt_eval_mp.py: its judge protocol is read from it.",
+        exists=True, dir_okay=False)],
+    judge_url: JudgeUrl,
+    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name (official: gpt-4o-2024-11-20).")],
+    images: Annotated[Optional[Path], typer.Option(
+        "--images", help="The pictures' folder. [default: OUT]", file_okay=False)] = None,
+    judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    judge_max_requests: JudgeMaxRequests = None,
+    judge_workers: JudgeWorkers = 4,
+    json_: Json = False,
+) -> None:
+    """WISE's GPT scores (WiScore per category and overall) of the pictures in OUT, as the official scripts compute them."""
+    from bagel_engine.eval.judge import Judge, JudgeConfig
+    from bagel_engine.eval.wise_score import score_wise
+
+    try:
+        judge = Judge(JudgeConfig(judge_url, judge_model, key_env=judge_key_env, max_requests=judge_max_requests,
+                                  max_tokens=2000, temperature=0.0), output_dir / "judge_cache.jsonl")
+        bar, progress = _progress_bar("wise judge", "picture", json_)
+        try:
+            report = score_wise(output_dir, metadata, judge_script, judge, images, judge_workers, progress)
+        finally:
+            bar.close()
+    except (ValueError, OSError) as e:  # BagelInputError included
+        fail(str(e), json_)
+    _judge_report(report, "pictures", "no_image_yet", json_, "wise")
+    if not json_ and not report["complete"]:
+        typer.echo("not the official figure: " + (f"{report['unscored']} verdicts without a score; " if report["unscored"]
+                                                  else "") + (f"files short of WISE's counts: {report['short_files']}"
+                                                              if report["short_files"] else ""), err=True)

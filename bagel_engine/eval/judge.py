@@ -74,20 +74,23 @@ class Judge:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a kill: asked again
 
-    def _digest(self, content: list[dict]) -> str:
-        body = json.dumps({"url": self.cfg.url, "model": self.cfg.model, "content": content}, sort_keys=True).encode()
-        return hashlib.sha256(body).hexdigest()
+    def _digest(self, content: list[dict], system: str | None) -> str:
+        key = {"url": self.cfg.url, "model": self.cfg.model, "content": content}
+        if system is not None:  # (a judge without one keeps the digests it had)
+            key["system"] = system
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
-    def ask(self, content: list[dict]) -> str:
-        """The verdict for one user message (``content``: text and image_url parts), from the cache or the endpoint."""
-        digest = self._digest(content)
+    def ask(self, content: list[dict], system: str | None = None) -> str:
+        """The verdict for one user message (``content``: text and image_url parts), after the ``system`` message
+        when given, from the cache or the endpoint."""
+        digest = self._digest(content, system)
         with self.lock:
             if digest in self.cache:
                 return self.cache[digest]
             if self.cfg.max_requests is not None and self.requests >= self.cfg.max_requests:
                 raise JudgeCapReached(f"--judge-max-requests {self.cfg.max_requests} reached")
             self.requests += 1
-        verdict = self._post(content)
+        verdict = self._post(content, system)
         with self.lock:
             self.cache[digest] = verdict
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +98,11 @@ class Judge:
                 f.write(json.dumps({"digest": digest, "verdict": verdict}, ensure_ascii=False) + "\n")
         return verdict
 
-    def _post(self, content: list[dict]) -> str:
-        body = {"model": self.cfg.model, "stream": False, "messages": [{"role": "user", "content": content}]}
+    def _post(self, content: list[dict], system: str | None = None) -> str:
+        messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        body = {"model": self.cfg.model, "stream": False, "messages": messages}
         if self.cfg.max_tokens is not None:
             body["max_tokens"] = self.cfg.max_tokens
         if self.cfg.temperature is not None:
