@@ -234,3 +234,86 @@ def test_wise_scoring_as_the_official_scripts(tmp_path, monkeypatch):
 
     with pytest.raises(BagelInputError, match="no build_evaluation_messages"):
         read_protocol(bad)
+
+
+VIE_PROMPTS = '''
+_context_no_delimit = """You are a judge of edits."""
+_prompts_0shot_two_image_edit_rule = """Two pictures: the source, then the edit."""
+_prompts_0shot_tie_rule_SC = """Score the edit: <instruction>. Answer ||V^=^V|| {"score": [a, b]} ||V^=^V||"""
+_prompts_0shot_rule_PQ = """Score how natural the picture is."""
+'''
+
+
+def test_gedit_scoring_as_the_official_scripts(tmp_path):
+    """VIEScore's prompts read from (a miniature of) vie_prompts.py, SC from the source and the edit, PQ from the edit,
+    the minimum of each score list, the script's CSVs per group and calculate_statistics.py's means."""
+    import math
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from bagel_engine.eval.gedit_score import judging_rows, parse_scores, read_prompts, score_gedit, statistics
+
+    prompts_file = tmp_path / "vie_prompts.py"
+    prompts_file.write_text(VIE_PROMPTS)
+    prompts = read_prompts(prompts_file)
+    assert prompts.sc.startswith("You are a judge of edits.\nTwo pictures") and "<instruction>" in prompts.sc
+    assert prompts.pq == "You are a judge of edits.\nScore how natural the picture is."
+    assert parse_scores('x ||V^=^V|| {"score": [8, 6], "reasoning": "ok"} ||V^=^V||') == [8.0, 6.0]
+    assert parse_scores('{"score": 7}') == [7.0] and parse_scores("[3, 4]") == [3.0, 4.0] and parse_scores("9") == [9.0]
+    assert parse_scores("no idea") is None
+
+    rows = [{"key": "k1", "task_type": "color_alter", "instruction_language": "en", "instruction": "make it blue",
+             "Intersection_exist": True},
+            {"key": "k2", "task_type": "color_alter", "instruction_language": "en", "instruction": "make it red",
+             "Intersection_exist": False},
+            {"key": "k3", "task_type": "style_change", "instruction_language": "en", "instruction": "as a sketch",
+             "Intersection_exist": True},
+            {"key": "k4", "task_type": "style_change", "instruction_language": "en", "instruction": "unreadable",
+             "Intersection_exist": True},
+            {"key": "k5", "task_type": "style_change", "instruction_language": "cn", "instruction": "not made yet",
+             "Intersection_exist": True}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gedit.parquet")
+    gen = tmp_path / "run" / "gen_image"
+    for r in rows[:4]:
+        folder = gen / "fullset" / r["task_type"] / r["instruction_language"]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 12), "red").save(folder / f"{r['key']}_SRCIMG.png")
+        Image.new("RGB", (32, 32), "blue").save(folder / f"{r['key']}.png")
+
+    def answer(body):
+        content = body["messages"][0]["content"]
+        text = content[0]["text"]
+        if "Score the edit" in text:
+            assert len(content) == 3 and content[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+            if "unreadable" in text:
+                return "I cannot say."
+            return '||V^=^V|| {"score": [8, 6], "reasoning": "r"} ||V^=^V||' if "blue" in text else '{"score": [4, 9]}'
+        assert len(content) == 2  # the edit alone
+        return '{"score": [7, 9]}'
+
+    fake = FakeJudge(fail_first=False, answer=answer)
+    try:
+        data_rows = judging_rows(str(tmp_path / "gedit.parquet"))
+        judge = Judge(JudgeConfig(fake.url, "gpt-4.1", max_tokens=1400), tmp_path / "cache.jsonl")
+        report = score_gedit(gen, data_rows, prompts_file, judge)
+        assert report["judged"] == 3 and report["no_edit_yet"] == 1 and list(report["unparsed"]) == [
+            "style_change/en/k4"]
+        results = tmp_path / "run" / "gpt4o" / "eval_results_new"
+        with open(results / "bagel_color_alter_gpt_score.csv") as f:
+            lines = f.read().splitlines()
+        assert lines[0] == ("source_image,edited_image,instruction,sementics_score,quality_score,intersection_exist,"
+                            "instruction_language") and len(lines) == 3
+        en = report["summary"]["en"]["all"]
+        # color_alter: SC min(8,6)=6 and min(4,9)=4, PQ 7 and 7; style_change: SC 4, PQ 7
+        assert en["color_alter"]["SC"] == pytest.approx(5.0) and en["color_alter"]["PQ"] == pytest.approx(7.0)
+        assert en["color_alter"]["O"] == pytest.approx((math.sqrt(42) + math.sqrt(28)) / 2)
+        assert en["average"]["SC"] == pytest.approx((5.0 + 4.0) / 2) and en["average"]["groups"] == 2
+        assert report["summary"]["en"]["intersection"]["color_alter"]["SC"] == pytest.approx(6.0)
+        assert not report["complete"]
+        asked = len(fake.requests)
+        again = score_gedit(gen, data_rows, prompts_file, Judge(JudgeConfig(fake.url, "gpt-4.1", max_tokens=1400),
+                                                                tmp_path / "cache.jsonl"))
+        assert again["asked"] == 0 and len(fake.requests) == asked and again["judged"] == 3  # from the CSVs and cache
+    finally:
+        fake.close()
+    assert statistics([], "en") == {}

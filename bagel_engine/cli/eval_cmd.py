@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from bagel_engine.cli.jobs import ANY_KNOBS, Device, Dtype, Json, Model, fail, guidance, load_pipeline, with_knobs
-from bagel_engine.cli.load_options import refuse_cfg_parallel, with_fp32, with_load_options
+from bagel_engine.cli.load_options import CacheDir, refuse_cfg_parallel, with_fp32, with_load_options
 from bagel_engine.cli.main import app
 
 eval_app = typer.Typer(help="Evaluate a model on a benchmark suite (scores per category; pictures kept with -o).",
@@ -424,6 +424,66 @@ def score_imgedit_command(
     except (ValueError, OSError) as e:  # BagelInputError included
         fail(str(e), json_)
     _judge_report(report, "edits", "no_edit_yet", json_, "imgedit")
+
+
+@score_app.command("gedit", epilog="""
+[bold]What it does[/bold]: the official eval/gen/gedit/test_gedit_score.py (VIEScore, task "tie") and
+calculate_statistics.py through any OpenAI-compatible judge: for each edit in OUT/fullset (made by bagel eval gedit),
+a semantic-consistency request (the source picture and the edit) and a perceptual-quality one (the edit), with
+VIEScore's prompts read from your copy of vie_prompts.py (--judge-prompts; parsed, not run); SC and PQ the minimum of
+each verdict's score list, O = sqrt(SC x PQ). The rows go to RESULTS/bagel_{group}_gpt_score.csv (the script's files:
+calculate_statistics.py runs on them), the means per task group and their average per language (all rows and the
+intersection subset) to RESULTS/gedit_scores.json. Verdicts are cached (RESULTS/judge_cache.jsonl): a rerun asks only
+what is missing. The key comes from the environment.
+
+[bold]Examples[/bold]
+
+  OPENAI_API_KEY=... bagel eval score gedit -o out/gedit/gen_image --language en \\
+      --judge-prompts Bagel/eval/gen/gedit/viescore/vie_prompts.py \\
+      --judge-url https://api.openai.com/v1 --judge-model gpt-4.1-2025-04-14           [dim]# the published judge[/dim]
+""")
+def score_gedit_command(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The edits (bagel eval gedit -o): holds fullset/.",
+                                             exists=True, file_okay=False)],
+    judge_prompts: Annotated[Path, typer.Option(
+        "--judge-prompts", help="VIEScore's vie_prompts.py (eval/gen/gedit/viescore/): its prompts are read from it.",
+        exists=True, dir_okay=False)],
+    judge_url: JudgeUrl,
+    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name (official: gpt-4.1-2025-04-14).")],
+    data: Annotated[str, typer.Option("--data", help="GEdit-Bench: a hub dataset id, a parquet file or a folder of them "
+                                      "(the one bagel eval gedit read).")] = "stepfun-ai/GEdit-Bench",
+    language: Annotated[Optional[str], typer.Option("--language", help="en or cn: only those rows. [default: both]")] = None,
+    results: Annotated[Optional[Path], typer.Option(
+        "--results", help="Where the CSVs go. [default: OUT/../gpt4o/eval_results_new, as the scripts lay it out]",
+        file_okay=False)] = None,
+    judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    judge_max_requests: JudgeMaxRequests = None,
+    judge_workers: JudgeWorkers = 4,
+    cache_dir: CacheDir = None,
+    json_: Json = False,
+) -> None:
+    """GEdit-Bench's VIEScore SC / PQ / O of the edits in OUT, as the official scoring scripts compute them."""
+    from bagel_engine.eval.gedit_score import judging_rows, score_gedit
+    from bagel_engine.eval.judge import Judge, JudgeConfig
+
+    if language not in (None, "en", "cn"):
+        fail(f"--language {language!r}: en or cn", json_)
+    try:
+        rows = judging_rows(data, None, None if cache_dir is None else str(cache_dir))  # a token: HF_TOKEN
+        where = results or output_dir.parent / "gpt4o" / "eval_results_new"
+        judge = Judge(JudgeConfig(judge_url, judge_model, key_env=judge_key_env, max_requests=judge_max_requests,
+                                  max_tokens=1400), where / "judge_cache.jsonl")
+        bar, progress = _progress_bar("gedit judge", "edit", json_)
+        try:
+            report = score_gedit(output_dir, rows, judge_prompts, judge, where, language, judge_workers, progress)
+        finally:
+            bar.close()
+    except (ValueError, OSError) as e:  # BagelInputError included
+        fail(str(e), json_)
+    _judge_report(report, "edits", "no_edit_yet", json_, "gedit")
+    if not json_ and report["unparsed"]:
+        typer.echo(f"{len(report['unparsed'])} verdicts without a readable score list were left out (the official "
+                   "code guesses a random score for them)", err=True)
 
 
 @score_app.command("wise", epilog="""
