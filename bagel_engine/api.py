@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from bagel_engine import params
-from bagel_engine.distributed import parallel_groups
+from bagel_engine.distributed import parallel_groups, rank_device
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.attention import check_backend
 from bagel_engine.model.bagel import Bagel
@@ -103,8 +103,11 @@ def load(
     configs and the tokenizer are downloaded.
     """
     parallel = (cfg_parallel_size or 1) > 1 or (tensor_parallel_size or 1) > 1
-    if device is None and parallel and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if parallel:
+        device = rank_device(device)
+        if compile and (tensor_parallel_size or 1) > 1:
+            raise BagelInputError("compile does not run with tensor parallel yet (its all-reduces inside CUDA graphs "
+                                  "are not checked on GPUs): drop one of them")
     placement_device = torch.device(device) if device is not None else _default_device()
     groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device) if parallel else None
     placement = Placement(

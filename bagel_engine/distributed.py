@@ -41,6 +41,16 @@ def torchrun_command(size: int) -> str:
     return f"torchrun --nproc-per-node {size} --no-python bagel ..."
 
 
+def rank_device(device: str | torch.device | None) -> torch.device | None:
+    """Under torchrun on GPUs each rank takes its own card: None or a bare "cuda" become ``cuda:LOCAL_RANK``."""
+    if device is None:
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return device
+
+
 def parallel_groups(cfg_size: int, tp_size: int, device: torch.device) -> ParallelGroups:
     """The groups of a ``cfg_size`` x ``tp_size`` mesh over torchrun's world, the process group started here when
     torchrun's variables are set and none is (every rank must call this, in the same order)."""
@@ -55,7 +65,11 @@ def parallel_groups(cfg_size: int, tp_size: int, device: torch.device) -> Parall
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             raise BagelInputError(f"{what} over {size} processes runs under torchrun: {torchrun_command(size)}")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # this rank's card is the current one (NCCL, bitsandbytes, empty_cache use it)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     world = dist.get_world_size()
     if world != size:
         raise BagelInputError(f"{what} needs {size} processes (--cfg-parallel-size x --tensor-parallel-size), "

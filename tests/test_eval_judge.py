@@ -219,11 +219,21 @@ def test_wise_scoring_as_the_official_scripts(tmp_path, monkeypatch):
         assert {"prompt_id", "prompt", "key", "image_path", "evaluation"} == set(full[0])
         assert (out / "results.txt").read_text().split("\n")[0].split() == ["Cultural", "Time", "Space", "Biology",
                                                                              "Overall"]
-        # a rerun asks nothing; a new picture is judged alone
+        # a rerun asks nothing; a new picture is judged alone, after a line cut by a kill
+        with open(out / "final_data_scores.jsonl", "a") as f:
+            f.write('{"prompt_id": 1')
         Image.new("RGB", (8, 8), "red").save(out / "999.png")
         again = score_wise(out, metadata, script, Judge(JudgeConfig(fake.url, "gpt-4o", temperature=0.0),
                                                         out / "judge_cache.jsonl"))
         assert again["asked"] == 1 and again["judged"] == 5 and len(fake.requests) == 5
+        assert json.loads((out / "final_data_scores.jsonl").read_text().splitlines()[-1])["prompt_id"] == 999
+        # another of WISE's files scored into the same folder adds up in the summary
+        other = tmp_path / "natural_science.json"
+        other.write_text(json.dumps([{"prompt_id": 850, "Prompt": "physics", "Explanation": "e", "Subcategory": "x"}]))
+        Image.new("RGB", (8, 8), "red").save(out / "850.png")
+        both = score_wise(out, other, script, Judge(JudgeConfig(fake.url, "gpt-4o", temperature=0.0),
+                                                    out / "judge_cache.jsonl"))
+        assert both["judged"] == 1 and {"Cultural", "Physics", "Chemistry"} <= set(both["scores"])
     finally:
         fake.close()
     assert summarize([{"prompt_id": 5, "Subcategory": "x", "consistency": 9.9, "realism": 1, "aesthetic_quality": 1}])[
@@ -244,7 +254,7 @@ _prompts_0shot_rule_PQ = """Score how natural the picture is."""
 '''
 
 
-def test_gedit_scoring_as_the_official_scripts(tmp_path):
+def test_gedit_scoring_as_the_official_scripts(tmp_path, monkeypatch):
     """VIEScore's prompts read from (a miniature of) vie_prompts.py, SC from the source and the edit, PQ from the edit,
     the minimum of each score list, the script's CSVs per group and calculate_statistics.py's means."""
     import math
@@ -270,11 +280,14 @@ def test_gedit_scoring_as_the_official_scripts(tmp_path):
              "Intersection_exist": True},
             {"key": "k4", "task_type": "style_change", "instruction_language": "en", "instruction": "unreadable",
              "Intersection_exist": True},
+            {"key": "k6", "task_type": "tone_transfer", "instruction_language": "en", "instruction": "second try",
+             "Intersection_exist": False},
             {"key": "k5", "task_type": "style_change", "instruction_language": "cn", "instruction": "not made yet",
              "Intersection_exist": True}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gedit.parquet")
     gen = tmp_path / "run" / "gen_image"
-    for r in rows[:4]:
+    judge_calls = []
+    for r in rows[:5]:
         folder = gen / "fullset" / r["task_type"] / r["instruction_language"]
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 12), "red").save(folder / f"{r['key']}_SRCIMG.png")
@@ -287,6 +300,9 @@ def test_gedit_scoring_as_the_official_scripts(tmp_path):
             assert len(content) == 3 and content[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
             if "unreadable" in text:
                 return "I cannot say."
+            if "second try" in text:
+                judge_calls.append(text)
+                return "not sure" if len(judge_calls) == 1 else '{"score": [5, 5]}'  # read on the second asking
             return '||V^=^V|| {"score": [8, 6], "reasoning": "r"} ||V^=^V||' if "blue" in text else '{"score": [4, 9]}'
         assert len(content) == 2  # the edit alone
         return '{"score": [7, 9]}'
@@ -296,8 +312,10 @@ def test_gedit_scoring_as_the_official_scripts(tmp_path):
         data_rows = judging_rows(str(tmp_path / "gedit.parquet"))
         judge = Judge(JudgeConfig(fake.url, "gpt-4.1", max_tokens=1400), tmp_path / "cache.jsonl")
         report = score_gedit(gen, data_rows, prompts_file, judge)
-        assert report["judged"] == 3 and report["no_edit_yet"] == 1 and list(report["unparsed"]) == [
+        assert report["judged"] == 4 and report["no_edit_yet"] == 1 and list(report["unparsed"]) == [
             "style_change/en/k4"]
+        assert len(judge_calls) == 2  # the unreadable verdict asked once more, and read
+        assert report["summary"]["en"]["all"]["tone_transfer"]["SC"] == 5.0
         results = tmp_path / "run" / "gpt4o" / "eval_results_new"
         with open(results / "bagel_color_alter_gpt_score.csv") as f:
             lines = f.read().splitlines()
@@ -307,13 +325,17 @@ def test_gedit_scoring_as_the_official_scripts(tmp_path):
         # color_alter: SC min(8,6)=6 and min(4,9)=4, PQ 7 and 7; style_change: SC 4, PQ 7
         assert en["color_alter"]["SC"] == pytest.approx(5.0) and en["color_alter"]["PQ"] == pytest.approx(7.0)
         assert en["color_alter"]["O"] == pytest.approx((math.sqrt(42) + math.sqrt(28)) / 2)
-        assert en["average"]["SC"] == pytest.approx((5.0 + 4.0) / 2) and en["average"]["groups"] == 2
+        assert en["average"]["SC"] == pytest.approx((5.0 + 4.0 + 5.0) / 3) and en["average"]["groups"] == 3
         assert report["summary"]["en"]["intersection"]["color_alter"]["SC"] == pytest.approx(6.0)
         assert not report["complete"]
         asked = len(fake.requests)
-        again = score_gedit(gen, data_rows, prompts_file, Judge(JudgeConfig(fake.url, "gpt-4.1", max_tokens=1400),
-                                                                tmp_path / "cache.jsonl"))
-        assert again["asked"] == 0 and len(fake.requests) == asked and again["judged"] == 3  # from the CSVs and cache
+        monkeypatch.chdir(tmp_path)  # the same folder spelt another way: still the same rows
+        again = score_gedit(Path("run/gen_image"), data_rows, prompts_file,
+                            Judge(JudgeConfig(fake.url, "gpt-4.1", max_tokens=1400), tmp_path / "cache.jsonl"),
+                            results_dir=tmp_path / "run" / "gpt4o" / "eval_results_new")
+        assert again["asked"] == 0 and len(fake.requests) == asked and again["judged"] == 4  # from the CSVs and cache
+        with open(tmp_path / "run" / "gpt4o" / "eval_results_new" / "bagel_combined_gpt_score.csv") as f:
+            assert len(f.read().splitlines()) == 5  # nothing counted twice
     finally:
         fake.close()
     assert statistics([], "en") == {}

@@ -71,3 +71,19 @@ def run_items(items: list, indexes, out: Path, rank: int, done: Callable[[Any], 
         if progress:
             progress(finished, len(indexes))
     return counts
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON line; a last line cut by a kill is closed first, so the new record stays whole."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)

@@ -8,8 +8,8 @@ replaced) with the source picture and the edit, perceptual quality asks ``_conte
 ``_prompts_0shot_rule_PQ`` with the edit alone; the edit is resized to the source's size and both are sent as JPEG,
 as the scripts do, at most 1,400 tokens. A verdict's scores are the JSON ``score`` list between VIEScore's
 delimiters (or the first ``{...}``, or a bare ``[a, b]`` list, or a bare number 0-10); SC and PQ are the minimum of
-their lists, O = sqrt(SC x PQ). Where the official code guesses a random score for a verdict it cannot read, the item
-is reported here (``unparsed``) and left out.
+their lists, O = sqrt(SC x PQ). A verdict without a readable list is asked once more, as VIEScore does; where the
+official code then guesses a random score, the item is reported here (``unparsed``) and left out.
 
 Records go to ``RESULTS/bagel_{group}_gpt_score.csv`` (the script's columns: source_image, edited_image, instruction,
 sementics_score [sic], quality_score, intersection_exist, instruction_language) and ``bagel_combined_gpt_score.csv``,
@@ -157,6 +157,12 @@ def statistics(records: list[dict[str, Any]], language: str, intersection: bool 
     return out
 
 
+def _row_key(edited_image: str) -> tuple[str, str, str]:
+    """(group, language, key) of a CSV row, from its edit's path ``.../fullset/{group}/{language}/{key}.png``."""
+    parts = Path(edited_image).parts
+    return parts[-3], parts[-2], Path(parts[-1]).stem
+
+
 def _truthy(value) -> bool:
     return value is True or str(value).strip().lower() in ("true", "1")
 
@@ -188,21 +194,26 @@ def score_gedit(gen_dir: Path, data_rows: list[dict[str, Any]], prompts_file: Pa
     results_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(prompts_file)
     items, missing = _rows(data_rows, gen_dir, language)
-    done: dict[tuple[str, str], dict[str, Any]] = {}
+    done: dict[tuple[str, str, str], dict[str, Any]] = {}  # by (group, language, key): however OUT is spelt
     for group in GROUPS:
         for r in _read_csv(results_dir / f"bagel_{group}_gpt_score.csv"):
-            done[(r["source_image"], r["edited_image"])] = {**r, "group": group}
-    todo = [it for it in items if (str(it["source"]), str(it["edited"])) not in done]
+            done[_row_key(r["edited_image"])] = {**r, "group": group}
+    todo = [it for it in items if (it["task_type"], it["instruction_language"], str(it["key"])) not in done]
     errors: dict[str, str] = {}
     unparsed: dict[str, str] = {}
     capped = finished = 0
 
+    def ask(content: list[dict]) -> str:
+        """A verdict; one that has no readable score list is asked once more, as VIEScore does."""
+        text = judge.ask(content)
+        return text if parse_scores(text) is not None else judge.ask(content, attempt=1)
+
     def one(item):
         source = Image.open(item["source"])
         edited = Image.open(item["edited"]).convert("RGB").resize(source.size)
-        sc_text = judge.ask([{"type": "text", "text": prompts.sc.replace("<instruction>", item["instruction"])},
-                             _jpeg_part(source), _jpeg_part(edited)])
-        pq_text = judge.ask([{"type": "text", "text": prompts.pq}, _jpeg_part(edited)])
+        sc_text = ask([{"type": "text", "text": prompts.sc.replace("<instruction>", item["instruction"])},
+                       _jpeg_part(source), _jpeg_part(edited)])
+        pq_text = ask([{"type": "text", "text": prompts.pq}, _jpeg_part(edited)])
         return sc_text, pq_text
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -220,7 +231,7 @@ def score_gedit(gen_dir: Path, data_rows: list[dict[str, Any]], prompts_file: Pa
                 if sc is None or pq is None:
                     unparsed[key] = (sc_text if sc is None else pq_text)[:500]
                 else:
-                    done[(str(item["source"]), str(item["edited"]))] = {
+                    done[(item["task_type"], item["instruction_language"], str(item["key"]))] = {
                         "source_image": str(item["source"]), "edited_image": str(item["edited"]),
                         "instruction": item["instruction"], "sementics_score": min(sc), "quality_score": min(pq),
                         "intersection_exist": _truthy(item.get("Intersection_exist", False)),

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from bagel_engine.eval.common import append_jsonl
 from bagel_engine.eval.judge import Judge, JudgeCapReached, JudgeError, image_part
 from bagel_engine.params import BagelInputError
 
@@ -110,8 +111,7 @@ def score_imgedit(out_dir: Path, metadata_file: Path, image_root: Path, prompts_
             try:
                 key, verdict = future.result()
                 results[key] = verdict
-                with open(result_jsonl, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "result": verdict}, ensure_ascii=False) + "\n")
+                append_jsonl(result_jsonl, {"key": key, "result": verdict})
             except JudgeCapReached:
                 capped += 1
             except (JudgeError, OSError) as e:

@@ -74,16 +74,19 @@ class Judge:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a kill: asked again
 
-    def _digest(self, content: list[dict], system: str | None) -> str:
+    def _digest(self, content: list[dict], system: str | None, attempt: int = 0) -> str:
         key = {"url": self.cfg.url, "model": self.cfg.model, "content": content}
         if system is not None:  # (a judge without one keeps the digests it had)
             key["system"] = system
+        if attempt:
+            key["attempt"] = attempt
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
-    def ask(self, content: list[dict], system: str | None = None) -> str:
+    def ask(self, content: list[dict], system: str | None = None, attempt: int = 0) -> str:
         """The verdict for one user message (``content``: text and image_url parts), after the ``system`` message
-        when given, from the cache or the endpoint."""
-        digest = self._digest(content, system)
+        when given, from the cache or the endpoint. ``attempt`` > 0 asks the same again as a new question (a
+        verdict that could not be read), cached under its own key."""
+        digest = self._digest(content, system, attempt)
         with self.lock:
             if digest in self.cache:
                 return self.cache[digest]

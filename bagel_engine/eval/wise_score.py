@@ -8,7 +8,9 @@ then the protocol text with the entry's fields and the picture; temperature 0 an
 asks. A verdict's scores are its ``Consistency``, ``Realism`` and ``Aesthetic Quality`` digits (a missing one is the
 script's 9.9, "not scored"). The records go to ``OUT/{stem}_full.jsonl`` and ``OUT/{stem}_scores.jsonl`` (``stem``: the
 metadata file's name, as the script names them), appended as each verdict arrives; an entry already there is not
-asked again, and a failed request is not written (a rerun asks it again, where the script would keep a 9.9).
+asked again, and a failed request is not written (a rerun asks it again, where the script would keep a 9.9). The
+summary covers every ``*_scores.jsonl`` of ``OUT``: WISE's three files scored one after the other add up, as
+``cal_score.py`` reads them.
 
 ``cal_score.py``'s arithmetic: WiScore = 0.7 consistency + 0.2 realism + 0.1 aesthetic quality, a category's score its
 sum over 2 x its count; the categories by prompt id as WISE's three files split them (1-400 cultural; 401-700
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from bagel_engine.eval.common import append_jsonl
 from bagel_engine.eval.judge import Judge, JudgeCapReached, JudgeError, image_part
 from bagel_engine.params import BagelInputError
 
@@ -207,18 +210,20 @@ def score_wise(out_dir: Path, metadata_file: Path, script: Path, judge: Judge, i
                         "image_path": str(picture), "evaluation": verdict}
                 scored = {"prompt_id": entry["prompt_id"], "Subcategory": entry.get("Subcategory"),
                           **verdict_scores(verdict)}
-                with open(full_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(full, ensure_ascii=False) + "\n")
-                with open(scores_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(scored, ensure_ascii=False) + "\n")
+                append_jsonl(full_path, full)
+                append_jsonl(scores_path, scored)
             finished += 1
             if progress:
                 progress(finished, len(todo))
-    latest = {r["prompt_id"]: r for r in _read_jsonl(scores_path) if "prompt_id" in r}
+    # the summary covers every metadata file judged into this folder (WISE's three, scored one by one, as the
+    # official run does; or final_data.json): cal_score.py reads all three
+    latest = {r["prompt_id"]: r for path in sorted(out_dir.glob("*_scores.jsonl")) for r in _read_jsonl(path)
+              if "prompt_id" in r}
+    judged_here = {r["prompt_id"] for r in _read_jsonl(scores_path) if "prompt_id" in r}
     summary = summarize(list(latest.values()))
     (out_dir / "wise_scores.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     names = [c for c in (*CATEGORIES, "Overall") if c in summary["scores"]]
     (out_dir / "results.txt").write_text(" ".join(names) + " \n" + " ".join(f"{summary['scores'][c]:.2f}" for c in names)
                                          + " \n", encoding="utf-8")
-    return {**summary, "judged": len(latest), "asked": judge.requests, "left_by_cap": capped, "failed": errors,
+    return {**summary, "judged": len(judged_here), "asked": judge.requests, "left_by_cap": capped, "failed": errors,
             "no_image_yet": missing}
