@@ -60,13 +60,14 @@ def test_without_torchrun_it_says_how(monkeypatch):
         pipe.enable_cfg_parallel(2)
 
 
-def test_data_parallel_jobs_refuse_it(tmp_path):
-    """A batch job's ranks share out the rows: CFG-parallel ranks would wait on each other forever."""
+def test_a_batch_job_needs_as_many_processes_as_the_model_runs_over(tmp_path):
+    """A model-parallel batch job runs one model over all its processes: one process for CFG-parallel 2 is refused
+    with the command to run (not a hang)."""
     from bagel_engine.batch.runner import BatchJob, run_batch
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a red circle"}\n')
     job = BatchJob(input=rows, task="t2i", output_dir=tmp_path / "out", model="bagel-shapes",
                    load_options={"cfg_parallel_size": 2})
-    with pytest.raises(bagel_engine.BagelInputError, match="does not run with batch jobs"):
+    with pytest.raises(bagel_engine.BagelInputError, match="torchrun --nproc-per-node 2 \\(running 1\\)"):
         run_batch(job)

@@ -115,3 +115,43 @@ def test_the_cli_under_torchrun_answers_once_as_one_process(tmp_path):
     lines = [line for line in two.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 0 alone
     assert json.loads(lines[0])["text"] == json.loads(one.stdout.strip().splitlines()[-1])["text"]
+
+
+def test_a_tensor_parallel_batch_job_writes_each_row_once(tmp_path):
+    """``torchrun --nproc-per-node 2 bagel batch ... --tensor-parallel-size 2``: both ranks run every row in step,
+    rank 0 writes it; the manifest and pictures are the one process's (a bad row recorded, the job goes on)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(["a red circle", "", "two blue squares"])]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--task", "t2i", "--model", "bagel-shapes", "--num-timesteps", "4", "--no-progress", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "bagel_engine.cli.main", "batch", str(src), "-o", str(tmp_path / "one"),
+                          *common], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 3, one.stderr[-2000:]  # the empty prompt failed
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                          "bagel_engine.cli.main", "batch", str(src), "-o", str(tmp_path / "two"), *common,
+                          "--tensor-parallel-size", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert "3 rows: 2 ok, 1 failed" in two.stderr, two.stderr[-3000:]
+
+    def manifest(folder):
+        return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+    a, b = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    assert [(x["id"], x["status"], x["seed"]) for x in a] == [(x["id"], x["status"], x["seed"]) for x in b]
+    assert {x["rank"] for x in b} == {0}  # written by rank 0 alone, once
+    for record in a:
+        if record["status"] == "ok":
+            x = np.asarray(Image.open(tmp_path / "one" / record["output"]), dtype=int)
+            y = np.asarray(Image.open(tmp_path / "two" / record["output"]), dtype=int)
+            assert np.abs(x - y).max() <= 2  # float rounding of the partial sums
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.part*")) == []

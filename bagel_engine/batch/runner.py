@@ -179,13 +179,15 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     bad flag, bad ``DG_BAGEL_*`` value); a bad row never raises, it becomes a failed record."""
     t_start = time.perf_counter()
     knob_table.check_task(job.task)
-    for name in ("cfg_parallel_size", "tensor_parallel_size"):  # its ranks would take different rows: a hang
-        if job.load_options.get(name):
-            raise BagelInputError(f"--{name.replace('_', '-')} does not run with batch jobs yet: under torchrun a batch "
-                                  "job's ranks share out the rows (data parallel); run the rows on one process per GPU "
-                                  "instead")
     out_dir = Path(job.output_dir)
     dist = data_parallel.setup(job.device)
+    model_ranks = model_parallel_size(job)
+    if model_ranks > 1 and dist.world != model_ranks:
+        dist.close()
+        raise BagelInputError(
+            f"--cfg-parallel-size x --tensor-parallel-size = {model_ranks} processes run one model over the whole job: "
+            f"start it with torchrun --nproc-per-node {model_ranks} (running {dist.world}); several such models "
+            "sharing the rows (data parallel over model-parallel groups) are not built yet")
     lock = FolderLock(out_dir, manifests.shard_tag(job.shard))
     try:
         refusal, joined = None, None
@@ -236,16 +238,25 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
             _stderr(f"bagel batch {task}: {preset}'s defaults{why}: {shown}")
     plans = plan_rows(rows, task, job.id_column, job.output_column)
     chosen = [plans[i] for i in data_parallel.parse_rows(job.rows, len(plans))]
-    selected, mine = data_parallel.take_share(chosen, job.shard, dist)
+    # model parallel (CFG-parallel, tensor parallel): every rank runs every row in step, rank 0 alone writes
+    lockstep = model_parallel_size(job) > 1
+    share = data_parallel.Dist() if lockstep else dist
+    selected, mine = data_parallel.take_share(chosen, job.shard, share)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     state = manifests.latest_records(out_dir)
     todo_all = [p for p in selected if _needs_run(p, state.get(p.key), job)]
     todo_keys = {p.key for p in todo_all}
+    if lockstep:  # rank 0's view of what is left, the same on every rank
+        todo_keys = set(dist.broadcast(sorted(todo_keys)))
+        todo_all = [p for p in selected if p.key in todo_keys]
     todo = [p for p in mine if p.key in todo_keys]
-    claims = RowClaims(out_dir, manifests.shard_tag(job.shard)) if dist.world == 1 else None
-    part = manifests.part_path(out_dir, job.shard, dist.rank, dist.world, claims.token if joined else None)
-    others = [manifests.part_path(out_dir, job.shard, r, dist.world) for r in range(dist.world) if r != dist.rank]
+    writes = dist.is_main or not lockstep
+    claims = RowClaims(out_dir, manifests.shard_tag(job.shard)) if share.world == 1 and writes else None
+    if lockstep:
+        claims = None  # another job claiming a row would leave this one's ranks running different rows
+    part = manifests.part_path(out_dir, job.shard, share.rank, share.world, claims.token if joined else None)
+    others = [manifests.part_path(out_dir, job.shard, r, share.world) for r in range(share.world) if r != share.rank]
     run_id = dist.broadcast(f"{int(time.time())}-{secrets.token_hex(4)}" if dist.is_main else None)
     if joined:  # the holder is alive and writing: touch none of its files; work from the other end
         todo = todo[::-1]
@@ -276,7 +287,7 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
                 load = bagel_engine.load
             pipe = load(job.model, device=device, dtype=job.dtype, **job.load_options)
             group = max(1, job.batch_size) if task == "t2i" else 1
-            with manifests.PartWriter(part) as writer:
+            with (manifests.PartWriter(part) if writes else _NoWriter()) as writer:
                 for start in range(0, len(todo), group):
                     chunk = todo[start : start + group]
                     if claims is not None:  # rows another job holds (or finished meanwhile) are its own
@@ -284,9 +295,13 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
                         if not chunk:
                             continue
                     if len(chunk) == 1:
-                        done = [(chunk[0], _process(pipe, chunk[0], job, base, base_seed, out_dir, dist, run_id, progress))]
+                        done = [(chunk[0], _process(pipe, chunk[0], job, base, base_seed, out_dir, dist, run_id, progress,
+                                                    writes))]
                     else:
-                        done = _process_together(pipe, chunk, job, base, base_seed, out_dir, dist, run_id, progress)
+                        done = _process_together(pipe, chunk, job, base, base_seed, out_dir, dist, run_id, progress,
+                                                 writes)
+                    if not writes:
+                        continue
                     for plan, record in done:
                         writer.append(record)
                         if claims is not None:
@@ -295,7 +310,7 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
                         if record["status"] != "ok":
                             prefix = f"[rank {dist.rank}] " if dist.world > 1 else ""
                             _stderr(f"{prefix}row {plan.key} ({plan.row.where()}) failed: {record['error']}")
-        if dist.is_main:
+        if dist.is_main and not lockstep:
             progress.wait_for_others()
     finally:
         progress.close()
@@ -391,8 +406,27 @@ def _close(record: dict[str, Any], t0: float) -> dict[str, Any]:
     return record
 
 
+def model_parallel_size(job: BatchJob) -> int:
+    """Processes one model runs over (``--cfg-parallel-size`` x ``--tensor-parallel-size``; 1: none)."""
+    return int(job.load_options.get("cfg_parallel_size") or 1) * int(job.load_options.get("tensor_parallel_size") or 1)
+
+
+class _NoWriter:
+    """The part file of a model-parallel rank other than 0: it runs every row, rank 0 writes them."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def append(self, record) -> None:
+        pass
+
+
 def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_dir: Path, dist: data_parallel.Dist,
-             run_id: str, progress: _Progress) -> dict[str, Any]:
+             run_id: str, progress: _Progress, write: bool = True) -> dict[str, Any]:
+    """One row: its call, and (``write``) its output files and record."""
     t0 = time.perf_counter()
     record = _new_record(plan, job, dist, run_id, base)
     try:
@@ -401,7 +435,8 @@ def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_di
         if job.task in knob_table.IMAGE_TASKS:
             kwargs["callback"] = progress.step
         out = getattr(pipe, call.method)(*call.args, **kwargs)
-        _finish(record, out, call, plan, job, out_dir, getattr(pipe, "model_name", None))
+        if write:
+            _finish(record, out, call, plan, job, out_dir, getattr(pipe, "model_name", None))
     except Exception as e:  # noqa: BLE001 - a bad row fails alone; the job goes on
         if is_disk_full(e):  # not the row's fault: stop, every finished row is kept
             raise e if isinstance(e, DiskFull) else disk_full(e, f"the output of row {plan.key!r}") from e
@@ -410,7 +445,8 @@ def _process(pipe, plan: Plan, job: BatchJob, base: dict, base_seed: int, out_di
 
 
 def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_seed: int, out_dir: Path,
-                      dist: data_parallel.Dist, run_id: str, progress: _Progress) -> list[tuple[Plan, dict[str, Any]]]:
+                      dist: data_parallel.Dist, run_id: str, progress: _Progress,
+                      write: bool = True) -> list[tuple[Plan, dict[str, Any]]]:
     """t2i rows whose knobs agree (size, steps, guidance...) in one ``pipe.generate(list)`` call:
     every denoising step of all of them is one batched forward. Each row keeps its own seed, so its
     image equals the one made alone. A group whose call fails is retried row by row."""
@@ -431,7 +467,7 @@ def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_s
     for members in groups.values():
         if len(members) == 1:
             plan, _ = members[0]
-            results[plan.key] = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress)
+            results[plan.key] = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress, write)
             continue
         knobs = {k: v for k, v in members[0][1].kwargs.items() if k != "seed"}
         try:
@@ -439,10 +475,12 @@ def _process_together(pipe, plans: list[Plan], job: BatchJob, base: dict, base_s
                                  callback=progress.step, **knobs)
         except Exception:  # noqa: BLE001 - find the bad row(s) one by one
             for plan, _ in members:
-                results[plan.key] = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress)
+                results[plan.key] = _process(pipe, plan, job, base, base_seed, out_dir, dist, run_id, progress, write)
             continue
         for (plan, call), out in zip(members, outs):
             record = results[plan.key]
+            if not write:
+                continue
             try:
                 _finish(record, out, call, plan, job, out_dir, getattr(pipe, "model_name", None))
             except Exception as e:  # noqa: BLE001
