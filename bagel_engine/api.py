@@ -59,6 +59,7 @@ def load(
     vae_tiling: bool = False,
     cfg_parallel_size: int | None = None,
     tensor_parallel_size: int | None = None,
+    vae_patch_parallel_size: int | None = None,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -88,6 +89,8 @@ def load(
     ``cuda:LOCAL_RANK`` unless ``device`` says otherwise. ``tensor_parallel_size`` (under torchrun): every layer's
     heads and MLP columns split over that many ranks (``bagel_engine.weights.tensor_parallel``); with
     ``cfg_parallel_size`` too, a mesh of ``cfg x tp`` processes (``bagel_engine.distributed``).
+    ``vae_patch_parallel_size`` (every rank of that mesh, or alone a world of that many): VAE tiling on, the tiles of
+    input images and results spread over the ranks.
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -102,14 +105,15 @@ def load(
     the hub client's (``HF_HUB_CACHE``, ``HF_TOKEN``). With ``device="meta"`` or ``random_weights`` only the
     configs and the tokenizer are downloaded.
     """
-    parallel = (cfg_parallel_size or 1) > 1 or (tensor_parallel_size or 1) > 1
+    parallel = any((n or 1) > 1 for n in (cfg_parallel_size, tensor_parallel_size, vae_patch_parallel_size))
     if parallel:
         device = rank_device(device)
         if compile and (tensor_parallel_size or 1) > 1:
             raise BagelInputError("compile does not run with tensor parallel yet (its all-reduces inside CUDA graphs "
                                   "are not checked on GPUs): drop one of them")
     placement_device = torch.device(device) if device is not None else _default_device()
-    groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device) if parallel else None
+    groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device,
+                             vae_patch_parallel_size or 1) if parallel else None
     placement = Placement(
         device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),
         official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
@@ -135,6 +139,9 @@ def load(
                          official_numerics=official_numerics, task_defaults=defaults, attention=attention)
     if groups is not None:
         pipe.tensor_parallel_size, pipe.engine.lockstep = groups.tp_size, groups.lockstep
+        if groups.vae is not None:
+            pipe.engine.vae_group = groups.vae
+            vae_tiling = True
     if compile:
         pipe.compile()
     if vae_tiling:

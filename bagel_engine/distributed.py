@@ -12,7 +12,7 @@ Every rank runs the same requests in the same order (the CLI, batch jobs or the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ class ParallelGroups:
     cfg: Any  # the group of this rank's CFG slots (None when cfg_size == 1)
     tp: Any  # the group of this rank's tensor-parallel shards (None when tp_size == 1)
     lockstep: Any  # every rank of the mesh
+    vae: Any = None  # VAE patch parallel: every rank of the mesh, each a share of the VAE's tiles
 
     @property
     def tp_rank(self) -> int:
@@ -51,17 +52,22 @@ def rank_device(device: str | torch.device | None) -> torch.device | None:
     return device
 
 
-def parallel_groups(cfg_size: int, tp_size: int, device: torch.device) -> ParallelGroups:
+def parallel_groups(cfg_size: int, tp_size: int, device: torch.device, vae_size: int = 1) -> ParallelGroups:
     """The groups of a ``cfg_size`` x ``tp_size`` mesh over torchrun's world, the process group started here when
-    torchrun's variables are set and none is (every rank must call this, in the same order)."""
-    cfg_size, tp_size = int(cfg_size or 1), int(tp_size or 1)
+    torchrun's variables are set and none is (every rank must call this, in the same order). ``vae_size`` > 1:
+    the VAE's tiles spread over that many ranks: the whole mesh (or, alone, a world of that many)."""
+    cfg_size, tp_size, vae_size = int(cfg_size or 1), int(tp_size or 1), int(vae_size or 1)
     if cfg_size != 1 and cfg_size not in (2, 3):
         raise BagelInputError(f"CFG-parallel runs over 2 or 3 ranks (one guidance branch each), not {cfg_size}")
     if tp_size < 1:
         raise BagelInputError(f"the tensor-parallel size must be >= 1, not {tp_size}")
-    size = cfg_size * tp_size
+    size = cfg_size * tp_size if cfg_size * tp_size > 1 else vae_size
+    if vae_size not in (1, size):
+        raise BagelInputError(f"VAE patch parallel spreads the tiles over every rank of the model: "
+                              f"--vae-patch-parallel-size must be {size} (--cfg-parallel-size x --tensor-parallel-size)")
     what = " with ".join(p for p in ("CFG-parallel" if cfg_size > 1 else "",
-                                     "tensor parallel" if tp_size > 1 else "") if p) or "one process"
+                                     "tensor parallel" if tp_size > 1 else "",
+                                     "VAE patch parallel" if vae_size > 1 else "") if p) or "one process"
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             raise BagelInputError(f"{what} over {size} processes runs under torchrun: {torchrun_command(size)}")
@@ -78,7 +84,8 @@ def parallel_groups(cfg_size: int, tp_size: int, device: torch.device) -> Parall
     if key not in _GROUPS:
         _GROUPS[key] = ParallelGroups(cfg_size, tp_size, _my_group(_cfg_ranks(cfg_size, tp_size), cfg_size > 1),
                                       _my_group(_tp_ranks(cfg_size, tp_size), tp_size > 1), dist.group.WORLD)
-    return _GROUPS[key]
+    groups = _GROUPS[key]
+    return groups if vae_size == 1 else replace(groups, vae=dist.group.WORLD)
 
 
 def _tp_ranks(cfg_size: int, tp_size: int) -> list[list[int]]:

@@ -155,3 +155,61 @@ def test_a_tensor_parallel_batch_job_writes_each_row_once(tmp_path):
             y = np.asarray(Image.open(tmp_path / "two" / record["output"]), dtype=int)
             assert np.abs(x - y).max() <= 2  # float rounding of the partial sums
     assert sorted(p.name for p in (tmp_path / "two").glob("*.part*")) == []
+
+
+def _count_tiles(pipe) -> dict:
+    """Count the VAE's decode and encode calls (one per tile when tiled)."""
+    counts = {"decode": 0, "encode": 0}
+    decode, encode = pipe.vae.decode, pipe.vae.encode_moments
+
+    def counted(fn, name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    pipe.vae.decode, pipe.vae.encode_moments = counted(decode, "decode"), counted(encode, "encode")
+    return counts
+
+
+def _vae_rank(rank: int, world: int, init: str, out: str) -> None:
+    import numpy as np
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    pipe = bagel_engine.load("bagel-shapes", device="cpu", vae_patch_parallel_size=world)
+    assert pipe.engine.vae_tiling is not None  # on with it
+    pipe.enable_vae_tiling(8, 2)  # tiles small enough for 64 px pictures
+    tiles = _count_tiles(pipe)
+    t2i = pipe.generate("two blue squares", seed=3, **FAST)
+    edit = pipe.edit(draw(PICTURE), "make the circle blue", seed=7, **FAST)
+    torch.save({"t2i": t2i.latents, "t2i_picture": np.asarray(t2i.image), "edit": edit.latents,
+                "edit_picture": np.asarray(edit.image), "tiles": tiles}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_vae_patch_parallel_spreads_the_tiles_and_gives_the_tiled_result(tmp_path):
+    """--vae-patch-parallel-size 2: each rank encodes and decodes a share of the tiles; the pictures and the edit's
+    latents are one process's with the same tiling."""
+    import numpy as np
+
+    out = str(tmp_path / "result")
+    mp.spawn(_vae_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    torch.set_num_threads(1)
+    pipe = bagel_engine.load("bagel-shapes", device="cpu").enable_vae_tiling(8, 2)
+    tiles = _count_tiles(pipe)
+    t2i = pipe.generate("two blue squares", seed=3, **FAST)
+    edit = pipe.edit(draw(PICTURE), "make the circle blue", seed=7, **FAST)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    for name in ("decode", "encode"):  # the tiles shared out: every one run once, on one rank
+        assert tiles[name] > 2 and sum(g["tiles"][name] for g in ranks) == tiles[name]
+        assert all(0 < g["tiles"][name] < tiles[name] for g in ranks)
+    for got in ranks:
+        torch.testing.assert_close(got["t2i"], t2i.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["edit"], edit.latents, rtol=1e-4, atol=1e-4)  # the input encoded in shares
+        for name, image in (("t2i_picture", t2i.image), ("edit_picture", edit.image)):
+            assert np.abs(got[name].astype(int) - np.asarray(image, dtype=int)).max() <= 1
+    with pytest.raises(bagel_engine.BagelInputError, match="--vae-patch-parallel-size must be 4"):
+        from bagel_engine.distributed import parallel_groups
+        parallel_groups(2, 2, torch.device("cpu"), vae_size=2)

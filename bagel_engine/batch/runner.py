@@ -185,7 +185,8 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     if model_ranks > 1 and dist.world != model_ranks:
         dist.close()
         raise BagelInputError(
-            f"--cfg-parallel-size x --tensor-parallel-size = {model_ranks} processes run one model over the whole job: "
+            f"--cfg-parallel-size x --tensor-parallel-size (or --vae-patch-parallel-size) = {model_ranks} processes run "
+            "one model over the whole job: "
             f"start it with torchrun --nproc-per-node {model_ranks} (running {dist.world}); several such models "
             "sharing the rows (data parallel over model-parallel groups) are not built yet")
     lock = FolderLock(out_dir, manifests.shard_tag(job.shard))
@@ -407,8 +408,10 @@ def _close(record: dict[str, Any], t0: float) -> dict[str, Any]:
 
 
 def model_parallel_size(job: BatchJob) -> int:
-    """Processes one model runs over (``--cfg-parallel-size`` x ``--tensor-parallel-size``; 1: none)."""
-    return int(job.load_options.get("cfg_parallel_size") or 1) * int(job.load_options.get("tensor_parallel_size") or 1)
+    """Processes one model runs over (``--cfg-parallel-size`` x ``--tensor-parallel-size``, else
+    ``--vae-patch-parallel-size``; 1: none)."""
+    mesh = int(job.load_options.get("cfg_parallel_size") or 1) * int(job.load_options.get("tensor_parallel_size") or 1)
+    return mesh if mesh > 1 else int(job.load_options.get("vae_patch_parallel_size") or 1)
 
 
 class _NoWriter:

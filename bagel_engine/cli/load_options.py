@@ -55,6 +55,10 @@ TensorParallelSize = Annotated[Optional[int], typer.Option(
     help="Split every layer's heads and MLP columns (decoder, ViT, connector) over N processes: torchrun "
          "--nproc-per-node N --no-python bagel ...; with --cfg-parallel-size C, C x N processes. Each rank holds "
          "1/N of the layers and of the KV cache; rank 0 writes the output.")]
+VaePatchParallelSize = Annotated[Optional[int], typer.Option(
+    "--vae-patch-parallel-size", rich_help_panel=PANEL, min=2, metavar="N",
+    help="Turn VAE tiling on and spread the tiles of input images and results over N processes: every process of "
+         "--cfg-parallel-size x --tensor-parallel-size, or alone torchrun --nproc-per-node N.")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -75,6 +79,9 @@ TaskDefaultsFile = Annotated[Optional[Path], typer.Option(
     help="Per-task defaults for this checkpoint, as a model directory's task_defaults.json holds them "
          '({"t2i": {"cfg_text_scale": 4.0, ...}, "edit": {...}}); replaces that file.')]
 
+
+# the options that run one model over several processes (every rank must run the same requests)
+PARALLEL_OPTIONS = ("cfg_parallel_size", "tensor_parallel_size", "vae_patch_parallel_size")
 
 HUB_PANEL = "Hub"
 Revision = Annotated[Optional[str], typer.Option(
@@ -109,7 +116,7 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
         attention = attention.value if isinstance(attention, Enum) else attention
         if attention != "auto":
             out["attention"] = attention
-    for name in ("cfg_parallel_size", "tensor_parallel_size"):
+    for name in PARALLEL_OPTIONS:
         if values.get(name):
             out[name] = int(values[name])
     for name in ("official_numerics", "vae_tiling"):
@@ -138,6 +145,7 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("vae_tiling", VaeTiling, False),
     ("cfg_parallel_size", CfgParallelSize, None),
     ("tensor_parallel_size", TensorParallelSize, None),
+    ("vae_patch_parallel_size", VaePatchParallelSize, None),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),
@@ -168,7 +176,7 @@ def load_flags(load_options: dict[str, Any]) -> list[str]:
 def refuse_cfg_parallel(load_options: dict, command: str, why: str) -> None:
     """Stop a command whose ranks cannot all run the same requests when it is given --cfg-parallel-size or
     --tensor-parallel-size."""
-    for name in ("cfg_parallel_size", "tensor_parallel_size"):
+    for name in PARALLEL_OPTIONS:
         if load_options.get(name):
             flag = "--" + name.replace("_", "-")
             typer.secho(f"error: {flag} does not run with {command}: {why}", fg="red", err=True)

@@ -222,6 +222,7 @@ class Engine:
         self.limits = Limits()  # what one request may ask for (a server sets its own)
         self.decoder_fn: Callable | None = None  # a compiled decoder (``BagelPipeline.compile``)
         self.vae_tiling: Tiling | None = None  # encode / decode large images in tiles (``vae_tiling``)
+        self.vae_group = None  # VAE patch parallel: the ranks the tiles of inputs and results are spread over
         self.cfg_parallel = None  # a process group: each step's guidance branches spread over its ranks
         # every rank that runs the same requests in step (CFG-parallel, tensor parallel): they agree on drawn seeds
         self.lockstep = None
@@ -496,7 +497,7 @@ class Engine:
         latents = a.unpatchify(a.denoising.result())
         a.denoising = None
         t0 = time.perf_counter()
-        decoded, a.out.image = self.decode_latent(latents)
+        decoded, a.out.image = self.decode_latent(latents, spread=True)
         if a.request.trace is not None:
             a.request.trace["decode_output"] = decoded.detach()
         a.out.latents = latents.cpu()
@@ -596,16 +597,18 @@ class Engine:
         pixels = pixels.to(dev, self.vae.dtype)
         if self.vae_tiling is not None:
             moments = encode_tiled(self.vae.encode_moments, pixels, self.vae_tiling, self.vae.downsample,
-                                   2 * self.vae.cfg.z_channels)
+                                   2 * self.vae.cfg.z_channels, group=self.vae_group)
         else:
             moments = self.vae.encode_moments(pixels)
         return self.vae.latent_from_moments(moments, None if eps is None else eps.to(dev, moments.dtype))
 
-    def decode_latent(self, latents: torch.Tensor) -> tuple[torch.Tensor, Image.Image]:
-        """(z, H/d, W/d) latent -> (the VAE's output tensor, the picture)."""
+    def decode_latent(self, latents: torch.Tensor, spread: bool = False) -> tuple[torch.Tensor, Image.Image]:
+        """(z, H/d, W/d) latent -> (the VAE's output tensor, the picture). ``spread``: over the VAE patch-parallel
+        ranks (the results, which every rank decodes; a preview is one rank's own and stays there)."""
         z = latents.unsqueeze(0).to(self.vae_device, self.vae.dtype)
         if self.vae_tiling is not None:
-            decoded = decode_tiled(self.vae.decode, z, self.vae_tiling, self.vae.downsample, self.vae.cfg.out_ch)
+            decoded = decode_tiled(self.vae.decode, z, self.vae_tiling, self.vae.downsample, self.vae.cfg.out_ch,
+                                   group=self.vae_group if spread else None)
         else:
             decoded = self.vae.decode(z)
         return decoded, transforms.tensor_to_image(decoded[0].float().cpu())
