@@ -213,3 +213,64 @@ def test_vae_patch_parallel_spreads_the_tiles_and_gives_the_tiled_result(tmp_pat
     with pytest.raises(bagel_engine.BagelInputError, match="--vae-patch-parallel-size must be 4"):
         from bagel_engine.distributed import parallel_groups
         parallel_groups(2, 2, torch.device("cpu"), vae_size=2)
+
+
+def test_a_tensor_parallel_server_answers_cancels_and_goes_on(tmp_path):
+    """``torchrun --nproc-per-node 2 bagel serve --tensor-parallel-size 2``: rank 0 serves HTTP and rank 1 follows
+    its calls; answers and pictures are one process's, a request whose client went away is cancelled on both ranks
+    at the same step, and the next request is answered (the ranks are still in step)."""
+    import base64
+    import io
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 "-m", "bagel_engine.cli.main", "serve", "-m", "bagel-shapes", "--device", "cpu",
+                                 "--port", "0", "--no-ui", "--tensor-parallel-size", "2", "--log-level", "warning"],
+                                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, port = time.monotonic() + 120, None
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace"))
+            port = int(m.group(1)) if m else time.sleep(0.1)
+        assert port, log_path.read_text(errors="replace")[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        torch.set_num_threads(1)
+        pipe = bagel_engine.load("bagel-shapes", device="cpu")
+        chat = {"model": "bagel", "messages": [{"role": "user", "content": "a red circle"}], "max_tokens": 8}
+        r = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120)
+        assert r.status_code == 200, r.text
+        answer = r.json()["choices"][0]["message"]["content"]
+        assert answer == pipe.chat("a red circle", max_new_tokens=8).text
+        body = {"prompt": "two blue squares", "size": "64x64", "seed": 3, "num_timesteps": 6}
+        r = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))), dtype=int)
+        alone = np.asarray(pipe.generate("two blue squares", width=64, height=64, seed=3, num_timesteps=6).image, dtype=int)
+        assert np.abs(served - alone).max() <= 2
+        with pytest.raises(httpx.TimeoutException):  # the client goes away mid-picture: its job is cancelled
+            httpx.post(url + "/v1/images/generations", json={**body, "num_timesteps": 250}, timeout=0.5)
+        r = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == answer
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert re.search(r'bagel_jobs_total\{[^}]*outcome="cancelled"[^}]*\} 1', metrics), metrics[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise

@@ -41,12 +41,15 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _load(model: str, device: str | None, dtype: str | None, options: dict | None = None):
+def _load(model: str, device: str | None, dtype: str | None, options: dict | None = None, *,
+          parallel_ok: bool = False):
     """Load in a short-lived thread, never in the main one (``serve.threaded.in_fresh_thread`` says why)."""
     from bagel_engine.serve._engine import load_pipeline
     from bagel_engine.serve.threaded import in_fresh_thread
 
-    refuse_cfg_parallel(options or {}, "the server or the web UI", "one scheduler process serves the requests")
+    if not parallel_ok:
+        refuse_cfg_parallel(options or {}, "the web UI alone", "serve it with bagel serve (rank 0 serves, the others "
+                            "follow)")
     typer.echo(f"loading {model} ...", err=True)
     try:
         return in_fresh_thread(lambda: load_pipeline(model, device=device, dtype=dtype, **(options or {})))
@@ -139,7 +142,21 @@ def serve_command(
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
         mount_ui=build_ui is not None, strict=strict, url_ttl_s=url_ttl, ui_lang=lang.value,
     )
-    pipe = _load(model, device, dtype, load_options)
+    pipe = _load(model, device, dtype, load_options, parallel_ok=True)
+    lockstep = None
+    if getattr(getattr(pipe, "engine", None), "lockstep", None) is not None:  # one model over several processes
+        import torch.distributed as dist
+
+        from bagel_engine.serve.lockstep import LockstepPipeline, follow
+
+        if dist.get_rank() != 0:
+            calls = follow(pipe)  # until rank 0 stops serving
+            typer.echo(f"rank {dist.get_rank()}: rank 0 stopped serving after {calls} calls", err=True)
+            return
+        if settings.max_batch > 1:
+            typer.echo("note: --max-batch 1: a model over several processes runs one request at a time", err=True)
+        settings.max_batch = 1
+        pipe = lockstep = LockstepPipeline(pipe)
     application = create_app(pipe, settings, ui=build_ui)
     # Bind first, so that --port 0 (any free port) can be reported before serving.
     sock = _bind(host, port)
@@ -152,7 +169,11 @@ def serve_command(
         typer.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
                    "the model (set --api-key or BAGEL_API_KEY)", err=True)
     config = uvicorn.Config(application, log_level=log_level.lower(), timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if lockstep is not None:
+            lockstep.stop_followers()
 
 
 def _bind(host: str, port: int):
