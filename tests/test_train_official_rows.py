@@ -324,3 +324,74 @@ def test_a_killed_official_yaml_run_resumes_where_it_stopped(official_layout, tm
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_video_rows_sample_frames_by_the_official_rules(tmp_path):
+    """LLaVA video rows: a folder of frames and an animated GIF, their frames drawn by the official rules (a count
+    in [min, max], one frame per interval, in order), ``<video>`` standing for them; a video file without a decoder
+    and a conversation without ``<video>`` are bad rows that say why."""
+    import random
+
+    from bagel_engine.batch.reader import read_rows
+    from bagel_engine.train.data import row_sample
+    from bagel_engine.train.sample import Picture, Text
+    from bagel_engine.train.video import FrameSampling, frame_indices
+
+    rng = random.Random(0)
+    for _ in range(50):
+        picked = frame_indices(20, 4, rng)
+        assert picked == sorted(picked) and len(set(picked)) == 4
+        assert all(5 * i <= f < 5 * i + 4 for i, f in enumerate(picked))  # one per interval, never its last frame
+    short = frame_indices(3, 5, random.Random(0))
+    assert len(short) == 5 and short[3:] == [short[2], short[2]]  # the last frame repeated
+
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for n in range(10):  # named as the official frame folders are: ..._<n>.jpg, sorted by n
+        Image.new("RGB", (16, 16), (n * 25, 0, 0)).save(frames / f"frame_{n}.jpg")
+    gif = tmp_path / "anim.gif"
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(gif, save_all=True, append_images=[
+        Image.new("RGB", (16, 16), (0, 10 * k, 0)) for k in range(1, 12)], duration=40)
+    (tmp_path / "movie.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    chat = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "It gets brighter."}]
+    rows = [{"video": "clip/", "conversations": chat}, {"video": "anim.gif", "conversations": chat},
+            {"video": "movie.mp4", "conversations": chat},
+            {"video": "clip/", "conversations": [{"from": "human", "value": "No placeholder"}, chat[1]]}]
+    data = tmp_path / "videos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = read_rows(data)
+    sampling = FrameSampling(max_num_frames=4, min_num_frames=3)
+    for row in read[:2]:
+        sample = row_sample(row, "auto", random.Random(7), sampling)
+        pictures = [s for s in sample.segments if isinstance(s, Picture)]
+        assert 3 <= len(pictures) <= 4
+        assert isinstance(sample.segments[len(pictures)], Text)  # the frames, then the question
+        order = [p.image.getpixel((8, 8)) for p in pictures]
+        assert order == sorted(order)  # in the video's order
+        again = row_sample(row, "auto", random.Random(7), sampling)  # the row's generator: the same frames
+        assert [p.image.getpixel((8, 8)) for p in again.segments if isinstance(p, Picture)] == order
+    from bagel_engine.params import BagelInputError
+
+    with pytest.raises(BagelInputError, match="PyAV"):
+        row_sample(read[2], "auto", random.Random(0), sampling)
+    with pytest.raises(BagelInputError, match="no <video> placeholder"):
+        row_sample(read[3], "auto", random.Random(0), sampling)
+    assert FrameSampling.from_args({"max_num_frames": 12, "min_num_frames": 8}) == FrameSampling(12, 8)
+    with pytest.raises(BagelInputError, match="min_num_frames <= max_num_frames"):
+        FrameSampling.from_args({"max_num_frames": 2, "min_num_frames": 8})
+    (tmp_path / "mix.yaml").write_text("""
+vlm_sft:
+  dataset_names: [videos]
+  frame_sampler_args: {max_num_frames: 4, min_num_frames: 3}
+  is_mandatory: true
+  weight: 1
+dataset_info:
+  vlm_sft:
+    videos: {data_dir: ., jsonl_path: videos.jsonl, num_total_samples: 4}
+""")
+    from bagel_engine.train.official_mix import read_official_config
+
+    (group,) = read_official_config(tmp_path / "mix.yaml")
+    assert group.frames == sampling and len(group.rows) == 4
+    sample = row_sample(group.rows[1], "auto", random.Random(3), group.frames)
+    assert 3 <= sum(isinstance(s, Picture) for s in sample.segments) <= 4

@@ -19,7 +19,8 @@ official      the official trainer's parquet rows, as they are: text to image ``
 understand    image(s), ``question`` (or ``prompt``) and ``answer`` (or ``response``)
 chat          ``prompt`` (or ``question``) and ``answer`` (or ``response``)
 conversation  ``conversations`` (LLaVA: ``[{"from": "human", "value": "<image>\\n..."}, ...]``) or
-              ``messages`` (``[{"role": "user", "content": ...}, ...]``), and image(s)
+              ``messages`` (``[{"role": "user", "content": ...}, ...]``), and image(s); or a ``video`` (a file or
+              a folder of frames, its ``<video>`` placeholder standing for the sampled frames: ``train.video``)
 ============  ==========================================================================
 
 ``--task auto`` (the default) picks per row: a conversation column, else an output image with
@@ -43,6 +44,7 @@ from bagel_engine.batch.request import image_values, load_image
 from bagel_engine.params import BagelInputError
 from bagel_engine.train import sample as sample_plans
 from bagel_engine.train.packing import PackedBatch, SequencePacker, sample_length
+from bagel_engine.train.video import FrameSampling, expand_video_placeholder, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +222,11 @@ def row_rng(row: Row, seed: int = 0, epoch: int = 0) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{row.source}:{row.position}")
 
 
-def row_sample(row: Row, task: str = "auto", rng: random.Random | None = None) -> sample_plans.Sample:
+def row_sample(row: Row, task: str = "auto", rng: random.Random | None = None,
+               frames: FrameSampling | None = None) -> sample_plans.Sample:
     """The sample of one row, or :class:`BagelInputError` saying what is wrong with it. ``rng``: the draws
-    of the official formats (default: the row's own, :func:`row_rng`)."""
+    of the official formats (default: the row's own, :func:`row_rng`); ``frames``: how a video row's frames are
+    sampled (default: :class:`FrameSampling`'s)."""
     if row.error:
         raise BagelInputError(row.error)
     name = row.where()
@@ -269,8 +273,15 @@ def row_sample(row: Row, task: str = "auto", rng: random.Random | None = None) -
         column = next(c for c in CONVERSATIONS if row.get(c) is not None) if _has(row, CONVERSATIONS) else None
         if column is None:
             raise BagelInputError("no conversation: the row has no column conversations / messages")
+        turns, images = _turns(row.get(column)), _images(row)
+        video = row.get("video")
+        if video is not None:
+            if images:
+                raise BagelInputError("a row has images or a video, not both")
+            images = read_frames(Path(row.folder or ".") / str(video), frames or FrameSampling(), rng)
+            turns = expand_video_placeholder(turns, len(images))
         try:
-            return sample_plans.conversation(_turns(row.get(column)), _images(row), name)
+            return sample_plans.conversation(turns, images, name)
         except ValueError as e:
             raise BagelInputError(str(e)) from None
     raise BagelInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -278,12 +289,13 @@ def row_sample(row: Row, task: str = "auto", rng: random.Random | None = None) -
 
 def usable_sample(row: Row, packer: SequencePacker, max_tokens: int, task: str = "auto",
                   rng: random.Random | None = None,
-                  transforms: sample_plans.ImageTransforms | None = None) -> tuple[sample_plans.Sample, int] | str:
+                  transforms: sample_plans.ImageTransforms | None = None,
+                  frames: FrameSampling | None = None) -> tuple[sample_plans.Sample, int] | str:
     """``(sample, tokens)`` of a row, or the reason it cannot be trained on (bad content, sizes the
     model cannot take, more tokens than ``max_tokens``). ``transforms``: its pictures' resize rules (None:
     the model's)."""
     try:
-        sample = row_sample(row, task, rng)
+        sample = row_sample(row, task, rng, frames)
         sample.transforms = transforms
         n = sample_length(packer, sample)
     except ValueError as e:  # BagelInputError included

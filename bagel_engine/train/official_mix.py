@@ -29,6 +29,7 @@ from typing import Iterator
 
 from bagel_engine.batch.reader import Row, read_rows
 from bagel_engine.params import BagelInputError
+from bagel_engine.train.video import FrameSampling
 from bagel_engine.train.data import BadRow, restore_rng, row_rng, usable_sample
 from bagel_engine.train.packing import PackedBatch, SequencePacker
 from bagel_engine.train.sample import ImageTransforms
@@ -44,6 +45,7 @@ class Group:
     weight: float
     mandatory: bool
     transforms: ImageTransforms | None = None
+    frames: FrameSampling | None = None  # its frame_sampler_args (video rows)
 
 
 TRANSFORM_KEYS = ("max_image_size", "min_image_size", "image_stride", "max_pixels")
@@ -127,7 +129,7 @@ def read_official_config(path: str | Path, dataset_info: str | Path | None = Non
         if not rows:
             raise BagelInputError(f"group {name!r} has no rows")
         groups.append(Group(name, rows, float(args.get("weight", 1.0)), bool(args.get("is_mandatory", False)),
-                            group_transforms(name, args)))
+                            group_transforms(name, args), FrameSampling.from_args(args.get("frame_sampler_args"))))
     if not groups or sum(g.weight for g in groups) <= 0:
         raise BagelInputError(f"{path}: no group with a positive weight")
     return groups
@@ -205,7 +207,7 @@ class MixedStream:
             if (group.name, row.position) in self._bad_seen:
                 continue
             usable = usable_sample(row, self.packer, self.max_tokens, self.task, row_rng(row, self.seed, epoch),
-                                   group.transforms)
+                                   group.transforms, group.frames)
             if isinstance(usable, str):
                 self._bad_seen.add((group.name, row.position))
                 self.bad.append(BadRow(row.where(), usable))
