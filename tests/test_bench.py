@@ -159,6 +159,8 @@ def test_option_sets_parse_into_load_and_call_options():
     assert parse_option_set("dtype=bfloat16")[0] == {"dtype": "bfloat16"}
     with pytest.raises(ValueError):
         parse_option_set("int8")
+    with pytest.raises(ValueError, match="times one process"):  # its ranks would wait on each other
+        parse_option_set("tensor_parallel_size=2")
     w = with_call_options(Workload("t2i"), {"enable_taylorseer": True, "cfg_renorm_type": "channel"})
     assert w.enable_taylorseer and w.extra == {"cfg_renorm_type": "channel"}
 

@@ -89,6 +89,9 @@ def parse_option_set(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ValueError(f"option {part!r} is not KEY=VALUE")
+        if key in ("cfg_parallel_size", "tensor_parallel_size", "vae_patch_parallel_size"):
+            raise ValueError(f"{key}: bagel bench times one process; time a model over several processes with "
+                             "torchrun ... bagel generate --json (its timings)")
         (call_kw if key in IMAGE_PARAM_NAMES else load_kw)[key] = parse_value(value)
     return load_kw, call_kw
 
