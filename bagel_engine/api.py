@@ -60,6 +60,7 @@ def load(
     cfg_parallel_size: int | None = None,
     tensor_parallel_size: int | None = None,
     vae_patch_parallel_size: int | None = None,
+    shard_weights: bool = False,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -90,7 +91,8 @@ def load(
     heads and MLP columns split over that many ranks (``bagel_engine.weights.tensor_parallel``); with
     ``cfg_parallel_size`` too, a mesh of ``cfg x tp`` processes (``bagel_engine.distributed``).
     ``vae_patch_parallel_size`` (every rank of that mesh, or alone a world of that many): VAE tiling on, the tiles of
-    input images and results spread over the ranks.
+    input images and results spread over the ranks. ``shard_weights=True`` (under torchrun): the decoder layers'
+    weights sharded over every rank, FSDP style, gathered layer by layer (``bagel_engine.weights.sharded``).
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -105,20 +107,22 @@ def load(
     the hub client's (``HF_HUB_CACHE``, ``HF_TOKEN``). With ``device="meta"`` or ``random_weights`` only the
     configs and the tokenizer are downloaded.
     """
-    parallel = any((n or 1) > 1 for n in (cfg_parallel_size, tensor_parallel_size, vae_patch_parallel_size))
+    parallel = shard_weights or any((n or 1) > 1 for n in (cfg_parallel_size, tensor_parallel_size,
+                                                            vae_patch_parallel_size))
     if parallel:
         device = rank_device(device)
-        if compile and (tensor_parallel_size or 1) > 1:
-            raise BagelInputError("compile does not run with tensor parallel yet (its all-reduces inside CUDA graphs "
-                                  "are not checked on GPUs): drop one of them")
+        if compile and ((tensor_parallel_size or 1) > 1 or shard_weights):
+            raise BagelInputError("compile does not run with tensor parallel or sharded weights yet (their collectives "
+                                  "inside CUDA graphs are not checked on GPUs): drop one of them")
     placement_device = torch.device(device) if device is not None else _default_device()
     groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device,
-                             vae_patch_parallel_size or 1) if parallel else None
+                             vae_patch_parallel_size or 1, shard_weights) if parallel else None
     placement = Placement(
         device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),
         official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
         lora_strength=lora_strength, random_weights=random_weights, seed=seed,
-        tensor_parallel=groups.tp if groups is not None else None)
+        tensor_parallel=groups.tp if groups is not None else None,
+        shard_weights=groups.weights if groups is not None else None)
     check_backend(attention)
     hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     reads_weights = not random_weights and placement.device.type != "meta"

@@ -29,6 +29,7 @@ class ParallelGroups:
     tp: Any  # the group of this rank's tensor-parallel shards (None when tp_size == 1)
     lockstep: Any  # every rank of the mesh
     vae: Any = None  # VAE patch parallel: every rank of the mesh, each a share of the VAE's tiles
+    weights: Any = None  # sharded weights: every rank of the mesh, each a share of the decoder layers' weights
 
     @property
     def tp_rank(self) -> int:
@@ -52,22 +53,35 @@ def rank_device(device: str | torch.device | None) -> torch.device | None:
     return device
 
 
-def parallel_groups(cfg_size: int, tp_size: int, device: torch.device, vae_size: int = 1) -> ParallelGroups:
+def parallel_groups(cfg_size: int, tp_size: int, device: torch.device, vae_size: int = 1,
+                    shard_weights: bool = False) -> ParallelGroups:
     """The groups of a ``cfg_size`` x ``tp_size`` mesh over torchrun's world, the process group started here when
     torchrun's variables are set and none is (every rank must call this, in the same order). ``vae_size`` > 1:
-    the VAE's tiles spread over that many ranks: the whole mesh (or, alone, a world of that many)."""
+    the VAE's tiles spread over that many ranks: the whole mesh (or, alone, a world of that many). ``shard_weights``:
+    the decoder layers' weights sharded over torchrun's whole world (no CFG-parallel, no tensor parallel with it:
+    every rank must run the same forwards)."""
     cfg_size, tp_size, vae_size = int(cfg_size or 1), int(tp_size or 1), int(vae_size or 1)
+    shard_world = 1
+    if shard_weights:
+        if cfg_size > 1 or tp_size > 1:
+            raise BagelInputError("--shard-weights runs the same forwards on every rank: not with --cfg-parallel-size "
+                                  "or --tensor-parallel-size (tensor parallel already splits the weights)")
+        if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+            raise BagelInputError("--shard-weights shards over the processes of torchrun: "
+                                  f"{torchrun_command(2)} --shard-weights")
+        shard_world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
     if cfg_size != 1 and cfg_size not in (2, 3):
         raise BagelInputError(f"CFG-parallel runs over 2 or 3 ranks (one guidance branch each), not {cfg_size}")
     if tp_size < 1:
         raise BagelInputError(f"the tensor-parallel size must be >= 1, not {tp_size}")
-    size = cfg_size * tp_size if cfg_size * tp_size > 1 else vae_size
+    size = cfg_size * tp_size if cfg_size * tp_size > 1 else max(vae_size, shard_world)
     if vae_size not in (1, size):
         raise BagelInputError(f"VAE patch parallel spreads the tiles over every rank of the model: "
                               f"--vae-patch-parallel-size must be {size} (--cfg-parallel-size x --tensor-parallel-size)")
     what = " with ".join(p for p in ("CFG-parallel" if cfg_size > 1 else "",
                                      "tensor parallel" if tp_size > 1 else "",
-                                     "VAE patch parallel" if vae_size > 1 else "") if p) or "one process"
+                                     "VAE patch parallel" if vae_size > 1 else "",
+                                     "sharded weights" if shard_weights else "") if p) or "one process"
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             raise BagelInputError(f"{what} over {size} processes runs under torchrun: {torchrun_command(size)}")
@@ -85,7 +99,11 @@ def parallel_groups(cfg_size: int, tp_size: int, device: torch.device, vae_size:
         _GROUPS[key] = ParallelGroups(cfg_size, tp_size, _my_group(_cfg_ranks(cfg_size, tp_size), cfg_size > 1),
                                       _my_group(_tp_ranks(cfg_size, tp_size), tp_size > 1), dist.group.WORLD)
     groups = _GROUPS[key]
-    return groups if vae_size == 1 else replace(groups, vae=dist.group.WORLD)
+    if shard_weights:
+        groups = replace(groups, weights=dist.group.WORLD)
+    if vae_size > 1:
+        groups = replace(groups, vae=dist.group.WORLD)
+    return groups
 
 
 def _tp_ranks(cfg_size: int, tp_size: int) -> list[list[int]]:

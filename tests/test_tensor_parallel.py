@@ -274,3 +274,38 @@ def test_a_tensor_parallel_server_answers_cancels_and_goes_on(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+
+
+def _sharded_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from bagel_engine.weights.sharded import held_fraction
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    pipe = bagel_engine.load("bagel-shapes", device="cpu", shard_weights=True)
+    jobs = _jobs(pipe)
+    jobs["held"] = held_fraction(pipe.model)
+    torch.save(jobs, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sharded_weights_give_the_one_process_result(tmp_path, alone):
+    """--shard-weights: each rank holds half of the decoder layers' weights (FSDP2 units, gathered as each layer
+    runs) and the results are one process's."""
+    pipe, one = alone
+    out = str(tmp_path / "result")
+    mp.spawn(_sharded_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    for r in range(2):
+        got = torch.load(f"{out}.{r}", weights_only=False)
+        assert got["held"] == pytest.approx(0.5, abs=0.01)
+        assert (got["answer"], got["chat"]) == (one["answer"], one["chat"])
+        for name in ("t2i", "edit"):
+            torch.testing.assert_close(got[name], one[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(bagel_engine.BagelInputError, match="not with --cfg-parallel-size or --tensor-parallel-size"):
+        from bagel_engine.distributed import parallel_groups
+        parallel_groups(1, 2, torch.device("cpu"), shard_weights=True)
+    from bagel_engine.weights.placement import Placement
+
+    with pytest.raises(ValueError, match="not with offload, quantize or tensor parallel"):
+        Placement(torch.device("cpu"), torch.float32, quantize="int8", shard_weights=object())

@@ -181,7 +181,7 @@ def run_batch(job: BatchJob, load: Callable[..., Any] | None = None) -> Summary:
     knob_table.check_task(job.task)
     out_dir = Path(job.output_dir)
     dist = data_parallel.setup(job.device)
-    model_ranks = model_parallel_size(job)
+    model_ranks = dist.world if job.load_options.get("shard_weights") else model_parallel_size(job)
     if model_ranks > 1 and dist.world != model_ranks:
         dist.close()
         raise BagelInputError(
@@ -240,7 +240,7 @@ def _run(job: BatchJob, load, dist: data_parallel.Dist, out_dir: Path, t_start: 
     plans = plan_rows(rows, task, job.id_column, job.output_column)
     chosen = [plans[i] for i in data_parallel.parse_rows(job.rows, len(plans))]
     # model parallel (CFG-parallel, tensor parallel): every rank runs every row in step, rank 0 alone writes
-    lockstep = model_parallel_size(job) > 1
+    lockstep = model_parallel_size(job) > 1 or (bool(job.load_options.get("shard_weights")) and dist.world > 1)
     share = data_parallel.Dist() if lockstep else dist
     selected, mine = data_parallel.take_share(chosen, job.shard, share)
     out_dir.mkdir(parents=True, exist_ok=True)

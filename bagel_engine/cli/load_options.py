@@ -59,6 +59,11 @@ VaePatchParallelSize = Annotated[Optional[int], typer.Option(
     "--vae-patch-parallel-size", rich_help_panel=PANEL, min=2, metavar="N",
     help="Turn VAE tiling on and spread the tiles of input images and results over N processes: every process of "
          "--cfg-parallel-size x --tensor-parallel-size, or alone torchrun --nproc-per-node N.")]
+ShardWeights = Annotated[bool, typer.Option(
+    "--shard-weights", rich_help_panel=PANEL,
+    help="Under torchrun: shard the decoder layers' weights over the processes (FSDP style, gathered layer by layer "
+         "as they run): cards too small for the model hold it together; every forward moves the layers' weights "
+         "between them.")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -81,7 +86,7 @@ TaskDefaultsFile = Annotated[Optional[Path], typer.Option(
 
 
 # the options that run one model over several processes (every rank must run the same requests)
-PARALLEL_OPTIONS = ("cfg_parallel_size", "tensor_parallel_size", "vae_patch_parallel_size")
+PARALLEL_OPTIONS = ("cfg_parallel_size", "tensor_parallel_size", "vae_patch_parallel_size", "shard_weights")
 
 HUB_PANEL = "Hub"
 Revision = Annotated[Optional[str], typer.Option(
@@ -116,10 +121,10 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
         attention = attention.value if isinstance(attention, Enum) else attention
         if attention != "auto":
             out["attention"] = attention
-    for name in PARALLEL_OPTIONS:
+    for name in PARALLEL_OPTIONS[:3]:  # the sizes
         if values.get(name):
             out[name] = int(values[name])
-    for name in ("official_numerics", "vae_tiling"):
+    for name in ("official_numerics", "vae_tiling", "shard_weights"):
         if values.get(name):
             out[name] = True
     for name in ("weights_file", "base_config", "task_defaults"):
@@ -146,6 +151,7 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("cfg_parallel_size", CfgParallelSize, None),
     ("tensor_parallel_size", TensorParallelSize, None),
     ("vae_patch_parallel_size", VaePatchParallelSize, None),
+    ("shard_weights", ShardWeights, False),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),

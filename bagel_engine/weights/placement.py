@@ -40,10 +40,14 @@ class Placement:
     random_weights: bool = False  # draw the weights (seeded by ``seed``) instead of reading them
     seed: int = 0
     tensor_parallel: Any = None
+    shard_weights: Any = None  # a process group the decoder layers' weights are sharded over (``weights.sharded``)
 
     def __post_init__(self):
         if self.tensor_parallel is not None and self.offload:
             raise ValueError("offload does not run with tensor parallel: each rank already holds a share of the weights")
+        if self.shard_weights is not None and (self.offload or self.quantize or self.tensor_parallel is not None):
+            raise ValueError("shard_weights runs with bf16 / fp32 weights alone: not with offload, quantize or tensor "
+                             "parallel (each already splits or streams the weights)")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ValueError(f"unknown quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
         if self.offload is not None and self.offload not in OFFLOAD_MODES:
@@ -56,7 +60,8 @@ class Placement:
     @property
     def weights_device(self) -> torch.device:
         # tensor parallel: the whole weights on the CPU first, this rank's shards to the device
-        return torch.device("cpu") if self.offload or self.tensor_parallel is not None else self.device
+        sharded = self.tensor_parallel is not None or self.shard_weights is not None
+        return torch.device("cpu") if self.offload or sharded else self.device
 
     @property
     def vae_device(self) -> torch.device:
@@ -91,6 +96,10 @@ def load_modules(checkpoint: Checkpoint, cfg: ModelConfig, placement: Placement,
         from bagel_engine.weights.tensor_parallel import shard_model
 
         shard_model(bagel, p.tensor_parallel).to(p.device)
+    if p.shard_weights is not None:
+        from bagel_engine.weights.sharded import shard_layers
+
+        shard_layers(bagel, p.shard_weights, p.device)
     if p.quantize:
         from bagel_engine.weights.quantize import quantize_model
 
