@@ -61,6 +61,8 @@ def load(
     tensor_parallel_size: int | None = None,
     vae_patch_parallel_size: int | None = None,
     shard_weights: bool = False,
+    devices: str | Sequence[str] | None = None,
+    layer_split: Sequence[int] | None = None,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -93,6 +95,8 @@ def load(
     ``vae_patch_parallel_size`` (every rank of that mesh, or alone a world of that many): VAE tiling on, the tiles of
     input images and results spread over the ranks. ``shard_weights=True`` (under torchrun): the decoder layers'
     weights sharded over every rank, FSDP style, gathered layer by layer (``bagel_engine.weights.sharded``).
+    ``devices`` (``"0,1"`` or ``["cuda:0", "cuda:1"]``): the decoder's layers split over these devices of this one
+    process (``layer_split``: layers per device), the rest of the model on the first (``weights.layer_split``).
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -114,6 +118,15 @@ def load(
         if compile and ((tensor_parallel_size or 1) > 1 or shard_weights):
             raise BagelInputError("compile does not run with tensor parallel or sharded weights yet (their collectives "
                                   "inside CUDA graphs are not checked on GPUs): drop one of them")
+    split_over = ()
+    if devices is not None:
+        from bagel_engine.weights.layer_split import parse_devices
+
+        try:
+            split_over = tuple(parse_devices(devices))
+        except ValueError as e:
+            raise BagelInputError(str(e)) from None
+        device = split_over[0]
     placement_device = torch.device(device) if device is not None else _default_device()
     groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device,
                              vae_patch_parallel_size or 1, shard_weights) if parallel else None
@@ -122,7 +135,8 @@ def load(
         official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
         lora_strength=lora_strength, random_weights=random_weights, seed=seed,
         tensor_parallel=groups.tp if groups is not None else None,
-        shard_weights=groups.weights if groups is not None else None)
+        shard_weights=groups.weights if groups is not None else None, devices=split_over,
+        layer_split=tuple(layer_split or ()))
     check_backend(attention)
     hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     reads_weights = not random_weights and placement.device.type != "meta"

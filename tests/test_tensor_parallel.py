@@ -309,3 +309,32 @@ def test_sharded_weights_give_the_one_process_result(tmp_path, alone):
 
     with pytest.raises(ValueError, match="not with offload, quantize or tensor parallel"):
         Placement(torch.device("cpu"), torch.float32, quantize="int8", shard_weights=object())
+
+
+def test_the_layers_split_over_devices_give_the_one_device_result(alone):
+    """--devices (the official app's multi-GPU mode): the decoder's layers over several devices of one process, here
+    all the CPU; the layers, their KV caches and the activations follow the split; the results are one device's."""
+    from bagel_engine.weights.layer_split import layer_counts
+
+    pipe, one = alone
+    assert layer_counts(28, 2) == [14, 14] and layer_counts(27, 2) == [13, 14] and layer_counts(6, 4) == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="adding up to the 6 decoder layers"):
+        layer_counts(6, 2, [2, 3])
+    # "cpu:0" is the CPU under another name: every layer boundary then moves the activations (a no-op copy), so the
+    # moving code runs as it would between two cards
+    split = bagel_engine.load("bagel-shapes", devices="cpu,cpu:0", layer_split=[2, 4])
+    assert split.model.decoder.layer_devices == [torch.device("cpu")] * 2 + [torch.device("cpu:0")] * 4
+    got = _jobs(split)
+    assert (got["answer"], got["chat"]) == (one["answer"], one["chat"])
+    for name in ("t2i", "edit"):
+        torch.testing.assert_close(got[name], one[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(bagel_engine.BagelInputError, match="two or more"):
+        bagel_engine.load("bagel-shapes", devices="cpu")
+
+
+def test_the_cli_takes_the_layer_split():
+    from bagel_engine.cli.load_options import load_flags, load_kwargs
+
+    options = load_kwargs({"devices": "0,1", "layer_split": "12,16"})
+    assert options == {"devices": "0,1", "layer_split": [12, 16]}
+    assert load_flags(options) == ["--devices", "0,1", "--layer-split", "12,16"]

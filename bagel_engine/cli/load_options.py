@@ -64,6 +64,13 @@ ShardWeights = Annotated[bool, typer.Option(
     help="Under torchrun: shard the decoder layers' weights over the processes (FSDP style, gathered layer by layer "
          "as they run): cards too small for the model hold it together; every forward moves the layers' weights "
          "between them.")]
+Devices = Annotated[Optional[str], typer.Option(
+    "--devices", rich_help_panel=PANEL, metavar="LIST",
+    help="Split the decoder's layers over these devices of one process (0,1 = cuda:0 and cuda:1; the official app's "
+         "multi-GPU mode): a model larger than one card, no torchrun; the cards run one after the other.")]
+LayerSplit = Annotated[Optional[str], typer.Option(
+    "--layer-split", rich_help_panel=PANEL, metavar="COUNTS",
+    help="With --devices: the decoder layers each device holds, e.g. 12,16. \\[default: even, the first device fewer]")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -127,9 +134,14 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     for name in ("official_numerics", "vae_tiling", "shard_weights"):
         if values.get(name):
             out[name] = True
-    for name in ("weights_file", "base_config", "task_defaults"):
+    for name in ("weights_file", "base_config", "task_defaults", "devices"):
         if values.get(name) is not None:
             out[name] = str(values[name])
+    if values.get("layer_split"):
+        try:
+            out["layer_split"] = [int(x) for x in str(values["layer_split"]).split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"{values['layer_split']!r}: counts such as 12,16", param_hint="--layer-split")
     out.update(hub_kwargs(values))
     if values.get("lora"):
         out["lora"] = list(values["lora"])
@@ -152,6 +164,8 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("tensor_parallel_size", TensorParallelSize, None),
     ("vae_patch_parallel_size", VaePatchParallelSize, None),
     ("shard_weights", ShardWeights, False),
+    ("devices", Devices, None),
+    ("layer_split", LayerSplit, None),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),
@@ -171,6 +185,8 @@ def load_flags(load_options: dict[str, Any]) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if value is True:
             flags.append(flag)
+        elif name == "layer_split":  # one option, counts joined
+            flags += [flag, ",".join(str(v) for v in value)]
         elif isinstance(value, (list, tuple)):
             for v in value:
                 flags += [flag, str(v)]

@@ -24,6 +24,20 @@ import torch
 from bagel_engine.model.attention import attend, attend_block_mask, attend_dense_mask
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (L, Hkv, D)
+Devices = torch.device | list[torch.device]  # one device, or one per layer (the decoder's layers split over cards)
+
+
+def _per_layer(device: Devices, num_layers: int) -> list[torch.device]:
+    return list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+
+
+def _on(cache: dict, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, copied once per device (layers split over cards read the layout's indexes there)."""
+    if t.device == device:
+        return t
+    if device not in cache:
+        cache[device] = t.to(device)
+    return cache[device]
 
 
 class AppendKV:
@@ -43,12 +57,15 @@ class BranchKV:
     """B sequences of ``n`` new tokens each; sequence b sees its cache (``lengths[b]`` tokens) and its block."""
 
     def __init__(self, caches: list[tuple[KV, ...] | None], lengths: list[int], n: int, num_layers: int,
-                 kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+                 kv_heads: int, head_dim: int, device: Devices, dtype: torch.dtype):
         b = len(caches)
         s = max(lengths) + n
         self.num_branches, self.n, self.slots = b, n, s
-        self.k = [torch.zeros(b, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(b, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
+        devices = _per_layer(device, num_layers)
+        device = devices[0]
+        self.k = [torch.zeros(b, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
+        self.v = [torch.zeros(b, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
+        self._moved: dict = {}
         for i, (cache, length) in enumerate(zip(caches, lengths)):
             if cache is not None and length:
                 for layer in range(num_layers):
@@ -69,6 +86,7 @@ class BranchKV:
         view.write_index = self.write_index[: count * self.n]
         view.kv_lens = self.kv_lens[:count]
         view.mask = self.mask[:count]
+        view._moved = {}
         return view
 
     def only(self, j: int) -> "BranchKV":
@@ -80,14 +98,18 @@ class BranchKV:
         view.write_index = self.write_index[j * self.n:(j + 1) * self.n] - j * self.slots
         view.kv_lens = self.kv_lens[j:j + 1]
         view.mask = self.mask[j:j + 1]
+        view._moved = {}
         return view
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         b, n, s = self.num_branches, self.n, self.slots
         kb, vb = self.k[layer], self.v[layer]
-        kb.view(b * s, *kb.shape[2:]).index_copy_(0, self.write_index, k)
-        vb.view(b * s, *vb.shape[2:]).index_copy_(0, self.write_index, v)
-        out = attend(q.view(b, n, *q.shape[1:]), kb, vb, mask=self.mask, kv_lens=self.kv_lens)
+        moved = self._moved.setdefault("index", {}), self._moved.setdefault("mask", {}), self._moved.setdefault("lens", {})
+        index = _on(moved[0], self.write_index, kb.device)
+        kb.view(b * s, *kb.shape[2:]).index_copy_(0, index, k)
+        vb.view(b * s, *vb.shape[2:]).index_copy_(0, index, v)
+        out = attend(q.view(b, n, *q.shape[1:]), kb, vb, mask=_on(moved[1], self.mask, kb.device),
+                     kv_lens=_on(moved[2], self.kv_lens, kb.device))
         return out.reshape(b * n, *q.shape[1:])
 
 
@@ -95,11 +117,13 @@ class DecodeKV:
     """One sequence over its cache plus up to ``max_new`` decoded tokens, one token per forward."""
 
     def __init__(self, past: tuple[KV, ...] | None, length: int, max_new: int, num_layers: int, kv_heads: int,
-                 head_dim: int, device: torch.device, dtype: torch.dtype):
+                 head_dim: int, device: Devices, dtype: torch.dtype):
         s = length + max_new
         self.slots = s
-        self.k = [torch.zeros(1, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(1, s, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(num_layers)]
+        devices = _per_layer(device, num_layers)
+        device = devices[0]
+        self.k = [torch.zeros(1, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
+        self.v = [torch.zeros(1, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
         if past is not None and length:
             for layer in range(num_layers):
                 self.k[layer][0, :length] = past[layer][0]
@@ -117,9 +141,11 @@ class DecodeKV:
         self._refresh()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        self.k[layer][0].index_copy_(0, self.pos, k)
-        self.v[layer][0].index_copy_(0, self.pos, v)
-        return attend(q[None], self.k[layer], self.v[layer], mask=self.mask, kv_lens=self.kv_lens)[0]
+        here = self.k[layer].device  # the write position moves every token: read where the layer is, each time
+        pos, mask, lens = (t if t.device == here else t.to(here) for t in (self.pos, self.mask, self.kv_lens))
+        self.k[layer][0].index_copy_(0, pos, k)
+        self.v[layer][0].index_copy_(0, pos, v)
+        return attend(q[None], self.k[layer], self.v[layer], mask=mask, kv_lens=lens)[0]
 
 
 @dataclass(frozen=True)

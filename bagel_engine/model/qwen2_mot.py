@@ -60,6 +60,11 @@ class Routing:
     # sequences: mostly text); then each expert runs on its own rows only. None: all other rows.
     gen: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> "Routing":
+        if self.und.device == device:
+            return self
+        return Routing(self.und.to(device), None if self.gen is None else self.gen.to(device))
+
 
 def route(x: torch.Tensor, und_fn, gen_fn, routing: Routing | None) -> torch.Tensor:
     """Apply ``und_fn`` to the understanding rows of ``x`` and ``gen_fn`` to the others."""
@@ -144,6 +149,12 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        # the layers split over devices (one per layer; None: all on the model's device): activations follow them
+        self.layer_devices: list[torch.device] | None = None
+
+    def kv_devices(self, device: torch.device):
+        """Where each layer's KV cache lives: ``device``, or each layer's own when the layers are split."""
+        return device if self.layer_devices is None else list(self.layer_devices)
 
     @property
     def kv_heads(self) -> int:
@@ -162,12 +173,17 @@ class Qwen2MoTModel(nn.Module):
         """The decoder layers without the final norm (what a step cache stores). With
         ``gradient_checkpointing`` (training), each layer's activations are recomputed in backward."""
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        home = x.device
         for i, layer in enumerate(self.layers):
+            if self.layer_devices is not None and self.layer_devices[i] != x.device:  # the next card's layers
+                here = self.layer_devices[i]
+                x, rope = x.to(here), tuple(t.to(here) for t in rope)
+                routing = None if routing is None else routing.to(here)
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, kv, i, causal, routing, use_reentrant=False)
             else:
                 x = layer(x, rope, kv, i, causal, routing)
-        return x
+        return x.to(home)
 
     def final_norm(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         return route(x, self.norm, self.norm_moe_gen, routing)

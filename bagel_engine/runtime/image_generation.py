@@ -110,7 +110,7 @@ class ImageDenoise:
         plan = plan_branches([contexts], active, separate_roles=params.enable_taylorseer and not guided_prefix)
         self.num_branches = len(plan.contexts)
         self.layout = BranchKV([c.kv for c in plan.contexts], [c.length for c in plan.contexts], n + 2,
-                               cfg.num_hidden_layers, model.decoder.kv_heads, cfg.head_dim, device, dtype)
+                               cfg.num_hidden_layers, model.decoder.kv_heads, cfg.head_dim, model.decoder.kv_devices(device), dtype)
         self.cond_layout = self.layout.first(1)
         positions = torch.cat([torch.full((n + 2,), c.rope, device=device) for c in plan.contexts])
         self.rope_all = model.decoder.rope(positions, dtype)

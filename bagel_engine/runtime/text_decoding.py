@@ -36,7 +36,7 @@ class TextDecode:
         self.special, self.params, self.generator = special, params, generator
         self.trace, self.on_token = trace, on_token
         self.kv = DecodeKV(ctx.kv, ctx.length, params.max_think_token_n, cfg.num_hidden_layers,
-                           model.decoder.kv_heads, cfg.head_dim, device, dtype)
+                           model.decoder.kv_heads, cfg.head_dim, model.decoder.kv_devices(device), dtype)
         self.positions = model.decoder.rope(
             torch.arange(ctx.rope, ctx.rope + params.max_think_token_n, device=device), dtype)
         self.tokens: list[int] = []

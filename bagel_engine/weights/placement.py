@@ -41,10 +41,15 @@ class Placement:
     seed: int = 0
     tensor_parallel: Any = None
     shard_weights: Any = None  # a process group the decoder layers' weights are sharded over (``weights.sharded``)
+    devices: tuple[torch.device, ...] = ()  # the decoder's layers split over these (``weights.layer_split``)
+    layer_split: tuple[int, ...] = ()  # layers per device (default: even, the first device fewer)
 
     def __post_init__(self):
         if self.tensor_parallel is not None and self.offload:
             raise ValueError("offload does not run with tensor parallel: each rank already holds a share of the weights")
+        if self.devices and (self.offload or self.tensor_parallel is not None or self.shard_weights is not None):
+            raise ValueError("devices (a layer split over cards) does not run with offload, tensor parallel or sharded "
+                             "weights")
         if self.shard_weights is not None and (self.offload or self.quantize or self.tensor_parallel is not None):
             raise ValueError("shard_weights runs with bf16 / fp32 weights alone: not with offload, quantize or tensor "
                              "parallel (each already splits or streams the weights)")
@@ -60,7 +65,7 @@ class Placement:
     @property
     def weights_device(self) -> torch.device:
         # tensor parallel: the whole weights on the CPU first, this rank's shards to the device
-        sharded = self.tensor_parallel is not None or self.shard_weights is not None
+        sharded = self.tensor_parallel is not None or self.shard_weights is not None or bool(self.devices)
         return torch.device("cpu") if self.offload or sharded else self.device
 
     @property
@@ -96,6 +101,10 @@ def load_modules(checkpoint: Checkpoint, cfg: ModelConfig, placement: Placement,
         from bagel_engine.weights.tensor_parallel import shard_model
 
         shard_model(bagel, p.tensor_parallel).to(p.device)
+    if p.devices:
+        from bagel_engine.weights.layer_split import split_layers
+
+        split_layers(bagel, list(p.devices), p.layer_split or None)
     if p.shard_weights is not None:
         from bagel_engine.weights.sharded import shard_layers
 
