@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from bagel_engine import params
-from bagel_engine.distributed import parallel_groups, rank_device
+from bagel_engine.distributed import Parallelism, parallel_groups
 from bagel_engine.model.autoencoder import AutoEncoder
 from bagel_engine.model.attention import check_backend
 from bagel_engine.model.bagel import Bagel
@@ -111,32 +111,13 @@ def load(
     the hub client's (``HF_HUB_CACHE``, ``HF_TOKEN``). With ``device="meta"`` or ``random_weights`` only the
     configs and the tokenizer are downloaded.
     """
-    parallel = shard_weights or any((n or 1) > 1 for n in (cfg_parallel_size, tensor_parallel_size,
-                                                            vae_patch_parallel_size))
-    if parallel:
-        device = rank_device(device)
-        if compile and ((tensor_parallel_size or 1) > 1 or shard_weights):
-            raise BagelInputError("compile does not run with tensor parallel or sharded weights yet (their collectives "
-                                  "inside CUDA graphs are not checked on GPUs): drop one of them")
-    split_over = ()
-    if devices is not None:
-        from bagel_engine.weights.layer_split import parse_devices
-
-        try:
-            split_over = tuple(parse_devices(devices))
-        except ValueError as e:
-            raise BagelInputError(str(e)) from None
-        device = split_over[0]
-    placement_device = torch.device(device) if device is not None else _default_device()
-    groups = parallel_groups(cfg_parallel_size or 1, tensor_parallel_size or 1, placement_device,
-                             vae_patch_parallel_size or 1, shard_weights) if parallel else None
+    parallel = Parallelism(cfg_parallel_size, tensor_parallel_size, vae_patch_parallel_size, shard_weights, devices,
+                           layer_split)
+    placement_device, groups, spread = parallel.resolve(device, compile, _default_device())
     placement = Placement(
         device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),
         official_numerics=official_numerics, quantize=quantize, offload=offload, lora=Placement.adapters(lora),
-        lora_strength=lora_strength, random_weights=random_weights, seed=seed,
-        tensor_parallel=groups.tp if groups is not None else None,
-        shard_weights=groups.weights if groups is not None else None, devices=split_over,
-        layer_split=tuple(layer_split or ()))
+        lora_strength=lora_strength, random_weights=random_weights, seed=seed, **spread)
     check_backend(attention)
     hub = HubOptions(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), token=token)
     reads_weights = not random_weights and placement.device.type != "meta"
@@ -155,11 +136,7 @@ def load(
     defaults = checkpoint_task_defaults(checkpoint, task_defaults)
     pipe = BagelPipeline(bagel, vae, tokenizer, cfg, device=device, dtype=dtype, model_name=str(model),
                          official_numerics=official_numerics, task_defaults=defaults, attention=attention)
-    if groups is not None:
-        pipe.tensor_parallel_size, pipe.engine.lockstep = groups.tp_size, groups.lockstep
-        if groups.vae is not None:
-            pipe.engine.vae_group = groups.vae
-            vae_tiling = True
+    vae_tiling = Parallelism.attach(pipe, groups) or vae_tiling
     if compile:
         pipe.compile()
     if vae_tiling:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -126,3 +126,57 @@ def _my_group(partition: list[list[int]], needed: bool):
         if rank in ranks:
             mine = group
     return mine
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How one model spreads over several devices (``load``'s options): CFG-parallel, tensor parallel, VAE patch
+    parallel and sharded weights over torchrun's processes, or the layers split over the devices of one process."""
+
+    cfg_parallel_size: int | None = None
+    tensor_parallel_size: int | None = None
+    vae_patch_parallel_size: int | None = None
+    shard_weights: bool = False
+    devices: str | Sequence[str] | None = None
+    layer_split: Sequence[int] | None = None
+
+    @property
+    def multi_process(self) -> bool:
+        return self.shard_weights or any((n or 1) > 1 for n in (self.cfg_parallel_size, self.tensor_parallel_size,
+                                                                  self.vae_patch_parallel_size))
+
+    def resolve(self, device: str | torch.device | None, compile: bool = False,
+                default: torch.device | None = None) -> tuple[torch.device, ParallelGroups | None, dict]:
+        """(this process's main device, the process groups or None, the Placement fields they set)."""
+        if self.multi_process:
+            device = rank_device(device)
+            if compile and ((self.tensor_parallel_size or 1) > 1 or self.shard_weights):
+                raise BagelInputError("compile does not run with tensor parallel or sharded weights yet (their "
+                                      "collectives inside CUDA graphs are not checked on GPUs): drop one of them")
+        split_over: tuple = ()
+        if self.devices is not None:
+            from bagel_engine.weights.layer_split import parse_devices
+
+            try:
+                split_over = tuple(parse_devices(self.devices))
+            except ValueError as e:
+                raise BagelInputError(str(e)) from None
+            device = split_over[0]
+        main = torch.device(device) if device is not None else (default or torch.device("cpu"))
+        groups = parallel_groups(self.cfg_parallel_size or 1, self.tensor_parallel_size or 1, main,
+                                 self.vae_patch_parallel_size or 1, self.shard_weights) if self.multi_process else None
+        fields = {"tensor_parallel": groups.tp if groups is not None else None,
+                  "shard_weights": groups.weights if groups is not None else None,
+                  "devices": split_over, "layer_split": tuple(self.layer_split or ())}
+        return main, groups, fields
+
+    @staticmethod
+    def attach(pipe, groups: ParallelGroups | None) -> bool:
+        """Tell a loaded pipeline its groups (every rank in lockstep; the VAE's tiles over the ranks); True when VAE
+        tiling must be on."""
+        if groups is None:
+            return False
+        pipe.tensor_parallel_size, pipe.engine.lockstep = groups.tp_size, groups.lockstep
+        if groups.vae is not None:
+            pipe.engine.vae_group = groups.vae
+        return groups.vae is not None
