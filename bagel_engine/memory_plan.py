@@ -206,6 +206,7 @@ class Estimate:
     fits: bool | None = None
     note: str = ""
     tensor_parallel: int = 1  # cards the layers are split over (the figures are per card)
+    split: int = 1  # cards one process splits the layers over (``--devices``; the figures are the fullest card's)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -213,12 +214,15 @@ class Estimate:
 
 def estimate(cfg: ModelConfig, height: int = 1024, width: int = 1024, *, quantize: str | None = None,
              offload: str | None = None, label: str | None = None, text_tokens: int = TEXT_TOKENS,
-             think_tokens: int = 0, batch: int = 1, branches: int = 3, tensor_parallel: int = 1) -> Estimate:
-    """Peak GPU memory (per card, with ``tensor_parallel`` > 1) of generating or editing a ``height x width``
-    image with these options."""
+             think_tokens: int = 0, batch: int = 1, branches: int = 3, tensor_parallel: int = 1,
+             split: int = 1) -> Estimate:
+    """Peak GPU memory (per card, with ``tensor_parallel`` > 1; on the fullest card, with the layers ``split`` over
+    several cards of one process) of generating or editing a ``height x width`` image with these options."""
     tp = tensor_parallel
-    if tp > 1 and offload is not None:
-        raise ValueError("offload does not run with tensor parallel")
+    if (tp > 1 or split > 1) and offload is not None:
+        raise ValueError("offload does not run with tensor parallel or a layer split")
+    if split > 1:
+        return _split_estimate(cfg, height, width, quantize, label, text_tokens, think_tokens, batch, branches, split)
     w = weight_bytes(cfg, quantize)
     layers = cfg.llm.num_hidden_layers
     per_layer = {e: w[e] / layers for e in ("und", "gen")}
@@ -248,6 +252,36 @@ def estimate(cfg: ModelConfig, height: int = 1024, width: int = 1024, *, quantiz
                     tensor_parallel=tp)
 
 
+def _split_estimate(cfg: ModelConfig, height: int, width: int, quantize: str | None, label: str | None,
+                    text_tokens: int, think_tokens: int, batch: int, branches: int, cards: int) -> Estimate:
+    """The layers split over ``cards`` of one process (``weights.layer_split``): the first card holds the rest of
+    the model and does the VAE decode; each card its layers' weights and KV cache and one layer's temporaries."""
+    from bagel_engine.weights.layer_split import layer_counts
+
+    whole = estimate(cfg, height, width, quantize=quantize, text_tokens=text_tokens, think_tokens=think_tokens,
+                     batch=batch, branches=branches)
+    w = weight_bytes(cfg, quantize)
+    layers = cfg.llm.num_hidden_layers
+    per_layer = (w["und"] + w["gen"]) / layers
+    tok = context_tokens(cfg, height, width, text_tokens + think_tokens)
+    rows = batch * branches * (tok["latent"] + 2)
+    step = step_activation_bytes(cfg, rows, tok["gen"])
+    if quantize in ("int8", "nf4"):
+        step += cfg.llm.hidden_size * cfg.llm.intermediate_size * 2
+    best = None
+    for i, count in enumerate(layer_counts(layers, cards)):
+        weights = per_layer * count + (w["small"] + w["vae"] if i == 0 else 0.0)
+        kv = whole.kv_cache * count / layers
+        act = max(step, vae_decode_bytes(cfg, height, width)) if i == 0 else step
+        subtotal = weights + kv + act
+        total = subtotal + CUDA_OVERHEAD + FRAGMENTATION * subtotal
+        if best is None or total > best.total:
+            best = Estimate(label or f"{whole.label} + split={cards}", quantize, None, weights, kv, act,
+                            total - subtotal, total, 0.0, note=f"{whole.note}; the fullest of {cards} cards, one process",
+                            split=cards)
+    return best
+
+
 @dataclass
 class Plan:
     model: str
@@ -267,7 +301,8 @@ class Plan:
         r = self.recommended
         d["recommended"] = None if r is None else r.label
         d["recommended_options"] = None if r is None else {
-            "quantize": r.quantize, "offload": r.offload, "tensor_parallel_size": r.tensor_parallel}
+            "quantize": r.quantize, "offload": r.offload, "tensor_parallel_size": r.tensor_parallel,
+            "devices": r.split}
         return d
 
 
@@ -279,16 +314,16 @@ def tensor_parallel_size(cfg: ModelConfig, gpus: int) -> int:
     return max(n for n in range(1, max(1, gpus) + 1) if all(c % n == 0 for c in counts))
 
 
-def _with_tensor_parallel(options: list[tuple[str, str | None, str | None]], tp: int) -> list[tuple]:
-    """``options`` as (label, quantize, offload, tp): each quantization's tensor-parallel row right after its
-    one-card row, ahead of every offload row."""
-    if tp == 1:
-        return [(*o, 1) for o in options]
+def _with_tensor_parallel(options: list[tuple[str, str | None, str | None]], tp: int, gpus: int = 1) -> list[tuple]:
+    """``options`` as (label, quantize, offload, tp, split): each quantization's tensor-parallel row, then its layer
+    split over the cards of one process, right after its one-card row, ahead of every offload row."""
     out = []
     for label, q, o in options:
-        out.append((label, q, o, 1))
-        if o is None:
-            out.append((f"{label} + tp={tp}", q, None, tp))
+        out.append((label, q, o, 1, 1))
+        if o is None and tp > 1:
+            out.append((f"{label} + tp={tp}", q, None, tp, 1))
+        if o is None and gpus > 1:
+            out.append((f"{label} + split={gpus}", q, None, 1, gpus))
     return out
 
 
@@ -308,9 +343,9 @@ def plan(cfg: ModelConfig, gpu_memory: int | str | None = None, height: int = 10
     order = OPTIONS
     if fp8:  # fp8 before int8: same memory, faster on the GPUs that have it
         order = sorted(OPTIONS, key=lambda opt: (OPTIONS.index(opt) - 1.5) if opt[1] == "fp8" else OPTIONS.index(opt))
-    for label, q, o, tp in _with_tensor_parallel(order, tensor_parallel_size(cfg, gpus)):
+    for label, q, o, tp, split in _with_tensor_parallel(order, tensor_parallel_size(cfg, gpus), gpus):
         e = estimate(cfg, height, width, quantize=q, offload=o, label=label, text_tokens=text_tokens,
-                     think_tokens=think_tokens, tensor_parallel=tp)
+                     think_tokens=think_tokens, tensor_parallel=tp, split=split)
         if gpu is not None:
             e.fits = e.total <= gpu
             if p.recommended is None and e.fits and (q != "fp8" or fp8):
@@ -355,12 +390,16 @@ def format_plan(p: Plan) -> str:
         args = [f"quantize={r.quantize!r}"] if r.quantize else []
         args += [f"offload={r.offload!r}"] if r.offload else []
         args += [f"tensor_parallel_size={r.tensor_parallel}"] if r.tensor_parallel > 1 else []
+        cards = ",".join(str(i) for i in range(r.split))
+        args += [f"devices={cards!r}"] if r.split > 1 else []
         flags = " ".join(([f"--quantize {r.quantize}"] if r.quantize else []) + ([f"--offload {r.offload}"] if r.offload else [])
-                         + ([f"--tensor-parallel-size {r.tensor_parallel}"] if r.tensor_parallel > 1 else []))
+                         + ([f"--tensor-parallel-size {r.tensor_parallel}"] if r.tensor_parallel > 1 else [])
+                         + ([f"--devices {cards}"] if r.split > 1 else []))
         launch = f"torchrun --nproc-per-node {r.tensor_parallel} --no-python bagel ... " if r.tensor_parallel > 1 else ""
-        lines.append(f"  recommended: {r.label} (about {fmt_bytes(r.total)}{' per card' if r.tensor_parallel > 1 else ''})"
+        lines.append(f"  recommended: {r.label} (about {fmt_bytes(r.total)}"
+                     f"{' per card' if r.tensor_parallel > 1 else ' on the fullest card' if r.split > 1 else ''})"
                      + (f": bagel_engine.load(MODEL, {', '.join(args)}), CLI {launch}{flags}" if args else ": no option needed"))
-        if p.gpus > 1 and r.tensor_parallel == 1:
+        if p.gpus > 1 and r.tensor_parallel == 1 and r.split == 1:
             lines.append(f"  it fits on one card: run {p.gpus} processes for throughput (bagel batch under torchrun), "
                          "or --cfg-parallel-size for the latency of one picture")
         if r.host_pinned:

@@ -167,3 +167,17 @@ def test_cli_plan_for_two_cards():
     r = _bagel("inspect", str(REAL_CONFIG_DIR), "--plan", "--gpus", "2", "--gpu-memory", "24GB")
     assert r.exit_code == 0, r.output
     assert "on 2 GPUs of 24.0 GB" in r.stdout and "recommended: bf16 + tp=2" in r.stdout
+
+
+def test_a_layer_split_over_cards_is_planned_on_its_fullest_card(cfg):
+    """--gpus N also lists the layers split over the cards of one process (--devices): the first card holds the rest
+    of the model too; 3 x 16 GB (no tensor parallel over 3: 4 KV heads) fit bf16 that way."""
+    split = mp.estimate(cfg, split=2)
+    w = mp.weight_bytes(cfg)
+    assert split.weights_gpu == pytest.approx((w["und"] + w["gen"]) / 2 + w["small"] + w["vae"])
+    assert split.kv_cache == pytest.approx(mp.estimate(cfg).kv_cache / 2) and split.split == 2
+    p = mp.plan(cfg, "16GB", gpus=3)
+    assert (p.recommended.label, p.recommended.split) == ("bf16 + split=3", 3)
+    assert "--devices 0,1,2" in mp.format_plan(p) and p.as_dict()["recommended_options"]["devices"] == 3
+    with pytest.raises(ValueError, match="layer split"):
+        mp.estimate(cfg, offload="layer", split=2)
