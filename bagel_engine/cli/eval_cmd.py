@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from bagel_engine.cli.jobs import ANY_KNOBS, Device, Dtype, Json, Model, fail, guidance, load_pipeline, with_knobs
-from bagel_engine.cli.load_options import CacheDir, refuse_cfg_parallel, with_fp32, with_load_options
+from bagel_engine.cli.load_options import CacheDir, refuse_parallel, with_fp32, with_load_options
 from bagel_engine.cli.main import app
 
 eval_app = typer.Typer(help="Evaluate a model on a benchmark suite (scores per category; pictures kept with -o).",
@@ -85,7 +85,7 @@ def shapes(
     if enable_taylorseer:
         knobs["enable_taylorseer"] = True
     tasks = SUITE_TASKS if task == ShapesTask.all else (task.value,)
-    refuse_cfg_parallel(load_options, "bagel eval shapes", "every rank would write the same folder")
+    refuse_parallel(load_options, "bagel eval shapes", "every rank would write the same folder")
     pipe = load_pipeline(model, device, dtype, json_, **load_options)
     bar, progress = _progress_bar("evaluating", "item", json_)
     try:
@@ -328,7 +328,7 @@ def _run_suite(name: str, make_job, run, scorer_help: str, model, device, dtype,
     """An official suite's generation on this rank (torchrun spreads it), its bar, its summary, the scorer's command."""
     from bagel_engine.batch import dist as DP
 
-    refuse_cfg_parallel(load_options, f"bagel eval {name}", "under torchrun its ranks share out the items (data parallel)")
+    refuse_parallel(load_options, f"bagel eval {name}", "under torchrun its ranks share out the items (data parallel)")
     try:
         ranks = DP.setup(device)
     except ValueError as e:

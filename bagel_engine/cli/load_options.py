@@ -195,7 +195,7 @@ def load_flags(load_options: dict[str, Any]) -> list[str]:
     return flags
 
 
-def refuse_cfg_parallel(load_options: dict, command: str, why: str) -> None:
+def refuse_parallel(load_options: dict, command: str, why: str) -> None:
     """Stop a command whose ranks cannot all run the same requests when it is given --cfg-parallel-size or
     --tensor-parallel-size."""
     for name in PARALLEL_OPTIONS:

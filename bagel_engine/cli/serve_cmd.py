@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bagel_engine.cli.load_options import refuse_cfg_parallel, with_load_options
+from bagel_engine.cli.load_options import refuse_parallel, with_load_options
 from bagel_engine.cli.main import app
 from bagel_engine.ui.strings import LANGS
 
@@ -48,7 +48,7 @@ def _load(model: str, device: str | None, dtype: str | None, options: dict | Non
     from bagel_engine.serve.threaded import in_fresh_thread
 
     if not parallel_ok:
-        refuse_cfg_parallel(options or {}, "the web UI alone", "serve it with bagel serve (rank 0 serves, the others "
+        refuse_parallel(options or {}, "the web UI alone", "serve it with bagel serve (rank 0 serves, the others "
                             "follow)")
     typer.echo(f"loading {model} ...", err=True)
     try:
