@@ -190,6 +190,9 @@ def _bind(host: str, port: int):
         sock.close()
         typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
         raise typer.Exit(2) from None
+    # listening now, before the address is announced: a client that connects while the server is still starting
+    # waits in the backlog instead of being refused
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
