@@ -78,7 +78,9 @@ class FakePipe:
 
     def interleave(self, inputs, **kw):
         self.calls.append(("interleave", inputs, kw))
-        return SimpleNamespace(text="joined", image=None, seed=1, timings={})
+        # as the real one: a picture unless an answer is asked for (understanding_output)
+        picture = None if kw.get("understanding_output") else Image.new("RGB", tuple(kw.get("image_shapes", (64, 64)))[::-1])
+        return SimpleNamespace(text="joined", image=picture, seed=1, timings={})
 
 
 @pytest.fixture()
