@@ -365,6 +365,22 @@ JudgeMaxRequests = Annotated[Optional[int], typer.Option(
 JudgeWorkers = Annotated[int, typer.Option("--judge-workers", min=1, help="Requests in flight at once.")]
 
 
+def _judged(suite: str, unit: str, json_: bool, cache: Path, config: dict, score) -> dict:
+    """A scoring command's run: its judge (``config``: JudgeConfig's fields, verdicts cached in ``cache``), a
+    progress bar, ``score(judge, progress)``; a bad input or judge setting exits 2 with its message."""
+    from bagel_engine.eval.judge import Judge, JudgeConfig
+
+    try:
+        judge = Judge(JudgeConfig(**config), cache)
+        bar, progress = _progress_bar(f"{suite} judge", unit, json_)
+        try:
+            return score(judge, progress)
+        finally:
+            bar.close()
+    except (ValueError, OSError) as e:  # BagelInputError included
+        fail(str(e), json_)
+
+
 def _judge_report(report: dict, things: str, missing: str, json_: bool, suite: str) -> None:
     """A scoring command's scores and counts (JSON or a table); exit 1 when a request failed."""
     if json_:
@@ -410,19 +426,12 @@ def score_imgedit_command(
 ) -> None:
     """ImgEdit's GPT scores of the edits in OUT, as the official scoring scripts compute them."""
     from bagel_engine.eval.imgedit_score import score_imgedit
-    from bagel_engine.eval.judge import Judge, JudgeConfig
 
-    try:
-        judge = Judge(JudgeConfig(judge_url, judge_model, key_env=judge_key_env, max_requests=judge_max_requests),
-                      output_dir / "judge_cache.jsonl")
-        bar, progress = _progress_bar("imgedit judge", "edit", json_)
-        try:
-            report = score_imgedit(output_dir, metadata, images or metadata.parent,
-                                   judge_prompts or metadata.parent / "judge_prompt.json", judge, judge_workers, progress)
-        finally:
-            bar.close()
-    except (ValueError, OSError) as e:  # BagelInputError included
-        fail(str(e), json_)
+    report = _judged("imgedit", "edit", json_, output_dir / "judge_cache.jsonl",
+                     dict(url=judge_url, model=judge_model, key_env=judge_key_env, max_requests=judge_max_requests),
+                     lambda judge, progress: score_imgedit(
+                         output_dir, metadata, images or metadata.parent,
+                         judge_prompts or metadata.parent / "judge_prompt.json", judge, judge_workers, progress))
     _judge_report(report, "edits", "no_edit_yet", json_, "imgedit")
 
 
@@ -464,22 +473,19 @@ def score_gedit_command(
 ) -> None:
     """GEdit-Bench's VIEScore SC / PQ / O of the edits in OUT, as the official scoring scripts compute them."""
     from bagel_engine.eval.gedit_score import judging_rows, score_gedit
-    from bagel_engine.eval.judge import Judge, JudgeConfig
 
     if language not in (None, "en", "cn"):
         fail(f"--language {language!r}: en or cn", json_)
     try:
         rows = judging_rows(data, None, None if cache_dir is None else str(cache_dir))  # a token: HF_TOKEN
-        where = results or output_dir.parent / "gpt4o" / "eval_results_new"
-        judge = Judge(JudgeConfig(judge_url, judge_model, key_env=judge_key_env, max_requests=judge_max_requests,
-                                  max_tokens=1400), where / "judge_cache.jsonl")
-        bar, progress = _progress_bar("gedit judge", "edit", json_)
-        try:
-            report = score_gedit(output_dir, rows, judge_prompts, judge, where, language, judge_workers, progress)
-        finally:
-            bar.close()
     except (ValueError, OSError) as e:  # BagelInputError included
         fail(str(e), json_)
+    where = results or output_dir.parent / "gpt4o" / "eval_results_new"
+    report = _judged("gedit", "edit", json_, where / "judge_cache.jsonl",
+                     dict(url=judge_url, model=judge_model, key_env=judge_key_env, max_requests=judge_max_requests,
+                          max_tokens=1400),
+                     lambda judge, progress: score_gedit(output_dir, rows, judge_prompts, judge, where, language,
+                                                         judge_workers, progress))
     _judge_report(report, "edits", "no_edit_yet", json_, "gedit")
     if not json_ and report["unparsed"]:
         typer.echo(f"{len(report['unparsed'])} verdicts without a readable score list were left out (the official "
@@ -518,19 +524,13 @@ def score_wise_command(
     json_: Json = False,
 ) -> None:
     """WISE's GPT scores (WiScore per category and overall) of the pictures in OUT, as the official scripts compute them."""
-    from bagel_engine.eval.judge import Judge, JudgeConfig
     from bagel_engine.eval.wise_score import score_wise
 
-    try:
-        judge = Judge(JudgeConfig(judge_url, judge_model, key_env=judge_key_env, max_requests=judge_max_requests,
-                                  max_tokens=2000, temperature=0.0), output_dir / "judge_cache.jsonl")
-        bar, progress = _progress_bar("wise judge", "picture", json_)
-        try:
-            report = score_wise(output_dir, metadata, judge_script, judge, images, judge_workers, progress)
-        finally:
-            bar.close()
-    except (ValueError, OSError) as e:  # BagelInputError included
-        fail(str(e), json_)
+    report = _judged("wise", "picture", json_, output_dir / "judge_cache.jsonl",
+                     dict(url=judge_url, model=judge_model, key_env=judge_key_env, max_requests=judge_max_requests,
+                          max_tokens=2000, temperature=0.0),
+                     lambda judge, progress: score_wise(output_dir, metadata, judge_script, judge, images,
+                                                        judge_workers, progress))
     _judge_report(report, "pictures", "no_image_yet", json_, "wise")
     if not json_ and not report["complete"]:
         typer.echo("not the official figure: " + (f"{report['unscored']} verdicts without a score; " if report["unscored"]

@@ -87,3 +87,16 @@ def append_jsonl(path, record: dict) -> None:
                 line = "\n" + line
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
+
+
+def parse_python(path, option: str):
+    """The syntax tree of a benchmark's Python file the user gave as ``option`` (read, never run)."""
+    import ast
+    from pathlib import Path
+
+    from bagel_engine.params import BagelInputError
+
+    try:
+        return ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BagelInputError(f"{option} {path}: cannot read it as Python ({e})") from None

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from bagel_engine.eval.common import parse_python
 from bagel_engine.eval.judge import Judge, JudgeCapReached, JudgeError
 from bagel_engine.params import BagelInputError
 
@@ -55,10 +56,7 @@ class VieScorePrompts:
 
 def read_prompts(path: Path) -> VieScorePrompts:
     """VIEScore's edit prompts from its ``vie_prompts.py``."""
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BagelInputError(f"--judge-prompts {path}: cannot read it as Python ({e})") from None
+    tree = parse_python(path, "--judge-prompts")
     found: dict[str, str] = {}
     for node in tree.body:
         if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):

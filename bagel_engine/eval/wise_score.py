@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bagel_engine.eval.common import append_jsonl
+from bagel_engine.eval.common import append_jsonl, parse_python
 from bagel_engine.eval.judge import Judge, JudgeCapReached, JudgeError, image_part
 from bagel_engine.params import BagelInputError
 
@@ -75,10 +75,7 @@ def _text_parts(node: ast.AST) -> tuple[str | tuple[str], ...] | None:
 
 def read_protocol(script: Path) -> Protocol:
     """The system and user texts of ``build_evaluation_messages`` in WISE's ``gpt_eval_mp.py``."""
-    try:
-        tree = ast.parse(Path(script).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BagelInputError(f"--judge-script {script}: cannot read it as Python ({e})") from None
+    tree = parse_python(script, "--judge-script")
     texts: dict[str, tuple] = {}
     for fn in ast.walk(tree):
         if not (isinstance(fn, ast.FunctionDef) and fn.name == "build_evaluation_messages"):
