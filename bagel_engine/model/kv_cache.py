@@ -65,6 +65,7 @@ class BranchKV:
         device = devices[0]
         self.k = [torch.zeros(b, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
         self.v = [torch.zeros(b, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
+        self._split = len(set(devices)) > 1  # layers on several devices: the indexes are read on each
         self._moved: dict = {}
         for i, (cache, length) in enumerate(zip(caches, lengths)):
             if cache is not None and length:
@@ -86,7 +87,7 @@ class BranchKV:
         view.write_index = self.write_index[: count * self.n]
         view.kv_lens = self.kv_lens[:count]
         view.mask = self.mask[:count]
-        view._moved = {}
+        view._split, view._moved = self._split, {}
         return view
 
     def only(self, j: int) -> "BranchKV":
@@ -98,18 +99,20 @@ class BranchKV:
         view.write_index = self.write_index[j * self.n:(j + 1) * self.n] - j * self.slots
         view.kv_lens = self.kv_lens[j:j + 1]
         view.mask = self.mask[j:j + 1]
-        view._moved = {}
+        view._split, view._moved = self._split, {}
         return view
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         b, n, s = self.num_branches, self.n, self.slots
         kb, vb = self.k[layer], self.v[layer]
-        moved = self._moved.setdefault("index", {}), self._moved.setdefault("mask", {}), self._moved.setdefault("lens", {})
-        index = _on(moved[0], self.write_index, kb.device)
+        index, mask, lens = self.write_index, self.mask, self.kv_lens
+        if self._split:
+            moved = self._moved.setdefault(kb.device, {})
+            index, mask, lens = (_on(moved.setdefault(name, {}), t, kb.device)
+                                 for name, t in (("index", index), ("mask", mask), ("lens", lens)))
         kb.view(b * s, *kb.shape[2:]).index_copy_(0, index, k)
         vb.view(b * s, *vb.shape[2:]).index_copy_(0, index, v)
-        out = attend(q.view(b, n, *q.shape[1:]), kb, vb, mask=_on(moved[1], self.mask, kb.device),
-                     kv_lens=_on(moved[2], self.kv_lens, kb.device))
+        out = attend(q.view(b, n, *q.shape[1:]), kb, vb, mask=mask, kv_lens=lens)
         return out.reshape(b * n, *q.shape[1:])
 
 
@@ -124,6 +127,7 @@ class DecodeKV:
         device = devices[0]
         self.k = [torch.zeros(1, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
         self.v = [torch.zeros(1, s, kv_heads, head_dim, device=d, dtype=dtype) for d in devices]
+        self._split = len(set(devices)) > 1
         if past is not None and length:
             for layer in range(num_layers):
                 self.k[layer][0, :length] = past[layer][0]
@@ -141,8 +145,10 @@ class DecodeKV:
         self._refresh()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        here = self.k[layer].device  # the write position moves every token: read where the layer is, each time
-        pos, mask, lens = (t if t.device == here else t.to(here) for t in (self.pos, self.mask, self.kv_lens))
+        pos, mask, lens = self.pos, self.mask, self.kv_lens
+        if self._split:  # the write position moves every token: read where the layer is, each time
+            here = self.k[layer].device
+            pos, mask, lens = (t if t.device == here else t.to(here) for t in (pos, mask, lens))
         self.k[layer][0].index_copy_(0, pos, k)
         self.v[layer][0].index_copy_(0, pos, v)
         return attend(q[None], self.k[layer], self.v[layer], mask=mask, kv_lens=lens)[0]
