@@ -114,11 +114,26 @@ def serve_command(
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Mount the web UI at /ui (needs the 'ui' extra).")] = True,
     lang: LangOpt = UiLang.en,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    replicas: Annotated[int, typer.Option(
+        "--replicas", min=0, help="Run the model as N replicas on Ray (Ray actors, each its own process and GPU(s)) "
+                                  "behind this one server; a replica that dies fails its requests with 503 and is "
+                                  "restarted (needs the 'ray' extra). 0: the model in this process.")] = 0,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
+        help="With --replicas: the Ray cluster to use (auto, HOST:6379, ray://HOST:10001). \\[default: start a "
+             "local one]")] = None,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(
+        "--gpus-per-replica", min=0, help="With --replicas: GPUs per replica (Ray sets each one's "
+                                           "CUDA_VISIBLE_DEVICES; above 1 add --devices to split the layers). "
+                                           "\\[default: 1 where CUDA is present, else 0]")] = None,
+    cpus_per_replica: Annotated[float, typer.Option(
+        "--cpus-per-replica", min=0, help="With --replicas: CPUs Ray reserves per replica.")] = 1.0,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API: /v1/images/generations, /v1/images/edits,
     /v1/chat/completions, /v1/models, plus /health, /metrics (Prometheus) and the web UI at /ui.
     Up to --max-batch requests run at once, batched step by step (a newcomer joins within one step);
-    up to --queue-size more wait, the next gets 429."""
+    up to --queue-size more wait, the next gets 429. With --replicas N the model runs as N Ray actors, each
+    running --max-batch requests, requests going to the least busy."""
     try:
         import uvicorn
 
@@ -142,9 +157,16 @@ def serve_command(
         allow_remote_urls=allow_remote_urls, served_model_names=list(served_model_name or []),
         mount_ui=build_ui is not None, strict=strict, url_ttl_s=url_ttl, ui_lang=lang.value,
     )
-    pipe = _load(model, device, dtype, load_options, parallel_ok=True)
+    pool = None
+    if replicas:
+        refuse_parallel(load_options or {}, "--replicas", "each replica is one process (run the model over several "
+                        "processes with torchrun and no --replicas)")
+        pipe = pool = _replica_pool(model, device, dtype, load_options, replicas, ray_address, gpus_per_replica,
+                                    cpus_per_replica, settings)
+    else:
+        pipe = _load(model, device, dtype, load_options, parallel_ok=True)
     lockstep = None
-    if getattr(getattr(pipe, "engine", None), "lockstep", None) is not None:  # one model over several processes
+    if pool is None and getattr(getattr(pipe, "engine", None), "lockstep", None) is not None:  # one model over several processes
         import torch.distributed as dist
 
         from bagel_engine.serve.lockstep import LockstepPipeline, follow
@@ -174,6 +196,32 @@ def serve_command(
     finally:
         if lockstep is not None:
             lockstep.stop_followers()
+        if pool is not None:
+            pool.close()
+
+
+def _replica_pool(model: str, device: str | None, dtype: str | None, options: dict | None, replicas: int,
+                  ray_address: str | None, gpus: float | None, cpus: float, settings):
+    """Start the replicas on Ray; the server's worker then runs --max-batch jobs per replica."""
+    try:
+        from bagel_engine.serve.replicas import ReplicaPool
+    except ImportError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() and (device is None or device.startswith("cuda")) else 0.0
+    typer.echo(f"starting {replicas} replica(s) of {model} on Ray ({gpus:g} GPU, {cpus:g} CPU each) ...", err=True)
+    try:
+        pool = ReplicaPool(model, replicas, {"device": device, "dtype": dtype, **(options or {})},
+                           ray_address=ray_address, gpus_per_replica=gpus, cpus_per_replica=cpus,
+                           max_batch=settings.max_batch, max_step_tokens=settings.max_step_tokens)
+    except (ImportError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    settings.max_batch *= replicas  # the front runs each replica's share at once
+    return pool
 
 
 def _bind(host: str, port: int):

@@ -20,6 +20,7 @@ from bagel_engine.think_text import split_think
 from . import compat, tasks
 from .errors import APIError, bad_request
 from .gate import BodyTooLarge
+from .replicas import ReplicaPool
 from .images import data_url, decode_image, read_image_ref
 from .schemas import (
     IMAGE_KNOBS,
@@ -67,7 +68,8 @@ async def health(request: Request) -> JSONResponse:
     ok = st.worker.alive
     return JSONResponse({"status": "ok" if ok else "worker stopped", "model": st.names[0], "busy": st.worker.busy,
                          "running": st.worker.running, "max_batch": st.worker.max_batch,
-                         "queue_depth": st.worker.queue_depth, "queue_size": st.settings.queue_size},
+                         "queue_depth": st.worker.queue_depth, "queue_size": st.settings.queue_size}
+                        | ({"replicas": st.pipe.status()} if isinstance(st.pipe, ReplicaPool) else {}),
                         status_code=200 if ok else 503)
 
 @router.get("/metrics")

@@ -4,6 +4,7 @@ size) with the checks and job runners every endpoint uses, and the helpers that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from .images import encode_image, encode_image_bytes
 from .metrics import Metrics
 from .schemas import IMAGE_KNOBS, THINK_KNOBS, ChatCompletionRequest
 from .settings import ServeSettings
+from .replicas import ReplicaFailed, wants_previews
 from .worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
 
 log = logging.getLogger("bagel_engine.serve")
@@ -212,7 +214,8 @@ class ServerState:
                     taken.append(preview.step)
                     push((len(taken) - 1, preview.step, preview.total, encode_image(preview.image(), fmt)))
 
-            return make_job(on_step if count else None)
+            return make_job(wants_previews(on_step, functools.partial(tasks.wants_preview, count=count)) if count
+                            else None)
 
         def event(name: str, body: dict) -> str:
             return f"event: {name}\ndata: {json.dumps({'type': name, 'created_at': int(time.time()), **body})}\n\n"
@@ -278,6 +281,9 @@ def job_error(e: BaseException, kind: str = "chat") -> APIError:
         return APIError(499, f"the job was cancelled ({e})", code="cancelled")
     if isinstance(e, WorkerStopped):
         return APIError(503, str(e), code="shutting_down")
+    if isinstance(e, ReplicaFailed):
+        log.warning("%s job: %s", kind, e)
+        return APIError(503, str(e), code="replica_failed", headers={"Retry-After": "1"})
     error, incident = internal_error(e)
     log.error("%s job failed (incident %s)", kind, incident, exc_info=e)
     return error

@@ -172,3 +172,13 @@ def as_output(result: Any) -> Any:
 def preview_steps(total: int, count: int) -> set[int]:
     """The steps (1..total-1) at which ``count`` partial images are taken, evenly spaced."""
     return {max(1, min(total - 1, round(total * (k + 1) / (count + 1)))) for k in range(count)} if total > 1 else set()
+
+
+def wants_preview(step: int, total: int, count: int) -> bool:
+    """Whether ``step`` of ``total`` is one of the ``count`` preview steps (picklable: a replica asks it)."""
+    return step in preview_steps(total, count)
+
+
+def fifth_step(step: int, total: int) -> bool:
+    """About every fifth of the way (the web UI's previews)."""
+    return step < total and step % max(1, total // 5) == 0

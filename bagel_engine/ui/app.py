@@ -30,6 +30,7 @@ from bagel_engine.serve import tasks
 from bagel_engine.serve._engine import INPUT_ERRORS
 from bagel_engine.serve.errors import internal_error
 from bagel_engine.serve.images import image_policy
+from bagel_engine.serve.replicas import wants_previews
 from bagel_engine.serve.settings import ServeSettings
 from bagel_engine.serve.worker import JobCancelled, ModelWorker, QueueFull, WorkerStopped
 from bagel_engine.think_text import split_think
@@ -214,8 +215,9 @@ def build_ui(worker: ModelWorker, pipe: Pipeline, settings: ServeSettings | None
         previews: list[Any] = []  # appended by the worker thread
 
         def on_step(preview: Any) -> None:
-            if preview.step < preview.total and preview.step % max(1, preview.total // 5) == 0:
+            if tasks.fifth_step(preview.step, preview.total):
                 previews.append(preview.image())
+        wants_previews(on_step, tasks.fifth_step)  # a replica on Ray decodes only those steps
 
         poll = _poll(_submit(worker, kind, make_job(on_step), w), worker, progress, w("denoising"), w)
         shown = 0

@@ -1,0 +1,326 @@
+"""Serving replicas on Ray: N model workers, each a Ray actor holding one pipeline (on its own GPU(s), or the CPU),
+behind the one OpenAI-compatible front (``bagel serve --replicas N [--ray-address ADDR]``).
+
+:class:`ReplicaPool` stands where the server's pipeline stands. Its task methods (``generate`` / ``edit`` /
+``understand`` / ``chat`` / ``interleave``) go to the replica with the fewest calls in flight, so the server's
+worker, queue and 429, cancellation, streaming and the web UI are the same code as with one in-process model (the
+front's worker runs ``max_batch`` jobs per replica; each replica batches its own step by step).
+
+Inside a replica a call runs in a thread of the actor; what the callables of the call would have seen comes back
+as a Ray streaming generator of event lists:
+
+- ``("step", k, n)``: the step callback. The front calls the job's own callback, which raises once the job is
+  cancelled (its client left, the server stops); the pool then tells the replica, which stops the call at its
+  next step.
+- ``("text", piece)``: streamed text (``on_text``).
+- ``("preview", k, n, image)``: a live preview. Decoding one costs a VAE pass, so the replica decodes only the
+  steps the job's ``on_step`` asks for through its ``wants(step, total)`` attribute (:func:`wants_previews`);
+  an ``on_step`` without it gets every step's.
+- ``("done", result)`` or ``("error", exception)``: the end (a bad input is the same ``BagelInputError`` as in
+  process, so the server still answers 400).
+
+A replica that dies (its process killed, out of memory, its node gone) fails the calls it had in flight with
+:class:`ReplicaFailed` (the request answers 503 at once, it does not hang), and Ray restarts it, which loads the
+model again; meanwhile the pool sends new calls to the replicas that are up. Nothing here is a transport of our
+own: the calls, the streams and the restarts are Ray's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .worker import JobCancelled
+
+log = logging.getLogger("bagel_engine.serve")
+
+TASKS = ("generate", "edit", "understand", "chat", "interleave")
+_CALLABLES = ("callback", "on_text", "on_step")
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica running a call died (or could not be reached) before answering; Ray restarts it."""
+
+
+def wants_previews(on_step: Callable, wants: Callable[[int, int], bool]) -> Callable:
+    """Mark a preview callback with the steps it uses (``wants(step, total) -> bool``, picklable): a replica then
+    decodes only those steps' pictures instead of every step's."""
+    on_step.wants = wants  # type: ignore[attr-defined]
+    return on_step
+
+
+@dataclass
+class RemotePreview:
+    """A replica's live preview as ``on_step`` sees it in process (step, total, ``image()``)."""
+
+    step: int
+    total: int
+    picture: Any
+
+    def image(self) -> Any:
+        return self.picture
+
+
+def _every_step(step: int, total: int) -> bool:
+    return True
+
+
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (to go back to the front), else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any exception type that does not pickle
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def check_resources(replicas: int, cpus: float, gpus: float, have: dict) -> None:
+    """Refuse replicas that a cluster of resources ``have`` (Ray's ``cluster_resources()``) cannot hold."""
+    for what, each in (("CPU", cpus), ("GPU", gpus)):
+        if each and replicas * each > have.get(what, 0) + 1e-9:
+            raise ValueError(f"{replicas} replica(s) of {each:g} {what} each need {replicas * each:g} {what}, and "
+                             f"this machine's Ray has {have.get(what, 0):g}: fewer replicas, or less per replica "
+                             f"(--{what.lower()}s-per-replica)")
+
+
+class Replica:
+    """One model worker (the body of the Ray actor; also usable in process, which the tests use)."""
+
+    def __init__(self, model: str, load_options: dict, max_batch: int = 1, max_step_tokens: int | None = None):
+        from ._engine import load_pipeline
+
+        self.pipe = load_pipeline(model, **load_options)
+        if max_batch > 1 and hasattr(self.pipe, "start_batching"):
+            self.pipe.start_batching(max_batch, max_step_tokens)
+        self._cancel: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.calls = self.cancelled = 0
+        log.info("replica (pid %d) loaded %s", os.getpid(), model)
+
+    def info(self) -> dict:
+        pipe = self.pipe
+        return {"pid": os.getpid(), "model_name": getattr(pipe, "model_name", None), "config": pipe.config,
+                "task_defaults": getattr(pipe, "task_defaults", None), "calls": self.calls,
+                "cancelled": self.cancelled}
+
+    def cancel(self, call_id: str) -> None:
+        with self._lock:
+            event = self._cancel.get(call_id)
+        if event is not None:
+            event.set()
+
+    def call(self, call_id: str, method: str, args: tuple, kwargs: dict, flags: dict, limits: Any):
+        """Run one task call; yields lists of events (see the module doc) until its end."""
+        if method not in TASKS:
+            raise ValueError(f"not a task: {method!r}")
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        with self._lock:
+            self._cancel[call_id] = cancel
+            self.calls += 1
+        kwargs = dict(kwargs)
+        if flags.get("callback"):
+            def callback(k: int, n: int) -> None:
+                events.put(("step", int(k), int(n)))
+                if cancel.is_set():
+                    with self._lock:
+                        self.cancelled += 1
+                    raise JobCancelled(f"cancelled at step {k}/{n}")
+            kwargs["callback"] = callback
+        if flags.get("on_text"):
+            kwargs["on_text"] = lambda piece: events.put(("text", piece))
+        wants = flags.get("previews")
+        if wants is not None:
+            def on_step(preview: Any) -> None:
+                if wants(preview.step, preview.total):
+                    events.put(("preview", preview.step, preview.total, preview.image()))
+            kwargs["on_step"] = on_step
+
+        def run() -> None:
+            try:
+                if limits is not None and hasattr(self.pipe, "limits"):
+                    self.pipe.limits = limits
+                events.put(("done", getattr(self.pipe, method)(*args, **kwargs)))
+            except BaseException as e:  # noqa: BLE001 - every failure goes back to the front
+                events.put(("error", _portable(e)))
+
+        threading.Thread(target=run, name=f"bagel-replica-{method}", daemon=True).start()
+        try:
+            while True:
+                batch = [events.get()]
+                while True:  # what piled up meanwhile goes as one list: fewer objects for many tokens
+                    try:
+                        batch.append(events.get_nowait())
+                    except queue.Empty:
+                        break
+                yield batch
+                if batch[-1][0] in ("done", "error"):
+                    return
+        finally:  # the front dropped the stream (or it ended): a call still running stops at its next step
+            cancel.set()
+            with self._lock:
+                self._cancel.pop(call_id, None)
+
+
+class ReplicaPool:
+    """N replicas of one model on Ray, with the pipeline's task methods (see the module doc).
+
+    ``load_options``: what ``bagel_engine.load`` takes besides the model (device, dtype, quantize, offload, ...),
+    the same for every replica. ``gpus_per_replica`` / ``cpus_per_replica``: each actor's Ray resources (Ray sets
+    ``CUDA_VISIBLE_DEVICES`` for it). ``ray_address``: an existing cluster (``auto``, ``ray://host:10001``), else a
+    local one is started (``ray_init`` its extra ``ray.init`` arguments). ``max_batch``: calls each replica runs at
+    once (batched by its scheduler)."""
+
+    def __init__(self, model: str, replicas: int, load_options: dict | None = None, *, ray_address: str | None = None,
+                 gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0, max_batch: int = 1,
+                 max_step_tokens: int | None = None, max_restarts: int = -1, ray_init: dict | None = None,
+                 start_timeout: float = 900.0):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("serving replicas needs Ray: pip install 'bagel-engine[ray]'") from None
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        self._ray = ray
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            ray.init(address=ray_address, **{"include_dashboard": False, "log_to_driver": True, **(ray_init or {})})
+        if self._own_ray and ray_address is None:  # a local cluster does not grow: say so now, not after a timeout
+            try:
+                check_resources(replicas, cpus_per_replica, gpus_per_replica, ray.cluster_resources())
+            except ValueError:
+                self.close()
+                raise
+        self.limits: Any = None  # the server's per-request limits, sent with every call (a restarted replica too)
+        actor = ray.remote(Replica).options(num_gpus=gpus_per_replica, num_cpus=cpus_per_replica,
+                                            max_restarts=max_restarts, max_task_retries=0,
+                                            max_concurrency=max_batch + 8)
+        self._actors = [actor.remote(model, dict(load_options or {}), max_batch, max_step_tokens)
+                        for _ in range(replicas)]
+        self.max_batch = max_batch
+        self._inflight = [0] * replicas
+        self._down: dict[int, float] = {}  # replica -> when it failed; up again once it answers
+        self._turn = 0
+        self._lock = threading.Lock()
+        self.failures = 0
+        log.info("starting %d replica(s) of %s on Ray ...", replicas, model)
+        try:
+            infos = ray.get([a.info.remote() for a in self._actors], timeout=start_timeout)
+        except Exception:
+            self.close()
+            raise
+        first = infos[0]
+        self.model_name = first["model_name"] or model
+        self.config = first["config"]
+        self.task_defaults = first["task_defaults"]
+        self.pids = [info["pid"] for info in infos]
+        log.info("%d replica(s) up (pids %s)", replicas, ", ".join(map(str, self.pids)))
+
+    # -- the pipeline's task methods -----------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name in TASKS:
+            return lambda *args, **kwargs: self._call(name, args, kwargs)
+        raise AttributeError(name)
+
+    @property
+    def replicas(self) -> int:
+        return len(self._actors)
+
+    def status(self) -> list[dict]:
+        """Each replica: up or restarting, and its calls in flight (for /health)."""
+        with self._lock:
+            return [{"replica": i, "up": i not in self._down, "in_flight": self._inflight[i]}
+                    for i in range(len(self._actors))]
+
+    def info(self, index: int, timeout: float = 60.0) -> dict:
+        """What replica ``index`` reports (its pid, calls run and cancelled); waits while it restarts."""
+        return self._ray.get(self._actors[index].info.remote(), timeout=timeout)
+
+    def close(self) -> None:
+        for a in getattr(self, "_actors", []):
+            try:
+                self._ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._actors = []
+        if getattr(self, "_own_ray", False) and self._ray.is_initialized():
+            self._ray.shutdown()
+
+    # -- one call ------------------------------------------------------------------------------
+    def _pick(self) -> int:
+        with self._lock:
+            up = [i for i in range(len(self._actors)) if i not in self._down] or list(range(len(self._actors)))
+            self._turn += 1  # ties go round: sequential calls spread over the replicas too
+            index = min(up, key=lambda i: (self._inflight[i], (i - self._turn) % len(self._actors)))
+            self._inflight[index] += 1
+            return index
+
+    def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        ray = self._ray
+        kwargs = dict(kwargs)
+        callback, on_text, on_step = (kwargs.pop(name, None) for name in _CALLABLES)
+        stray = [k for k, v in kwargs.items() if callable(v)]
+        if stray:
+            raise TypeError(f"{method}: {', '.join(stray)} cannot go to a replica (a callable); "
+                            f"only {', '.join(_CALLABLES)} are relayed")
+        flags = {"callback": callback is not None, "on_text": on_text is not None,
+                 "previews": None if on_step is None else getattr(on_step, "wants", _every_step)}
+        index = self._pick()
+        actor, call_id = self._actors[index], uuid.uuid4().hex
+        try:
+            stream = actor.call.options(num_returns="streaming").remote(call_id, method, args, kwargs, flags,
+                                                                        self.limits)
+            for ref in stream:
+                for event in ray.get(ref):
+                    kind = event[0]
+                    try:
+                        if kind == "step":
+                            callback(event[1], event[2])
+                        elif kind == "text":
+                            on_text(event[1])
+                        elif kind == "preview":
+                            on_step(RemotePreview(event[1], event[2], event[3]))
+                    except BaseException:
+                        actor.cancel.remote(call_id)  # the job was cancelled here: the replica stops too
+                        raise
+                    if kind == "done":
+                        return event[1]
+                    if kind == "error":
+                        raise event[1]
+            raise ReplicaFailed(f"replica {index} ended the call without an answer")
+        except ray.exceptions.RayError as e:
+            self._failed(index)
+            raise ReplicaFailed(f"replica {index} failed while running this request ({type(e).__name__}); Ray "
+                                "restarts it and the other replicas take new requests: send it again") from None
+        finally:
+            with self._lock:
+                self._inflight[index] -= 1
+
+    def _failed(self, index: int) -> None:
+        with self._lock:
+            self.failures += 1
+            if index in self._down:
+                return
+            self._down[index] = time.monotonic()
+        log.warning("replica %d failed; waiting for Ray to restart it", index)
+
+        def watch() -> None:  # up again once the restarted actor answers (its model loaded)
+            while self._actors:
+                try:
+                    self._ray.get(self._actors[index].info.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - still restarting (or gone for good)
+                    time.sleep(1.0)
+                    continue
+                with self._lock:
+                    self._down.pop(index, None)
+                log.info("replica %d is back", index)
+                return
+
+        threading.Thread(target=watch, name=f"bagel-replica-{index}-watch", daemon=True).start()
