@@ -55,6 +55,14 @@ if python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
 else
     echo "== serve bench skipped: fastapi / uvicorn / httpx are not installed" | tee -a "$OUT/log.txt"
 fi
+# issue 14: serving replicas on Ray, two replicas of a model directory sharing the card (needs ray; REPLICA_MODEL: a
+# model directory or hub id present on the machine, e.g. bagel-shapes, which needs no download)
+if [ -n "${REPLICA_MODEL:-}" ] && python3 -c "import ray, fastapi, uvicorn, httpx" 2>/dev/null; then
+    STEP_TIMEOUT=${SERVE_TIMEOUT:-420} run "${BAGEL[@]}" bench -w serve -m "$REPLICA_MODEL" --replicas 2 \
+        --concurrency 1 --concurrency 8 --record "$OUT/work/rec"
+else
+    echo "== replica serve bench skipped: set REPLICA_MODEL and install ray" | tee -a "$OUT/log.txt"
+fi
 cp "$OUT/log.txt" "$OUT/log-copy.txt" 2>/dev/null && grep '^{"workload": "train"' "$OUT/log-copy.txt" > "$OUT/train.json"
 rm -f "$OUT/log-copy.txt"
 tar -C "$OUT" -czf "$OUT/records.tgz" work  # the device tool brings back few files: one archive

@@ -60,11 +60,13 @@ prompts and reported with seconds per request, peak memory, latent cosine simila
   bagel bench -w serve -m tests/data/tiny-v1/model --max-new-tokens 64 --concurrency 1 4 8   [dim]# a real server, batched against --max-batch 1[/dim]
 
   bagel bench -w serve -m bagel-shapes --server-process   [dim]# the server as its own process (no GIL shared with the clients)[/dim]
+
+  bagel bench -w serve -m ./BAGEL-7B-MoT --replicas 2    [dim]# two replicas on Ray (a GPU each) behind the server[/dim]
 """
 
 
 def _serve_bench(model, random, device, dtype, load_options, height, width, num_timesteps, max_new_tokens,
-                 concurrency, max_batch, seed, record, date, as_json, server_process=False) -> None:
+                 concurrency, max_batch, seed, record, date, as_json, server_process=False, replicas=0) -> None:
     import datetime
     import functools
 
@@ -89,10 +91,10 @@ def _serve_bench(model, random, device, dtype, load_options, height, width, num_
             ck, model_cfg = checkpoint_of(model)
             cfg = bench_config(model_cfg.latent_downsample, checkpoint_task_defaults(ck))
             args = [*(["--device", device] if device else []), *(["--dtype", dtype] if dtype else []),
-                    *load_flags(load_options)]
+                    *load_flags(load_options), *(["--replicas", str(replicas)] if replicas else [])]
             result = run_serve_benchmark_on(functools.partial(serve_in_process, model, cfg=cfg, serve_args=args), cfg,
                                             log=lambda m: typer.echo(m, err=True))
-            where = {"device": device or "default", "server": "process"}
+            where = {"device": device or "default", "server": "process"} | ({"replicas": replicas} if replicas else {})
         else:
             from bagel_engine.serve.threaded import in_fresh_thread
 
@@ -280,6 +282,10 @@ def bench(
         "--server-process", rich_help_panel=SERVE,
         help="serve: run the server as its own `bagel serve` process (the clients then share nothing with it, as "
              "real users); default: in a thread of this process.")] = False,
+    replicas: Annotated[int, typer.Option(
+        "--replicas", min=0, rich_help_panel=SERVE,
+        help="serve: the server runs the model as N replicas on Ray (`bagel serve --replicas N`, its own process; "
+             "--max-batch is per replica). 0: one model.")] = 0,
 ) -> None:
     """Time a workload (t2i / edit / understand / chat / train / serve) and compare it with the device's floor."""
     from bagel_engine.bench import report
@@ -297,10 +303,12 @@ def bench(
     if workload is Kind.serve:
         options = {k: v for k, v in (("quantize", quantize), ("offload", offload), ("compile", compile_),
                                      ("attention", attention)) if v is not None}
+        server_process = server_process or replicas > 0
         if server_process and random_weights:
-            _fail("--server-process serves a model directory or hub id: give --model, not --random-weights", json_)
+            _fail("--server-process (and --replicas) serves a model directory or hub id: give --model, not --random-weights", json_)
         _serve_bench(str(random_weights or model), random_weights is not None, device, dtype, options, height, width,
-                     num_timesteps, max_new_tokens, concurrency, max_batch, seed, record, date, json_, server_process)
+                     num_timesteps, max_new_tokens, concurrency, max_batch, seed, record, date, json_, server_process,
+                     replicas)
         return
     if workload is Kind.train:
         _train_bench(str(random_weights or model), random_weights is not None, height, width, max_tokens, repeat,
