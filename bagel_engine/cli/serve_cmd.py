@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from enum import Enum
 from pathlib import Path
@@ -163,6 +164,7 @@ def serve_command(
                         "processes with torchrun and no --replicas)")
         pipe = pool = _replica_pool(model, device, dtype, load_options, replicas, ray_address, gpus_per_replica,
                                     cpus_per_replica, settings)
+        atexit.register(pool.close)  # also when the server cannot start (a port in use)
     else:
         pipe = _load(model, device, dtype, load_options, parallel_ok=True)
     lockstep = None
@@ -212,13 +214,20 @@ def _replica_pool(model: str, device: str | None, dtype: str | None, options: di
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() and (device is None or device.startswith("cuda")) else 0.0
+        if options and options.get("devices"):  # the layers split over the cards of each replica
+            gpus = float(len(str(options["devices"]).split(",")))
+    if not gpus and device is None:
+        device = "cpu"  # a replica without a GPU of its own must not take the first card outside Ray's count
     typer.echo(f"starting {replicas} replica(s) of {model} on Ray ({gpus:g} GPU, {cpus:g} CPU each) ...", err=True)
     try:
         pool = ReplicaPool(model, replicas, {"device": device, "dtype": dtype, **(options or {})},
                            ray_address=ray_address, gpus_per_replica=gpus, cpus_per_replica=cpus,
                            max_batch=settings.max_batch, max_step_tokens=settings.max_step_tokens)
-    except (ImportError, ValueError) as e:
+    except (ImportError, ValueError, ConnectionError) as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # Ray's: a replica that could not load the model, a start that timed out
+        typer.echo(f"error: the replicas did not start: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from None
     settings.max_batch *= replicas  # the front runs each replica's share at once
     return pool

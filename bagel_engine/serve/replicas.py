@@ -27,12 +27,14 @@ own: the calls, the streams and the restarts are Ray's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import queue
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -73,12 +75,18 @@ def _every_step(step: int, total: int) -> bool:
 
 
 def _portable(e: BaseException) -> BaseException:
-    """``e`` if it survives pickling (to go back to the front), else a RuntimeError that says what it was."""
+    """``e`` with the replica's traceback as a note, if it survives pickling (to go back to the front); else a
+    RuntimeError that says what it was. Never raises."""
     try:
+        e.add_note("on the replica (pid %d):\n%s" % (os.getpid(), "".join(traceback.format_exception(e))))
         pickle.loads(pickle.dumps(e))
         return e
-    except Exception:  # noqa: BLE001 - any exception type that does not pickle
-        return RuntimeError(f"{type(e).__name__}: {e}")
+    except Exception:  # noqa: BLE001 - any exception that does not pickle (or print)
+        try:
+            text = str(e)
+        except Exception:  # noqa: BLE001
+            text = "(unprintable)"
+        return RuntimeError(f"{type(e).__name__} on the replica: {text}")
 
 
 def check_resources(replicas: int, cpus: float, gpus: float, have: dict) -> None:
@@ -97,8 +105,10 @@ class Replica:
         from ._engine import load_pipeline
 
         self.pipe = load_pipeline(model, **load_options)
-        if max_batch > 1 and hasattr(self.pipe, "start_batching"):
+        self.batching = max_batch > 1 and hasattr(self.pipe, "start_batching")
+        if self.batching:  # the scheduler runs the concurrent calls step by step, from one thread
             self.pipe.start_batching(max_batch, max_step_tokens)
+        self._one_at_a_time = threading.Lock()  # without it, calls take turns: the model is not thread-safe
         self._cancel: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.calls = self.cancelled = 0
@@ -134,22 +144,35 @@ class Replica:
                         self.cancelled += 1
                     raise JobCancelled(f"cancelled at step {k}/{n}")
             kwargs["callback"] = callback
+        def stop_if_cancelled() -> None:
+            if cancel.is_set():
+                raise JobCancelled("cancelled")
+
         if flags.get("on_text"):
-            kwargs["on_text"] = lambda piece: events.put(("text", piece))
+            def on_text(piece: str) -> None:
+                events.put(("text", piece))
+                stop_if_cancelled()
+            kwargs["on_text"] = on_text
         wants = flags.get("previews")
         if wants is not None:
             def on_step(preview: Any) -> None:
+                stop_if_cancelled()
                 if wants(preview.step, preview.total):
                     events.put(("preview", preview.step, preview.total, preview.image()))
             kwargs["on_step"] = on_step
 
         def run() -> None:
+            end: tuple = ("error", RuntimeError("the replica's call ended without an answer"))
             try:
-                if limits is not None and hasattr(self.pipe, "limits"):
-                    self.pipe.limits = limits
-                events.put(("done", getattr(self.pipe, method)(*args, **kwargs)))
+                with contextlib.nullcontext() if self.batching else self._one_at_a_time:
+                    stop_if_cancelled()  # cancelled while it waited for its turn
+                    if limits is not None and hasattr(self.pipe, "limits"):
+                        self.pipe.limits = limits
+                    end = ("done", getattr(self.pipe, method)(*args, **kwargs))
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the front
-                events.put(("error", _portable(e)))
+                end = ("error", _portable(e))
+            finally:  # always an end event: the stream never waits for ever
+                events.put(end)
 
         threading.Thread(target=run, name=f"bagel-replica-{method}", daemon=True).start()
         try:
@@ -191,7 +214,7 @@ class ReplicaPool:
         self._ray = ray
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
-            ray.init(address=ray_address, **{"include_dashboard": False, "log_to_driver": True, **(ray_init or {})})
+            ray.init(address=ray_address or "local", **{"include_dashboard": False, "log_to_driver": True, **(ray_init or {})})
         if self._own_ray and ray_address is None:  # a local cluster does not grow: say so now, not after a timeout
             try:
                 check_resources(replicas, cpus_per_replica, gpus_per_replica, ray.cluster_resources())
@@ -199,9 +222,9 @@ class ReplicaPool:
                 self.close()
                 raise
         self.limits: Any = None  # the server's per-request limits, sent with every call (a restarted replica too)
-        actor = ray.remote(Replica).options(num_gpus=gpus_per_replica, num_cpus=cpus_per_replica,
-                                            max_restarts=max_restarts, max_task_retries=0,
-                                            max_concurrency=max_batch + 8)
+        actor = ray.remote(concurrency_groups={"control": 2})(Replica).options(
+            num_gpus=gpus_per_replica, num_cpus=cpus_per_replica, max_restarts=max_restarts, max_task_retries=0,
+            max_concurrency=max_batch + 8)
         self._actors = [actor.remote(model, dict(load_options or {}), max_batch, max_step_tokens)
                         for _ in range(replicas)]
         self.max_batch = max_batch
@@ -209,6 +232,7 @@ class ReplicaPool:
         self._down: dict[int, float] = {}  # replica -> when it failed; up again once it answers
         self._turn = 0
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # a replica has fewer than max_batch calls running
         self.failures = 0
         log.info("starting %d replica(s) of %s on Ray ...", replicas, model)
         try:
@@ -241,7 +265,7 @@ class ReplicaPool:
 
     def info(self, index: int, timeout: float = 60.0) -> dict:
         """What replica ``index`` reports (its pid, calls run and cancelled); waits while it restarts."""
-        return self._ray.get(self._actors[index].info.remote(), timeout=timeout)
+        return self._ray.get(self._control(self._actors[index].info).remote(), timeout=timeout)
 
     def close(self) -> None:
         for a in getattr(self, "_actors", []):
@@ -255,12 +279,21 @@ class ReplicaPool:
 
     # -- one call ------------------------------------------------------------------------------
     def _pick(self) -> int:
-        with self._lock:
-            up = [i for i in range(len(self._actors)) if i not in self._down] or list(range(len(self._actors)))
-            self._turn += 1  # ties go round: sequential calls spread over the replicas too
-            index = min(up, key=lambda i: (self._inflight[i], (i - self._turn) % len(self._actors)))
-            self._inflight[index] += 1
-            return index
+        """The up replica with the fewest calls in flight (ties in turn), waiting while each runs ``max_batch``."""
+        with self._room:
+            while True:
+                up = [i for i in range(len(self._actors)) if i not in self._down] or list(range(len(self._actors)))
+                self._turn += 1  # ties go round: sequential calls spread over the replicas too
+                index = min(up, key=lambda i: (self._inflight[i], (i - self._turn) % len(self._actors)))
+                if self._inflight[index] < self.max_batch:
+                    self._inflight[index] += 1
+                    return index
+                self._room.wait(1.0)
+
+    def _release(self, index: int) -> None:
+        with self._room:
+            self._inflight[index] -= 1
+            self._room.notify()
 
     def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
         ray = self._ray
@@ -274,47 +307,68 @@ class ReplicaPool:
                  "previews": None if on_step is None else getattr(on_step, "wants", _every_step)}
         index = self._pick()
         actor, call_id = self._actors[index], uuid.uuid4().hex
+        stream, ended = None, False
         try:
             stream = actor.call.options(num_returns="streaming").remote(call_id, method, args, kwargs, flags,
                                                                         self.limits)
             for ref in stream:
                 for event in ray.get(ref):
                     kind = event[0]
-                    try:
-                        if kind == "step":
-                            callback(event[1], event[2])
-                        elif kind == "text":
-                            on_text(event[1])
-                        elif kind == "preview":
-                            on_step(RemotePreview(event[1], event[2], event[3]))
-                    except BaseException:
-                        actor.cancel.remote(call_id)  # the job was cancelled here: the replica stops too
-                        raise
-                    if kind == "done":
+                    if kind == "step":
+                        callback(event[1], event[2])  # raises once the job is cancelled
+                    elif kind == "text":
+                        on_text(event[1])
+                    elif kind == "preview":
+                        on_step(RemotePreview(event[1], event[2], event[3]))
+                    elif kind in ("done", "error"):
+                        ended = True
+                        if kind == "error":
+                            raise event[1]
                         return event[1]
-                    if kind == "error":
-                        raise event[1]
             raise ReplicaFailed(f"replica {index} ended the call without an answer")
-        except ray.exceptions.RayError as e:
-            self._failed(index)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            ended = True  # nothing left to wait for on that replica
+            self._failed(index, e)
             raise ReplicaFailed(f"replica {index} failed while running this request ({type(e).__name__}); Ray "
                                 "restarts it and the other replicas take new requests: send it again") from None
+        except ray.exceptions.RayTaskError as e:  # the replica's code failed outside the call: its own error
+            ended = True
+            raise e.as_instanceof_cause() from None
         finally:
-            with self._lock:
-                self._inflight[index] -= 1
+            if ended or stream is None:
+                self._release(index)
+            else:  # left early (cancelled, or a callback failed): stop it there, and count it until it has stopped
+                self._control(actor.cancel).remote(call_id)
+                threading.Thread(target=self._drain, args=(stream, index), daemon=True,
+                                 name=f"bagel-replica-{index}-drain").start()
 
-    def _failed(self, index: int) -> None:
+    def _drain(self, stream: Any, index: int) -> None:
+        try:
+            for ref in stream:
+                if any(event[0] in ("done", "error") for event in self._ray.get(ref)):
+                    break
+        except Exception:  # noqa: BLE001 - the replica died meanwhile: the call is over all the same
+            pass
+        finally:
+            self._release(index)
+
+    @staticmethod
+    def _control(method: Any) -> Any:
+        """``actor.cancel`` / ``actor.info`` in their own concurrency group: never queued behind the calls."""
+        return method.options(concurrency_group="control")
+
+    def _failed(self, index: int, error: BaseException) -> None:
         with self._lock:
             self.failures += 1
             if index in self._down:
                 return
             self._down[index] = time.monotonic()
-        log.warning("replica %d failed; waiting for Ray to restart it", index)
+        log.warning("replica %d failed (%s); waiting for Ray to restart it", index, error)
 
         def watch() -> None:  # up again once the restarted actor answers (its model loaded)
             while self._actors:
                 try:
-                    self._ray.get(self._actors[index].info.remote(), timeout=30)
+                    self._ray.get(self._control(self._actors[index].info).remote(), timeout=30)
                 except Exception:  # noqa: BLE001 - still restarting (or gone for good)
                     time.sleep(1.0)
                     continue

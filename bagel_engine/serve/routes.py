@@ -65,11 +65,12 @@ def body_schema(model: type[BaseModel], content_type: str = "application/json") 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     st = state(request)
-    ok = st.worker.alive
-    return JSONResponse({"status": "ok" if ok else "worker stopped", "model": st.names[0], "busy": st.worker.busy,
+    replicas = st.pipe.status() if isinstance(st.pipe, ReplicaPool) else None
+    ok = st.worker.alive and (replicas is None or any(r["up"] for r in replicas))
+    return JSONResponse({"status": "ok" if ok else "worker stopped" if not st.worker.alive else "no replica up", "model": st.names[0], "busy": st.worker.busy,
                          "running": st.worker.running, "max_batch": st.worker.max_batch,
                          "queue_depth": st.worker.queue_depth, "queue_size": st.settings.queue_size}
-                        | ({"replicas": st.pipe.status()} if isinstance(st.pipe, ReplicaPool) else {}),
+                        | ({"replicas": replicas} if replicas is not None else {}),
                         status_code=200 if ok else 503)
 
 @router.get("/metrics")
