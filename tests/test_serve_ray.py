@@ -31,7 +31,7 @@ FAST = {"num_timesteps": 3}
 
 @pytest.fixture(scope="module")
 def pool():
-    p = ReplicaPool(str(TINY), 2, {"device": "cpu"}, cpus_per_replica=1,
+    p = ReplicaPool(str(TINY), 2, {"device": "cpu"}, cpus_per_replica=1, probe_every=0.5, probe_timeout=3,
                     ray_init={"num_cpus": 2, "object_store_memory": 80 * 1024 * 1024, "log_to_driver": False})
     yield p
     p.close()
@@ -193,6 +193,34 @@ def test_a_killed_replica_fails_its_request_cleanly_and_comes_back(server, pool)
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             answers = list(ex.map(lambda _: c.post("/v1/chat/completions", json=body), range(4)))
         assert [r.status_code for r in answers] == [200] * 4
+
+
+def _wait(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_a_replica_that_dies_idle_is_seen_and_one_dead_for_good_is_replaced(pool, pipe):
+    """The monitor: a replica killed while it runs nothing is marked down (calls go to the other) and up once Ray
+    restarted it; one killed for good (no restart) is replaced by a new actor."""
+    old_pid = pool.info(0)["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    _wait(lambda: not pool.status()[0]["up"], "the idle replica's death was not noticed", 30)
+    served = pool.info(1)["calls"]
+    assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
+    assert pool.info(1)["calls"] == served + 1  # not sent to the dead one
+    _wait(lambda: pool.status()[0]["up"], "the restarted replica never came back")
+    assert pool.info(0)["pid"] != old_pid
+
+    import ray
+
+    ray.kill(pool._actors[1], no_restart=True)
+    _wait(lambda: pool.replaced == 1, "the replica dead for good was not replaced", 60)
+    _wait(lambda: all(r["up"] for r in pool.status()), "the new replica never came up")
+    assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
+    assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
 
 
 def test_replicas_that_cannot_fit_are_refused_at_once():

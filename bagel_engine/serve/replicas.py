@@ -204,7 +204,7 @@ class ReplicaPool:
     def __init__(self, model: str, replicas: int, load_options: dict | None = None, *, ray_address: str | None = None,
                  gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0, max_batch: int = 1,
                  max_step_tokens: int | None = None, max_restarts: int = -1, ray_init: dict | None = None,
-                 start_timeout: float = 900.0):
+                 start_timeout: float = 900.0, probe_every: float = 5.0, probe_timeout: float = 10.0):
         try:
             import ray
         except ImportError:
@@ -225,15 +225,19 @@ class ReplicaPool:
         actor = ray.remote(concurrency_groups={"control": 2})(Replica).options(
             num_gpus=gpus_per_replica, num_cpus=cpus_per_replica, max_restarts=max_restarts, max_task_retries=0,
             max_concurrency=max_batch + 8)
-        self._actors = [actor.remote(model, dict(load_options or {}), max_batch, max_step_tokens)
-                        for _ in range(replicas)]
+        self._new_actor = lambda: actor.remote(model, dict(load_options or {}), max_batch, max_step_tokens)
+        self._actors = [self._new_actor() for _ in range(replicas)]
         self.max_batch = max_batch
         self._inflight = [0] * replicas
         self._down: dict[int, float] = {}  # replica -> when it failed; up again once it answers
         self._turn = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a replica has fewer than max_batch calls running
-        self.failures = 0
+        self.failures = self.replaced = 0
+        self.probe_every, self.probe_timeout = probe_every, probe_timeout
+        self._probes: dict[int, tuple[Any, float]] = {}  # replica -> (its pending info call, when it was sent)
+        self._replaced_at: dict[int, float] = {}
+        self._closed = threading.Event()
         log.info("starting %d replica(s) of %s on Ray ...", replicas, model)
         try:
             infos = ray.get([a.info.remote() for a in self._actors], timeout=start_timeout)
@@ -246,6 +250,7 @@ class ReplicaPool:
         self.task_defaults = first["task_defaults"]
         self.pids = [info["pid"] for info in infos]
         log.info("%d replica(s) up (pids %s)", replicas, ", ".join(map(str, self.pids)))
+        threading.Thread(target=self._monitor, name="bagel-replica-monitor", daemon=True).start()
 
     # -- the pipeline's task methods -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -268,6 +273,8 @@ class ReplicaPool:
         return self._ray.get(self._control(self._actors[index].info).remote(), timeout=timeout)
 
     def close(self) -> None:
+        if hasattr(self, "_closed"):
+            self._closed.set()
         for a in getattr(self, "_actors", []):
             try:
                 self._ray.kill(a)
@@ -358,6 +365,7 @@ class ReplicaPool:
         return method.options(concurrency_group="control")
 
     def _failed(self, index: int, error: BaseException) -> None:
+        """A call found replica ``index`` gone: no new calls go there until the monitor hears from it again."""
         with self._lock:
             self.failures += 1
             if index in self._down:
@@ -365,16 +373,62 @@ class ReplicaPool:
             self._down[index] = time.monotonic()
         log.warning("replica %d failed (%s); waiting for Ray to restart it", index, error)
 
-        def watch() -> None:  # up again once the restarted actor answers (its model loaded)
-            while self._actors:
-                try:
-                    self._ray.get(self._control(self._actors[index].info).remote(), timeout=30)
-                except Exception:  # noqa: BLE001 - still restarting (or gone for good)
-                    time.sleep(1.0)
-                    continue
-                with self._lock:
-                    self._down.pop(index, None)
-                log.info("replica %d is back", index)
-                return
+    # -- the monitor ---------------------------------------------------------------------------
+    def _monitor(self) -> None:
+        """Every ``probe_every`` seconds each replica is asked for its info (one question pending at a time): one
+        that answers is up; one silent for ``probe_timeout`` (restarting, loading its model) is down; one that Ray
+        says is dead for good (its restarts spent, or its model failed to load) is replaced by a new actor, at most
+        every 30 s. So a replica that dies while idle is seen too, not only by the request that meets it."""
+        while not self._closed.wait(self.probe_every):
+            try:
+                self.probe()
+            except Exception:  # noqa: BLE001 - the monitor goes on whatever one round meets
+                log.exception("replica monitor")
 
-        threading.Thread(target=watch, name=f"bagel-replica-{index}-watch", daemon=True).start()
+    def probe(self) -> None:
+        """One round of the monitor (see ``_monitor``)."""
+        ray, now = self._ray, time.monotonic()
+        for i, actor in enumerate(list(self._actors)):
+            if i not in self._probes:
+                self._probes[i] = (self._control(actor.info).remote(), now)
+        refs = [ref for ref, _ in self._probes.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.probe_timeout)
+        ready = set(ready)
+        for i, (ref, sent) in list(self._probes.items()):
+            if ref not in ready:
+                if time.monotonic() - sent >= self.probe_timeout:
+                    self._mark(i, up=False, why="no answer")
+                continue
+            del self._probes[i]
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorDiedError as e:
+                self._mark(i, up=False, why=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._replace(i)
+            except Exception as e:  # noqa: BLE001 - unavailable for now: Ray is restarting it
+                self._mark(i, up=False, why=type(e).__name__)
+            else:
+                self._mark(i, up=True)
+
+    def _mark(self, index: int, up: bool, why: str = "") -> None:
+        with self._room:
+            if up and index in self._down:
+                del self._down[index]
+                self._room.notify_all()
+                log.info("replica %d is up", index)
+            elif not up and index not in self._down:
+                self._down[index] = time.monotonic()
+                log.warning("replica %d is down (%s)", index, why)
+
+    def _replace(self, index: int) -> None:
+        if self._closed.is_set() or time.monotonic() - self._replaced_at.get(index, -1e9) < 30:
+            return
+        self._replaced_at[index] = time.monotonic()
+        old = self._actors[index]
+        try:
+            self._ray.kill(old, no_restart=True)  # never two of it
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._actors[index] = self._new_actor()
+        self.replaced += 1
+        log.warning("replica %d was dead for good: a new one is starting", index)
