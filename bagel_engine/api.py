@@ -63,6 +63,7 @@ def load(
     shard_weights: bool = False,
     devices: str | Sequence[str] | None = None,
     layer_split: Sequence[int] | None = None,
+    max_memory: str | int | Sequence | None = None,
     progress: bool = False,
     lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     lora_strength: float = 1.0,
@@ -96,7 +97,8 @@ def load(
     input images and results spread over the ranks. ``shard_weights=True`` (under torchrun): the decoder layers'
     weights sharded over every rank, FSDP style, gathered layer by layer (``bagel_engine.weights.sharded``).
     ``devices`` (``"0,1"`` or ``["cuda:0", "cuda:1"]``): the decoder's layers split over these devices of this one
-    process (``layer_split``: layers per device), the rest of the model on the first (``weights.layer_split``).
+    process (``layer_split``: layers per device; or ``max_memory``: weight budgets, ``"24GB"`` or ``"20GB,24GB"``,
+    filled in order as ``device_map="auto"`` does), the rest of the model on the first (``weights.layer_split``).
     ``lora``: LoRA adapter(s) (a PEFT adapter folder, a ``bagel train`` checkpoint directory holding one,
     or an older ``lora_adapter.safetensors``) merged into the weights at load, each scaled by ``lora_strength``.
 
@@ -112,7 +114,7 @@ def load(
     configs and the tokenizer are downloaded.
     """
     parallel = Parallelism(cfg_parallel_size, tensor_parallel_size, vae_patch_parallel_size, shard_weights, devices,
-                           layer_split)
+                           layer_split, max_memory)
     placement_device, groups, spread = parallel.resolve(device, compile, _default_device())
     placement = Placement(
         device=placement_device, dtype=parse_dtype(dtype) or (torch.bfloat16 if placement_device.type == "cuda" else torch.float32),

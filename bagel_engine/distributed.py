@@ -139,6 +139,7 @@ class Parallelism:
     shard_weights: bool = False
     devices: str | Sequence[str] | None = None
     layer_split: Sequence[int] | None = None
+    max_memory: str | int | Sequence | None = None
 
     @property
     def multi_process(self) -> bool:
@@ -162,12 +163,25 @@ class Parallelism:
             except ValueError as e:
                 raise BagelInputError(str(e)) from None
             device = split_over[0]
+        budgets: tuple = ()
+        if self.max_memory is not None:
+            from bagel_engine.weights.layer_split import parse_memory
+
+            if not split_over:
+                raise BagelInputError("max_memory is the weight budget per device of a layer split: give devices too "
+                                      "(--devices 0,1 --max-memory 24GB)")
+            if self.layer_split:
+                raise BagelInputError("give layer_split or max_memory, not both")
+            try:
+                budgets = tuple(parse_memory(self.max_memory, len(split_over)))
+            except ValueError as e:
+                raise BagelInputError(str(e)) from None
         main = torch.device(device) if device is not None else (default or torch.device("cpu"))
         groups = parallel_groups(self.cfg_parallel_size or 1, self.tensor_parallel_size or 1, main,
                                  self.vae_patch_parallel_size or 1, self.shard_weights) if self.multi_process else None
         fields = {"tensor_parallel": groups.tp if groups is not None else None,
                   "shard_weights": groups.weights if groups is not None else None,
-                  "devices": split_over, "layer_split": tuple(self.layer_split or ())}
+                  "devices": split_over, "layer_split": tuple(self.layer_split or ()), "max_memory": budgets}
         return main, groups, fields
 
     @staticmethod

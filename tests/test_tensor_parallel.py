@@ -332,9 +332,37 @@ def test_the_layers_split_over_devices_give_the_one_device_result(alone):
         bagel_engine.load("bagel-shapes", devices="cpu")
 
 
+def test_a_memory_budget_per_device_places_the_layers_in_order(alone):
+    """--max-memory (device_map="auto" with max_memory, as the official app): the first device holds the rest of the
+    model and the layers its budget leaves room for, the next ones the next layers; too little is refused with what
+    is missing."""
+    from bagel_engine.weights.layer_split import parse_memory
+
+    pipe, one = alone
+    layer = sum(t.numel() * t.element_size() for t in pipe.model.decoder.layers[0].state_dict().values())
+    whole = sum(t.numel() * t.element_size() for t in (*pipe.model.parameters(), *pipe.model.buffers()))
+    rest = whole - 6 * layer
+    assert parse_memory("24GB", 2) == [24 * 10**9] * 2 and parse_memory("1.5GiB,500MB", 2) == [3 * 2**29, 5 * 10**8]
+    with pytest.raises(ValueError, match="one size for every device or one per device"):
+        parse_memory("1GB,2GB,3GB", 2)
+    split = bagel_engine.load("bagel-shapes", devices="cpu,cpu:0", max_memory=[rest + 2 * layer + 100, 10**9])
+    assert split.model.decoder.layer_devices == [torch.device("cpu")] * 2 + [torch.device("cpu:0")] * 4
+    assert split.chat("Is there a red circle?", max_new_tokens=6).text == \
+        pipe.chat("Is there a red circle?", max_new_tokens=6).text
+    with pytest.raises(ValueError, match=r"2 of the 6 decoder layers .* do not fit"):
+        bagel_engine.load("bagel-shapes", devices="cpu,cpu:0", max_memory=[rest + 2 * layer + 100, 2 * layer + 100])
+    with pytest.raises(bagel_engine.BagelInputError, match="give devices too"):
+        bagel_engine.load("bagel-shapes", max_memory="1GB")
+    with pytest.raises(bagel_engine.BagelInputError, match="not a size"):
+        bagel_engine.load("bagel-shapes", devices="cpu,cpu:0", max_memory="lots")
+
+
 def test_the_cli_takes_the_layer_split():
     from bagel_engine.cli.load_options import load_flags, load_kwargs
 
     options = load_kwargs({"devices": "0,1", "layer_split": "12,16"})
     assert options == {"devices": "0,1", "layer_split": [12, 16]}
     assert load_flags(options) == ["--devices", "0,1", "--layer-split", "12,16"]
+    options = load_kwargs({"devices": "0,1", "max_memory": "20GB,24GB"})
+    assert options == {"devices": "0,1", "max_memory": "20GB,24GB"}
+    assert load_flags(options) == ["--devices", "0,1", "--max-memory", "20GB,24GB"]

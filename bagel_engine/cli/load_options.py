@@ -71,6 +71,11 @@ Devices = Annotated[Optional[str], typer.Option(
 LayerSplit = Annotated[Optional[str], typer.Option(
     "--layer-split", rich_help_panel=PANEL, metavar="COUNTS",
     help="With --devices: the decoder layers each device holds, e.g. 12,16. \\[default: even, the first device fewer]")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", rich_help_panel=PANEL, metavar="SIZES",
+    help="With --devices: the weights each device may hold, e.g. 24GB (every device) or 20GB,24GB; the layers fill "
+         "them in order, the first device holding the rest of the model too (device_map=\"auto\" with max_memory, "
+         "as the official app). Leave room for the KV cache and activations.")]
 OfficialNumerics = Annotated[bool, typer.Option(
     "--official-numerics", rich_help_panel=PANEL,
     help="Keep the VAE and the Euler update on the CPU in float32, exactly as the official app does.")]
@@ -134,7 +139,7 @@ def load_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     for name in ("official_numerics", "vae_tiling", "shard_weights"):
         if values.get(name):
             out[name] = True
-    for name in ("weights_file", "base_config", "task_defaults", "devices"):
+    for name in ("weights_file", "base_config", "task_defaults", "devices", "max_memory"):
         if values.get(name) is not None:
             out[name] = str(values[name])
     if values.get("layer_split"):
@@ -166,6 +171,7 @@ LOAD_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("shard_weights", ShardWeights, False),
     ("devices", Devices, None),
     ("layer_split", LayerSplit, None),
+    ("max_memory", MaxMemory, None),
     ("lora", Lora, None),
     ("lora_strength", LoraStrength, 1.0),
     ("weights_file", WeightsFile, None),

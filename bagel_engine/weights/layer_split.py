@@ -4,10 +4,16 @@ torch.distributed. The first device holds the embeddings, ``lm_head``, the norms
 share of the layers; the others hold theirs; the activations move from card to card between layers, and each layer's
 KV cache lives on its card (``Qwen2MoTModel.layer_devices``, ``model.kv_cache``). The cards run one after the other
 (no overlap): it buys memory, not speed. By default the layers are shared as evenly as the first card's extra load
-allows (it gets fewer); ``layer_split`` gives each card's count.
+allows (it gets fewer); ``layer_split`` gives each card's count, or ``max_memory`` a weight budget per card
+(``"20GB,24GB"``, or one for all), filled in order as ``device_map="auto"`` with ``max_memory`` fills them in the
+official app: the first card holds the rest of the model and as many layers as its budget leaves room for, the next
+card the next layers, and so on. The budget counts weights only: leave room below the card's size for the KV cache and
+the activations (``bagel inspect --plan`` estimates them).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -34,11 +40,64 @@ def layer_counts(num_layers: int, devices: int, split: list[int] | tuple[int, ..
     return [base + (1 if i >= devices - extra else 0) for i in range(devices)]  # the first ones get fewer
 
 
-def split_layers(model: Bagel, devices: list[torch.device], split: list[int] | tuple[int, ...] | None = None) -> Bagel:
-    """Move ``model`` (on the CPU) to ``devices``: its layers by :func:`layer_counts`, the rest to the first."""
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str | int | list | tuple, devices: int) -> list[int]:
+    """``"24GB"`` (every device), ``"20GB,24GiB"`` (one per device) or bytes -> bytes per device."""
+    parts = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+    out = []
+    for part in parts:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(part), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_memory: {part!r} is not a size such as 24GB or 500MiB")
+        out.append(int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]))
+    if len(out) == 1:
+        out *= devices
+    if len(out) != devices:
+        raise ValueError(f"max_memory: one size for every device or one per device ({devices}), got {len(out)}")
+    return out
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def budget_counts(model: Bagel, budgets: list[int]) -> list[int]:
+    """Layers per device when each device may hold ``budgets[i]`` bytes of weights, filled in order: the first
+    holds everything but the decoder layers, then as many layers as fit; a ValueError says what is missing."""
+    layers = list(model.language_model.model.layers)
+    sizes = [_bytes(layer) for layer in layers]
+    rest = _bytes(model) - sum(sizes)
+    counts, k = [], 0
+    for i, budget in enumerate(budgets):
+        room, n = budget - (rest if i == 0 else 0), 0
+        while k < len(layers) and sizes[k] <= room:
+            room -= sizes[k]
+            k, n = k + 1, n + 1
+        counts.append(n)
+    if k < len(layers) or rest > budgets[0]:
+        raise ValueError(f"max_memory: {len(layers) - k} of the {len(layers)} decoder layers ({_size(sizes[0])} "
+                         f"each) do not fit in {', '.join(map(_size, budgets))}; the first device also holds the rest "
+                         f"of the model ({_size(rest)}): raise the budgets or add a device")
+    return counts
+
+
+def split_layers(model: Bagel, devices: list[torch.device], split: list[int] | tuple[int, ...] | None = None,
+                 max_memory: list[int] | tuple[int, ...] | None = None) -> Bagel:
+    """Move ``model`` (on the CPU) to ``devices``: its layers by :func:`layer_counts` (or :func:`budget_counts`
+    with ``max_memory``, bytes per device), the rest to the first."""
     first = devices[0]
     decoder = model.language_model.model
-    counts = layer_counts(len(decoder.layers), len(devices), split)
+    if split and max_memory:
+        raise ValueError("give layer_split or max_memory, not both")
+    counts = budget_counts(model, list(max_memory)) if max_memory else layer_counts(len(decoder.layers), len(devices),
+                                                                                      split)
     for name, module in model.named_children():
         if name != "language_model":
             module.to(first)

@@ -43,6 +43,7 @@ class Placement:
     shard_weights: Any = None  # a process group the decoder layers' weights are sharded over (``weights.sharded``)
     devices: tuple[torch.device, ...] = ()  # the decoder's layers split over these (``weights.layer_split``)
     layer_split: tuple[int, ...] = ()  # layers per device (default: even, the first device fewer)
+    max_memory: tuple[int, ...] = ()  # or: weight bytes per device, filled in order (``weights.layer_split``)
 
     def __post_init__(self):
         if self.tensor_parallel is not None and self.offload:
@@ -104,7 +105,7 @@ def load_modules(checkpoint: Checkpoint, cfg: ModelConfig, placement: Placement,
     if p.devices:
         from bagel_engine.weights.layer_split import split_layers
 
-        split_layers(bagel, list(p.devices), p.layer_split or None)
+        split_layers(bagel, list(p.devices), p.layer_split or None, p.max_memory or None)
     if p.shard_weights is not None:
         from bagel_engine.weights.sharded import shard_layers
 
