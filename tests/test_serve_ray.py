@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 
 from bagel_engine.params import BagelInputError  # noqa: E402
 from bagel_engine.serve import ServeSettings, create_app  # noqa: E402
-from bagel_engine.serve.replicas import ReplicaPool, check_resources  # noqa: E402
+from bagel_engine.serve.replicas import ReplicaFailed, ReplicaPool, check_resources  # noqa: E402
 from bagel_engine.serve.worker import JobCancelled  # noqa: E402
 
 FAST = {"num_timesteps": 3}
@@ -31,7 +31,8 @@ FAST = {"num_timesteps": 3}
 
 @pytest.fixture(scope="module")
 def pool():
-    p = ReplicaPool(str(TINY), 2, {"device": "cpu"}, cpus_per_replica=1, probe_every=0.5, probe_timeout=3,
+    p = ReplicaPool(str(TINY), 2, {"device": "cpu"}, cpus_per_replica=1, probe_every=0.5, probe_timeout=6,
+                    down_wait=8,
                     ray_init={"num_cpus": 2, "object_store_memory": 80 * 1024 * 1024, "log_to_driver": False})
     yield p
     p.close()
@@ -202,25 +203,40 @@ def _wait(condition, what: str, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def test_a_replica_that_dies_idle_is_seen_and_one_dead_for_good_is_replaced(pool, pipe):
-    """The monitor: a replica killed while it runs nothing is marked down (calls go to the other) and up once Ray
-    restarted it; one killed for good (no restart) is replaced by a new actor."""
-    old_pid = pool.info(0)["pid"]
-    os.kill(old_pid, signal.SIGKILL)
-    _wait(lambda: not pool.status()[0]["up"], "the idle replica's death was not noticed", 30)
-    served = pool.info(1)["calls"]
-    assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
-    assert pool.info(1)["calls"] == served + 1  # not sent to the dead one
-    _wait(lambda: pool.status()[0]["up"], "the restarted replica never came back")
-    assert pool.info(0)["pid"] != old_pid
+def test_the_monitor_sees_silent_replicas_and_replaces_one_dead_for_good(server, pool, pipe):
+    """A replica that stops answering (SIGSTOP: alive, silent) is marked down and calls go to the other; with none
+    up a call fails after ``down_wait`` and /health answers 503; answering again, both are up. One killed for good
+    (no restart) is replaced by a new actor that serves."""
+    pids = [pool.info(i)["pid"] for i in range(2)]
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        _wait(lambda: not pool.status()[0]["up"], "the silent replica was not marked down", 60)
+        served = pool.info(1)["calls"]
+        assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
+        assert pool.info(1)["calls"] == served + 1  # not sent to the silent one
+        os.kill(pids[1], signal.SIGSTOP)
+        _wait(lambda: not any(r["up"] for r in pool.status()), "the second silent replica was not marked down", 60)
+        with httpx.Client(base_url=server.base_url, timeout=60) as c:
+            health = c.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "no replica up"
+        with pytest.raises(ReplicaFailed, match="no replica is up"):
+            pool.chat("Hi", max_new_tokens=4)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    _wait(lambda: all(r["up"] for r in pool.status()), "the replicas did not come back up", 60)
 
     import ray
 
+    before = pool.replaced
     ray.kill(pool._actors[1], no_restart=True)
-    _wait(lambda: pool.replaced == 1, "the replica dead for good was not replaced", 60)
+    _wait(lambda: pool.replaced == before + 1, "the replica dead for good was not replaced", 60)
     _wait(lambda: all(r["up"] for r in pool.status()), "the new replica never came up")
-    assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
-    assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
+    new_pid = pool.info(1)["pid"]
+    assert new_pid != pids[1] and pool.info(1)["calls"] == 0
+    for _ in range(4):
+        assert pool.chat("Hi", max_new_tokens=4).text == pipe.chat("Hi", max_new_tokens=4).text
+    assert pool.info(1)["calls"] >= 1  # the new actor serves
 
 
 def test_replicas_that_cannot_fit_are_refused_at_once():

@@ -204,7 +204,8 @@ class ReplicaPool:
     def __init__(self, model: str, replicas: int, load_options: dict | None = None, *, ray_address: str | None = None,
                  gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0, max_batch: int = 1,
                  max_step_tokens: int | None = None, max_restarts: int = -1, ray_init: dict | None = None,
-                 start_timeout: float = 900.0, probe_every: float = 5.0, probe_timeout: float = 10.0):
+                 start_timeout: float = 900.0, probe_every: float = 5.0, probe_timeout: float = 10.0,
+                 down_wait: float = 30.0, drain_timeout: float = 120.0):
         try:
             import ray
         except ImportError:
@@ -235,8 +236,10 @@ class ReplicaPool:
         self._room = threading.Condition(self._lock)  # a replica has fewer than max_batch calls running
         self.failures = self.replaced = 0
         self.probe_every, self.probe_timeout = probe_every, probe_timeout
+        self.down_wait, self.drain_timeout = down_wait, drain_timeout
         self._probes: dict[int, tuple[Any, float]] = {}  # replica -> (its pending info call, when it was sent)
         self._replaced_at: dict[int, float] = {}
+        self._died_at: dict[int, float] = {}  # replica -> when a probe first met ActorDiedError
         self._closed = threading.Event()
         log.info("starting %d replica(s) of %s on Ray ...", replicas, model)
         try:
@@ -250,7 +253,8 @@ class ReplicaPool:
         self.task_defaults = first["task_defaults"]
         self.pids = [info["pid"] for info in infos]
         log.info("%d replica(s) up (pids %s)", replicas, ", ".join(map(str, self.pids)))
-        threading.Thread(target=self._monitor, name="bagel-replica-monitor", daemon=True).start()
+        self._monitor_thread = threading.Thread(target=self._monitor, name="bagel-replica-monitor", daemon=True)
+        self._monitor_thread.start()
 
     # -- the pipeline's task methods -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -274,7 +278,11 @@ class ReplicaPool:
 
     def close(self) -> None:
         if hasattr(self, "_closed"):
-            self._closed.set()
+            with self._lock:
+                self._closed.set()
+            monitor = getattr(self, "_monitor_thread", None)
+            if monitor is not None and monitor is not threading.current_thread():
+                monitor.join(self.probe_timeout + 5)
         for a in getattr(self, "_actors", []):
             try:
                 self._ray.kill(a)
@@ -286,10 +294,20 @@ class ReplicaPool:
 
     # -- one call ------------------------------------------------------------------------------
     def _pick(self) -> int:
-        """The up replica with the fewest calls in flight (ties in turn), waiting while each runs ``max_batch``."""
+        """The up replica with the fewest calls in flight (ties in turn), waiting while each runs ``max_batch``; with
+        none up for ``down_wait`` seconds, ReplicaFailed."""
+        deadline = time.monotonic() + self.down_wait
         with self._room:
             while True:
-                up = [i for i in range(len(self._actors)) if i not in self._down] or list(range(len(self._actors)))
+                if self._closed.is_set():
+                    raise ReplicaFailed("the replicas are shut down")
+                up = [i for i in range(len(self._actors)) if i not in self._down]
+                if not up:
+                    if time.monotonic() > deadline:
+                        raise ReplicaFailed(f"no replica is up (all {len(self._actors)} restarting or gone for "
+                                            f"{self.down_wait:g} s): try again later")
+                    self._room.wait(0.5)
+                    continue
                 self._turn += 1  # ties go round: sequential calls spread over the replicas too
                 index = min(up, key=lambda i: (self._inflight[i], (i - self._turn) % len(self._actors)))
                 if self._inflight[index] < self.max_batch:
@@ -313,9 +331,9 @@ class ReplicaPool:
         flags = {"callback": callback is not None, "on_text": on_text is not None,
                  "previews": None if on_step is None else getattr(on_step, "wants", _every_step)}
         index = self._pick()
-        actor, call_id = self._actors[index], uuid.uuid4().hex
-        stream, ended = None, False
+        call_id, actor, stream, ended = uuid.uuid4().hex, None, None, False
         try:
+            actor = self._actors[index]
             stream = actor.call.options(num_returns="streaming").remote(call_id, method, args, kwargs, flags,
                                                                         self.limits)
             for ref in stream:
@@ -335,7 +353,7 @@ class ReplicaPool:
             raise ReplicaFailed(f"replica {index} ended the call without an answer")
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
             ended = True  # nothing left to wait for on that replica
-            self._failed(index, e)
+            self._failed(index, actor, e)
             raise ReplicaFailed(f"replica {index} failed while running this request ({type(e).__name__}); Ray "
                                 "restarts it and the other replicas take new requests: send it again") from None
         except ray.exceptions.RayTaskError as e:  # the replica's code failed outside the call: its own error
@@ -345,16 +363,29 @@ class ReplicaPool:
             if ended or stream is None:
                 self._release(index)
             else:  # left early (cancelled, or a callback failed): stop it there, and count it until it has stopped
-                self._control(actor.cancel).remote(call_id)
-                threading.Thread(target=self._drain, args=(stream, index), daemon=True,
+                try:
+                    self._control(actor.cancel).remote(call_id)
+                except Exception:  # noqa: BLE001 - the drain below ends all the same
+                    log.warning("replica %d: could not send the cancel", index, exc_info=True)
+                threading.Thread(target=self._drain, args=(stream, index, actor), daemon=True,
                                  name=f"bagel-replica-{index}-drain").start()
 
-    def _drain(self, stream: Any, index: int) -> None:
+    def _drain(self, stream: Any, index: int, actor: Any) -> None:
+        """Wait (at most ``drain_timeout``) for a cancelled call to stop on its replica; a replica that does not
+        stop by then is restarted (Ray kills the process and starts it again), so its slot cannot stay taken."""
+        deadline = time.monotonic() + self.drain_timeout
         try:
-            for ref in stream:
+            while True:
+                ready, _ = self._ray.wait([stream], timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    log.warning("replica %d did not stop a cancelled call in %g s: restarting it", index,
+                                self.drain_timeout)
+                    self._ray.kill(actor, no_restart=False)
+                    return
+                ref = next(stream)
                 if any(event[0] in ("done", "error") for event in self._ray.get(ref)):
-                    break
-        except Exception:  # noqa: BLE001 - the replica died meanwhile: the call is over all the same
+                    return
+        except Exception:  # noqa: BLE001 - the stream ended or the replica died meanwhile: the call is over
             pass
         finally:
             self._release(index)
@@ -364,11 +395,11 @@ class ReplicaPool:
         """``actor.cancel`` / ``actor.info`` in their own concurrency group: never queued behind the calls."""
         return method.options(concurrency_group="control")
 
-    def _failed(self, index: int, error: BaseException) -> None:
+    def _failed(self, index: int, actor: Any, error: BaseException) -> None:
         """A call found replica ``index`` gone: no new calls go there until the monitor hears from it again."""
         with self._lock:
             self.failures += 1
-            if index in self._down:
+            if index in self._down or self._actors[index] is not actor:  # already known, or already replaced
                 return
             self._down[index] = time.monotonic()
         log.warning("replica %d failed (%s); waiting for Ray to restart it", index, error)
@@ -377,42 +408,47 @@ class ReplicaPool:
     def _monitor(self) -> None:
         """Every ``probe_every`` seconds each replica is asked for its info (one question pending at a time): one
         that answers is up; one silent for ``probe_timeout`` (restarting, loading its model) is down; one that Ray
-        says is dead for good (its restarts spent, or its model failed to load) is replaced by a new actor, at most
-        every 30 s. So a replica that dies while idle is seen too, not only by the request that meets it."""
+        says is dead for good (its model failed to load, or a question sent after its death fails too: a question to
+        a replica Ray is restarting waits for it) is replaced by a new actor, at most every 30 s. So a replica that
+        dies while idle is seen too, not only by the request that meets it."""
         while not self._closed.wait(self.probe_every):
             try:
-                self.probe()
+                self._probe_round()
             except Exception:  # noqa: BLE001 - the monitor goes on whatever one round meets
-                log.exception("replica monitor")
+                if not self._closed.is_set():
+                    log.exception("replica monitor")
 
-    def probe(self) -> None:
-        """One round of the monitor (see ``_monitor``)."""
+    def _probe_round(self) -> None:
         ray, now = self._ray, time.monotonic()
         for i, actor in enumerate(list(self._actors)):
             if i not in self._probes:
                 self._probes[i] = (self._control(actor.info).remote(), now)
         refs = [ref for ref, _ in self._probes.values()]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.probe_timeout)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(1.0, self.probe_timeout))
         ready = set(ready)
         for i, (ref, sent) in list(self._probes.items()):
             if ref not in ready:
                 if time.monotonic() - sent >= self.probe_timeout:
-                    self._mark(i, up=False, why="no answer")
+                    self._mark(i, up=False, why="no answer", sent=sent)
                 continue
             del self._probes[i]
             try:
                 ray.get(ref)
             except ray.exceptions.ActorDiedError as e:
-                self._mark(i, up=False, why=str(e).splitlines()[0] if str(e) else type(e).__name__)
-                self._replace(i)
+                self._mark(i, up=False, why=(str(e).splitlines() or [type(e).__name__])[0], sent=sent)
+                if e.actor_init_failed or sent > self._died_at.get(i, float("inf")):
+                    self._replace(i)
+                else:
+                    self._died_at.setdefault(i, time.monotonic())  # dead for good if the next question fails too
             except Exception as e:  # noqa: BLE001 - unavailable for now: Ray is restarting it
-                self._mark(i, up=False, why=type(e).__name__)
+                self._mark(i, up=False, why=type(e).__name__, sent=sent)
             else:
-                self._mark(i, up=True)
+                self._died_at.pop(i, None)
+                self._mark(i, up=True, sent=sent)
 
-    def _mark(self, index: int, up: bool, why: str = "") -> None:
+    def _mark(self, index: int, up: bool, why: str = "", sent: float = 0.0) -> None:
         with self._room:
-            if up and index in self._down:
+            if up and index in self._down and sent > self._down[index]:  # an answer older than the failure: stale
                 del self._down[index]
                 self._room.notify_all()
                 log.info("replica %d is up", index)
@@ -421,14 +457,16 @@ class ReplicaPool:
                 log.warning("replica %d is down (%s)", index, why)
 
     def _replace(self, index: int) -> None:
-        if self._closed.is_set() or time.monotonic() - self._replaced_at.get(index, -1e9) < 30:
-            return
-        self._replaced_at[index] = time.monotonic()
-        old = self._actors[index]
-        try:
-            self._ray.kill(old, no_restart=True)  # never two of it
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        self._actors[index] = self._new_actor()
-        self.replaced += 1
+        with self._lock:
+            if self._closed.is_set() or time.monotonic() - self._replaced_at.get(index, -1e9) < 30:
+                return
+            self._replaced_at[index] = time.monotonic()
+            old = self._actors[index]
+            try:
+                self._ray.kill(old, no_restart=True)  # never two of it
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self._actors[index] = self._new_actor()
+            self._died_at.pop(index, None)
+            self.replaced += 1
         log.warning("replica %d was dead for good: a new one is starting", index)
