@@ -353,7 +353,7 @@ def test_a_memory_budget_per_device_places_the_layers_in_order(alone):
         bagel_engine.load("bagel-shapes", devices="cpu,cpu:0", max_memory=[rest + 2 * layer + 100, 2 * layer + 100])
     with pytest.raises(bagel_engine.BagelInputError, match="give devices too"):
         bagel_engine.load("bagel-shapes", max_memory="1GB")
-    with pytest.raises(bagel_engine.BagelInputError, match="not a size"):
+    with pytest.raises(bagel_engine.BagelInputError, match="cannot read a memory size"):
         bagel_engine.load("bagel-shapes", devices="cpu,cpu:0", max_memory="lots")
 
 

@@ -67,7 +67,8 @@ async def health(request: Request) -> JSONResponse:
     st = state(request)
     replicas = st.pipe.status() if isinstance(st.pipe, ReplicaPool) else None
     ok = st.worker.alive and (replicas is None or any(r["up"] for r in replicas))
-    return JSONResponse({"status": "ok" if ok else "worker stopped" if not st.worker.alive else "no replica up", "model": st.names[0], "busy": st.worker.busy,
+    status = "ok" if ok else "worker stopped" if not st.worker.alive else "no replica up"
+    return JSONResponse({"status": status, "model": st.names[0], "busy": st.worker.busy,
                          "running": st.worker.running, "max_batch": st.worker.max_batch,
                          "queue_depth": st.worker.queue_depth, "queue_size": st.settings.queue_size}
                         | ({"replicas": replicas} if replicas is not None else {}),

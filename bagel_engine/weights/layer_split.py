@@ -13,11 +13,10 @@ the activations (``bagel inspect --plan`` estimates them).
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from bagel_engine.model.bagel import Bagel
+from bagel_engine.weights.sizes import fmt_bytes, parse_size
 
 
 def parse_devices(text: str | list | tuple) -> list[torch.device]:
@@ -40,19 +39,10 @@ def layer_counts(num_layers: int, devices: int, split: list[int] | tuple[int, ..
     return [base + (1 if i >= devices - extra else 0) for i in range(devices)]  # the first ones get fewer
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_memory(text: str | int | list | tuple, devices: int) -> list[int]:
     """``"24GB"`` (every device), ``"20GB,24GiB"`` (one per device) or bytes -> bytes per device."""
     parts = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
-    out = []
-    for part in parts:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(part), re.IGNORECASE)
-        if not m:
-            raise ValueError(f"max_memory: {part!r} is not a size such as 24GB or 500MiB")
-        out.append(int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]))
+    out = [parse_size(part) for part in parts]
     if len(out) == 1:
         out *= devices
     if len(out) != devices:
@@ -62,10 +52,6 @@ def parse_memory(text: str | int | list | tuple, devices: int) -> list[int]:
 
 def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def budget_counts(model: Bagel, budgets: list[int]) -> list[int]:
@@ -82,9 +68,9 @@ def budget_counts(model: Bagel, budgets: list[int]) -> list[int]:
             k, n = k + 1, n + 1
         counts.append(n)
     if k < len(layers) or rest > budgets[0]:
-        raise ValueError(f"max_memory: {len(layers) - k} of the {len(layers)} decoder layers ({_size(sizes[0])} "
-                         f"each) do not fit in {', '.join(map(_size, budgets))}; the first device also holds the rest "
-                         f"of the model ({_size(rest)}): raise the budgets or add a device")
+        raise ValueError(f"max_memory: {len(layers) - k} of the {len(layers)} decoder layers ({fmt_bytes(sizes[0])} "
+                         f"each) do not fit in {', '.join(map(fmt_bytes, budgets))}; the first device also holds the rest "
+                         f"of the model ({fmt_bytes(rest)}): raise the budgets or add a device")
     return counts
 
 
@@ -94,8 +80,6 @@ def split_layers(model: Bagel, devices: list[torch.device], split: list[int] | t
     with ``max_memory``, bytes per device), the rest to the first."""
     first = devices[0]
     decoder = model.language_model.model
-    if split and max_memory:
-        raise ValueError("give layer_split or max_memory, not both")
     counts = budget_counts(model, list(max_memory)) if max_memory else layer_counts(len(decoder.layers), len(devices),
                                                                                       split)
     for name, module in model.named_children():
